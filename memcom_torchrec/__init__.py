@@ -1,0 +1,1 @@
+"""MEmCom embedding compression for TorchRec."""
