@@ -1,0 +1,623 @@
+"""Sharded MEmCom EmbeddingBagCollection and its sharder.
+
+Design (in the style of TorchRec's sharded managed-collision EBC): the sharded
+module wraps a stock ``ShardedEmbeddingBagCollection`` holding every table's
+``U`` (or plain table) on fused FBGEMM kernels, and adds the per-entity weights
+``w`` around it:
+
+1. ``input_dist``: validate the input (all ranks agree, so a bad batch on one
+   rank raises everywhere instead of hanging the others), hash MEmCom ids to
+   ``i mod m`` and carry the quotient ``i // m`` as the KJT's per-id weight
+   through TorchRec's input all-to-all (exact in float32 below 2**24).
+2. ``compute``: on the shard that owns row ``h`` of ``U``, look up
+   ``w[h, q]`` in the local slice of the ``(m, Q)`` grid and feed it as
+   FBGEMM's per-sample weights. The lookup is an autograd function whose
+   backward applies the table's optimizer to the touched ``w`` in place
+   (``memcom_torchrec.optim``), using the per-sample-weight gradient FBGEMM
+   computes.
+3. ``output_dist``: the stock pooled all-to-all, then mean pooling.
+
+So a step moves what a stock weighted EBC moves: one input and one pooled
+output all-to-all. ``w`` is row-sharded exactly like ``U`` (TW: whole table
+on one rank; RW/TWRW: the same row blocks), appears in ``state_dict`` as a
+``ShardedTensor`` named ``_entity_weights.<table>`` like the unsharded module,
+and its optimizer state sits in ``fused_optimizer``.
+"""
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import (
+    Shard,
+    ShardedTensor,
+    ShardedTensorMetadata,
+    TensorProperties,
+)
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable  # noqa: F401
+from torchrec.distributed.embedding_types import (
+    BaseEmbeddingSharder,
+    EmbeddingComputeKernel,
+    KJTList,
+    ShardedEmbeddingModule,
+)
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_embedding_modules import (
+    FeatureSpec,
+    MEmComEmbeddingBagCollection,
+    apply_mean_pooling,
+    hash_ids,
+)
+from memcom_torchrec.modules.validation import validate_features
+from memcom_torchrec.optim.entity_weight_optimizer import (
+    EntityWeightOptimizerConfig,
+    entity_weight_lookup,
+)
+
+logger: logging.Logger = logging.getLogger(__name__)
+
+SUPPORTED_SHARDING_TYPES: List[str] = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+]
+
+
+@dataclass
+class MEmComEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
+    """Sharding context: TorchRec's EBC context plus the input's bag lengths (mean pooling)."""
+
+    input_features: Optional[KeyedJaggedTensor] = None
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        if self.input_features is not None:
+            self.input_features.record_stream(stream)
+
+
+@dataclass
+class _LocalEntityWeights:
+    """This rank's slice of one table's ``w`` grid and its optimizer state."""
+
+    table: str
+    row_offset: int
+    weights: torch.Tensor  # (local_rows, Q)
+    states: Dict[str, torch.Tensor]
+    config: EntityWeightOptimizerConfig
+    sharded: ShardedTensor = field(repr=False, default=None)  # pyre-ignore[8]
+    sharded_states: Dict[str, ShardedTensor] = field(repr=False, default_factory=dict)
+
+
+class EntityWeightFusedOptimizer(KeyedOptimizer):
+    """KeyedOptimizer view of the fused per-entity weight updates.
+
+    ``step()`` and ``zero_grad()`` do nothing: updates happen in the backward
+    pass. ``param_groups`` carry the hyper-parameters read at every update, so
+    LR schedulers and ``load_state_dict`` work as for FBGEMM's fused tables.
+    """
+
+    def __init__(self, params: Dict[str, ShardedTensor], locals_: Dict[str, _LocalEntityWeights]) -> None:
+        state: Dict[Any, Any] = {}
+        param_groups = []
+        for key, local in locals_.items():
+            param = params[key]
+            state[param] = dict(local.sharded_states)
+            cfg = local.config
+            param_groups.append(
+                {
+                    "params": [param],
+                    "lr": cfg.learning_rate,
+                    "eps": cfg.eps,
+                    "beta1": cfg.beta1,
+                    "beta2": cfg.beta2,
+                    "weight_decay": cfg.weight_decay,
+                    "optimizer": cfg.optimizer.value,
+                }
+            )
+        super().__init__(params, state, param_groups)
+        self._groups_by_table: Dict[str, Dict[str, Any]] = {
+            local.table: group for local, group in zip(locals_.values(), self.param_groups)
+        }
+
+    def group_of(self, table: str) -> Dict[str, Any]:
+        return self._groups_by_table[table]
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        pass
+
+    def step(self, closure: Any = None) -> None:  # pyre-ignore[14]
+        pass
+
+
+def _rank_of(placement: Any) -> int:
+    return placement.rank() if hasattr(placement, "rank") else int(str(placement).split(":")[1].split("/")[0])
+
+
+def _with_embedding_dim(ps: ParameterSharding, dim: int) -> ParameterSharding:
+    """A copy of a table's ParameterSharding whose shards are ``dim`` columns wide."""
+    ps = copy.deepcopy(ps)
+    spec = ps.sharding_spec
+    if isinstance(spec, EnumerableShardingSpec):
+        for shard in spec.shards:
+            shard.shard_sizes = [shard.shard_sizes[0], dim]
+            shard.shard_offsets = [shard.shard_offsets[0], 0]
+    return ps
+
+
+class ShardedMEmComEmbeddingBagCollection(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, MEmComEmbeddingBagCollectionContext],
+    FusedOptimizerModule,
+):
+    """Sharded twin of ``MEmComEmbeddingBagCollection`` (see the module docstring).
+
+    Args:
+        module (MEmComEmbeddingBagCollection): the unsharded module (its
+            configs; weights are not copied, load a state_dict after sharding).
+        table_name_to_parameter_sharding (Dict[str, ParameterSharding]): plan.
+        ebc_sharder (EmbeddingBagCollectionSharder): shards the inner tables.
+        env (ShardingEnv): process group.
+        device (Optional[torch.device]): compute device.
+        module_fqn (Optional[str]): this module's name in the model.
+        validate_inputs (bool): check ids on every step (one tiny all-reduce).
+    """
+
+    def __init__(
+        self,
+        module: MEmComEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        ebc_sharder: EmbeddingBagCollectionSharder,
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+        validate_inputs: bool = True,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
+        self._env = env
+        self._pg = env.process_group
+        self._rank: int = env.rank
+        self._validate_inputs = validate_inputs
+        self._is_weighted: bool = module.is_weighted()
+        self._embedding_bag_configs = module.embedding_bag_configs()
+        self._feature_specs: Dict[str, FeatureSpec] = module.feature_specs()
+        self._memcom_configs: Dict[str, MEmComEmbeddingBagConfig] = {
+            t.name: t for t in self._embedding_bag_configs if isinstance(t, MEmComEmbeddingBagConfig)
+        }
+        self._trained_tables = [n for n, t in self._memcom_configs.items() if t.train_entity_weights]
+
+        dims = {t.name: t.embedding_dim for t in self._embedding_bag_configs}
+        plan: Dict[str, ParameterSharding] = {}
+        for table, ps in table_name_to_parameter_sharding.items():
+            if table not in dims:
+                continue
+            if table in self._memcom_configs and ps.sharding_type not in SUPPORTED_SHARDING_TYPES:
+                raise ValueError(
+                    f"MEmCom table '{table}': sharding type '{ps.sharding_type}' is not supported; "
+                    f"use one of {SUPPORTED_SHARDING_TYPES} (w must live with its rows of U)"
+                )
+            plan[table] = _with_embedding_dim(ps, dims[table])
+        if self._is_weighted and self._trained_tables:
+            raise ValueError(
+                "sharding a MEmCom collection with is_weighted=True and trained per-entity weights "
+                f"(tables {self._trained_tables}) is not supported: TorchRec's input all-to-all "
+                "carries one weight per id, which the sharded module uses for i // m"
+            )
+        self._embedding_bag_collection: ShardedEmbeddingBagCollection = ebc_sharder.shard(
+            module._embedding_bag_collection,
+            plan,
+            env,
+            device,
+            module_fqn=f"{module_fqn}._embedding_bag_collection" if module_fqn else None,
+        )
+        inner = self._embedding_bag_collection
+        self._device = device or torch.device("cpu")
+        self._anchor = torch.empty(0, device=self._device, requires_grad=True)
+
+        # This rank's slices of w, following the plan of U.
+        self._local_weights: Dict[str, _LocalEntityWeights] = {}
+        fused_params = self._table_fused_params()
+        for table in self._trained_tables:
+            cfg = self._memcom_configs[table]
+            q = cfg.num_entities_per_bucket
+            shards = plan[table].sharding_spec.shards  # pyre-ignore[16]
+            metas = [
+                ShardMetadata(
+                    shard_offsets=[s.shard_offsets[0], 0], shard_sizes=[s.shard_sizes[0], q], placement=s.placement
+                )
+                for s in shards
+            ]
+            mine = [mt for mt in metas if _rank_of(mt.placement) == self._rank]
+            if len(mine) > 1:
+                raise ValueError(f"MEmCom table '{table}': more than one shard on rank {self._rank}")
+            if not mine:
+                continue
+            meta = mine[0]
+            rows = meta.shard_sizes[0]
+            opt_cfg = EntityWeightOptimizerConfig.from_fused_params(fused_params.get(table, {}))
+            local = _LocalEntityWeights(
+                table=table,
+                row_offset=meta.shard_offsets[0],
+                weights=torch.full((rows, q), cfg.entity_weight_init, device=self._device),
+                states={name: torch.zeros(rows, q, device=self._device) for name in opt_cfg.state_names()},
+                config=opt_cfg,
+            )
+            if opt_cfg.state_names() and "exp_avg" in opt_cfg.state_names():
+                local.states["step"] = torch.zeros((), device=self._device)
+            gmeta = ShardedTensorMetadata(
+                shards_metadata=metas,
+                size=torch.Size([cfg.num_buckets, q]),
+                tensor_properties=TensorProperties(dtype=torch.float32),
+            )
+
+            def _sharded(t: torch.Tensor, meta: ShardMetadata = meta, gmeta: ShardedTensorMetadata = gmeta) -> ShardedTensor:
+                return ShardedTensor._init_from_local_shards_and_global_metadata(
+                    [Shard(tensor=t, metadata=copy.deepcopy(meta))], copy.deepcopy(gmeta), process_group=self._pg
+                )
+
+            local.sharded = _sharded(local.weights)
+            local.sharded_states = {
+                name: _sharded(t) for name, t in local.states.items() if name != "step"
+            }
+            self._local_weights[table] = local
+        self._tables_on_other_ranks_only = [t for t in self._trained_tables if t not in self._local_weights]
+        self._entity_optimizer = EntityWeightFusedOptimizer(
+            {f"_entity_weights.{t}": lw.sharded for t, lw in self._local_weights.items()},
+            {f"_entity_weights.{t}": lw for t, lw in self._local_weights.items()},
+        )
+        self._optim = CombinedOptimizer([inner.fused_optimizer, self._entity_optimizer])
+
+        # For every lookup (one per sharding type): the local features in order,
+        # and the table of each.
+        self._lookup_features: List[List[Tuple[str, str]]] = []
+        for lookup in inner._lookups:
+            while isinstance(lookup, nn.parallel.DistributedDataParallel):
+                lookup = lookup.module
+            feats = []
+            for group in lookup.grouped_configs:
+                for t in group.embedding_tables:
+                    for f in t.feature_names:
+                        feats.append((f, t.name))
+            self._lookup_features.append(feats)
+
+        self._register_state_dict_hook(ShardedMEmComEmbeddingBagCollection._post_state_dict_hook)
+        self._register_load_state_dict_pre_hook(self._pre_load_state_dict_hook, with_module=False)
+
+    # --------------------------------------------------------------- set-up
+    def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
+        out: Dict[str, Dict[str, Any]] = {}
+        for infos in self._embedding_bag_collection.sharding_type_to_sharding_infos.values():
+            for info in infos:
+                out[info.embedding_config.name] = dict(info.fused_params or {})
+        return out
+
+    # ---------------------------------------------------------- state dict
+    @staticmethod
+    def _post_state_dict_hook(
+        module: "ShardedMEmComEmbeddingBagCollection", destination: Dict[str, Any], prefix: str, _local_metadata: Any
+    ) -> None:
+        for table, local in module._local_weights.items():
+            destination[f"{prefix}_entity_weights.{table}"] = local.sharded
+        for table in module._tables_on_other_ranks_only:
+            # A table-wise table on another rank: an empty ShardedTensor view
+            # of the same global tensor keeps the keys identical on all ranks.
+            destination[f"{prefix}_entity_weights.{table}"] = module._remote_sharded(table)
+
+    def _remote_sharded(self, table: str) -> ShardedTensor:
+        cfg = self._memcom_configs[table]
+        q = cfg.num_entities_per_bucket
+        cached = getattr(self, "_remote_cache", {})
+        if table not in cached:
+            ps = self._embedding_bag_collection.module_sharding_plan[table]
+            metas = [
+                ShardMetadata(shard_offsets=[s.shard_offsets[0], 0], shard_sizes=[s.shard_sizes[0], q], placement=s.placement)
+                for s in ps.sharding_spec.shards  # pyre-ignore[16]
+            ]
+            gmeta = ShardedTensorMetadata(
+                shards_metadata=metas,
+                size=torch.Size([cfg.num_buckets, q]),
+                tensor_properties=TensorProperties(dtype=torch.float32),
+            )
+            cached[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                [], gmeta, process_group=self._pg
+            )
+            self._remote_cache = cached
+        return cached[table]
+
+    def _pre_load_state_dict_hook(
+        self,
+        state_dict: Dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: List[str],
+        unexpected_keys: List[str],
+        error_msgs: List[str],
+    ) -> None:
+        for table in self._trained_tables:
+            key = f"{prefix}_entity_weights.{table}"
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            local = self._local_weights.get(table)
+            if local is None:
+                continue
+            rows, q = local.weights.shape
+            if isinstance(value, ShardedTensor):
+                shards = value.local_shards()
+                if len(shards) != 1 or list(shards[0].metadata.shard_offsets) != [local.row_offset, 0] or tuple(
+                    shards[0].tensor.shape
+                ) != (rows, q):
+                    error_msgs.append(
+                        f"{key}: sharded tensor does not match this rank's shard "
+                        f"(rows [{local.row_offset}, {local.row_offset + rows}) x {q}); "
+                        "load through torch.distributed.checkpoint to re-shard"
+                    )
+                    continue
+                src = shards[0].tensor
+            else:
+                full = torch.as_tensor(value)
+                expected = (self._memcom_configs[table].num_buckets, q)
+                if tuple(full.shape) != expected:
+                    error_msgs.append(f"{key}: expected shape {expected}, got {tuple(full.shape)}")
+                    continue
+                src = full[local.row_offset : local.row_offset + rows]
+            if src.data_ptr() != local.weights.data_ptr():
+                with torch.no_grad():
+                    local.weights.copy_(src)
+
+    # ---------------------------------------------------------- sharded API
+    def create_context(self) -> MEmComEmbeddingBagCollectionContext:
+        return MEmComEmbeddingBagCollectionContext(sharding_contexts=[])
+
+    def input_dist(
+        self, ctx: MEmComEmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        """Validates, hashes MEmCom ids and starts TorchRec's input all-to-all."""
+        self._check_input(features)
+        ctx.input_features = features
+        values, weights = [], []
+        for key, jt in features.to_dict().items():
+            spec = self._feature_specs[key]
+            ids = jt.values().long()
+            if spec.is_memcom:
+                ids, quotient = hash_ids(ids, spec)
+                if spec.table in self._memcom_configs and self._memcom_configs[spec.table].train_entity_weights:
+                    weight = quotient.float()
+                else:
+                    weight = jt.weights() if self._is_weighted else None
+            else:
+                weight = jt.weights() if self._is_weighted else None
+            if weight is None:
+                weight = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+            values.append(ids)
+            weights.append(weight.float())
+        hashed = KeyedJaggedTensor(
+            keys=features.keys(),
+            values=torch.cat(values),
+            weights=torch.cat(weights),
+            lengths=features.lengths(),
+            stride=features.stride(),
+        )
+        return self._embedding_bag_collection.input_dist(ctx, hashed)
+
+    def _check_input(self, features: KeyedJaggedTensor) -> None:
+        error = validate_features(
+            features,
+            {f: s.num_embeddings for f, s in self._feature_specs.items()},
+            {f: s.table for f, s in self._feature_specs.items()},
+            self._is_weighted,
+        )
+        if not self._validate_inputs or self._pg is None or dist.get_world_size(self._pg) == 1:
+            if error is not None:
+                raise ValueError(error)
+            return
+        device = features.values().device if isinstance(features, KeyedJaggedTensor) else self._device
+        flag = torch.tensor([0 if error is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)
+        if int(flag.item()) == 0:
+            return
+        messages: List[Optional[str]] = [None] * dist.get_world_size(self._pg)
+        dist.all_gather_object(messages, error, group=self._pg)
+        if error is not None:
+            raise ValueError(error)
+        first = next(i for i, m in enumerate(messages) if m is not None)
+        raise ValueError(f"bad input on rank {first}: {messages[first]}")
+
+    def _weighted_dist_input(self, dist_input: KJTList) -> KJTList:
+        """Replaces the carried quotients by the looked-up ``w`` (fused update in backward)."""
+        out = []
+        for features, local_features in zip(dist_input, self._lookup_features):
+            if not any(t in self._local_weights for _, t in local_features):
+                out.append(features)
+                continue
+            offsets = features.offset_per_key()
+            values, carried = features.values(), features.weights()
+            pieces = []
+            for k, (feature, table) in enumerate(local_features):
+                seg = slice(offsets[k], offsets[k + 1])
+                local = self._local_weights.get(table)
+                if local is None:
+                    pieces.append(carried[seg])
+                    continue
+                q = local.weights.shape[1]
+                index = values[seg].long() * q + carried[seg].long()
+                pieces.append(
+                    entity_weight_lookup(
+                        local.weights.view(-1),
+                        index,
+                        {n: s.view(-1) if n != "step" else s for n, s in local.states.items()},
+                        self._entity_optimizer.group_of(table),
+                        local.config.optimizer,
+                        self._anchor,
+                    )
+                )
+            out.append(
+                KeyedJaggedTensor(
+                    keys=features.keys(),
+                    values=values,
+                    weights=torch.cat(pieces) if pieces else carried,
+                    lengths=features.lengths(),
+                    offsets=features.offsets(),
+                    stride=features.stride(),
+                    length_per_key=features.length_per_key(),
+                    offset_per_key=offsets,
+                )
+            )
+        return KJTList(out)
+
+    def compute(self, ctx: MEmComEmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        return self._embedding_bag_collection.compute(ctx, self._weighted_dist_input(dist_input))
+
+    def output_dist(
+        self, ctx: MEmComEmbeddingBagCollectionContext, output: List[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._with_mean_pooling(ctx, self._embedding_bag_collection.output_dist(ctx, output))
+
+    def compute_and_output_dist(
+        self, ctx: MEmComEmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        awaitable = self._embedding_bag_collection.compute_and_output_dist(
+            ctx, self._weighted_dist_input(input)
+        )
+        return self._with_mean_pooling(ctx, awaitable)
+
+    def _with_mean_pooling(
+        self, ctx: MEmComEmbeddingBagCollectionContext, awaitable: LazyAwaitable[KeyedTensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        if not any(s.mean_pooling for s in self._feature_specs.values()):
+            return awaitable
+        features = ctx.input_features
+
+        def _mean(kt: KeyedTensor) -> KeyedTensor:
+            feature_order = [name.split("@")[0] for name in kt.keys()]
+            values = apply_mean_pooling(
+                kt.values(), features, self._feature_specs, kt.keys(), feature_order, kt.length_per_key()
+            )
+            return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values)
+
+        awaitable.callbacks.append(_mean)
+        return awaitable
+
+    # ------------------------------------------------------------ the rest
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        return self._optim
+
+    def embedding_bag_configs(self) -> List[Any]:
+        return self._embedding_bag_configs
+
+    def local_entity_weights(self, table: str) -> Optional[Tuple[int, torch.Tensor]]:
+        """This rank's ``(row_offset, (rows, Q) slice)`` of a table's ``w``, or None."""
+        local = self._local_weights.get(table)
+        return None if local is None else (local.row_offset, local.weights)
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        yield from self._embedding_bag_collection.sharded_parameter_names(
+            f"{prefix}._embedding_bag_collection" if prefix else "_embedding_bag_collection"
+        )
+
+    @property
+    def unsharded_module_type(self) -> Type[MEmComEmbeddingBagCollection]:
+        return MEmComEmbeddingBagCollection
+
+
+class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBagCollection]):
+    """Shards ``MEmComEmbeddingBagCollection`` for ``DistributedModelParallel``.
+
+    Args:
+        fused_params (Optional[Dict[str, Any]]): FBGEMM fused optimizer params
+            (``optimizer``, ``learning_rate``, ...) for ``U`` and, mirrored, ``w``.
+        qcomm_codecs_registry (Optional[Dict[str, QuantizedCommCodecs]]): comm codecs.
+        validate_inputs (bool): check ids on every step on every rank.
+
+    Example::
+
+        model = DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(pg), device=device,
+            sharders=[MEmComEmbeddingBagCollectionSharder(fused_params), *get_default_sharders()],
+        )
+    """
+
+    def __init__(
+        self,
+        fused_params: Optional[Dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        validate_inputs: bool = True,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._ebc_sharder = EmbeddingBagCollectionSharder(
+            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+        )
+        self._validate_inputs = validate_inputs
+
+    def shard(
+        self,
+        module: MEmComEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedMEmComEmbeddingBagCollection:
+        return ShardedMEmComEmbeddingBagCollection(
+            module, params, self._ebc_sharder, env, device, module_fqn, self._validate_inputs
+        )
+
+    def shardable_parameters(self, module: MEmComEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+        """One parameter per table, as the planner should size it.
+
+        For a MEmCom table this is a meta tensor of ``m x (d + Q)``: row ``h``
+        of ``U`` plus the ``Q`` per-entity weights that live with it, so the
+        planner's storage estimate (and its optimizer multiplier) covers ``w``.
+        The extra columns are dropped again in ``shard``.
+        """
+        out: Dict[str, nn.Parameter] = {}
+        bags = module._embedding_bag_collection.embedding_bags
+        for config in module.embedding_bag_configs():
+            param = bags[config.name].weight
+            if isinstance(config, MEmComEmbeddingBagConfig) and config.train_entity_weights:
+                rows, dim = param.shape
+                sized = nn.Parameter(
+                    torch.empty(rows, dim + config.num_entities_per_bucket, device="meta"), requires_grad=param.requires_grad
+                )
+                for attr in ("_optimizer_classes", "_optimizer_kwargs", "_in_backward_optimizers"):
+                    if hasattr(param, attr):
+                        setattr(sized, attr, getattr(param, attr))
+                param = sized
+            out[config.name] = param
+        return out
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return list(SUPPORTED_SHARDING_TYPES)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        kernels = [EmbeddingComputeKernel.FUSED.value]
+        if compute_device_type == "cuda":
+            kernels += [EmbeddingComputeKernel.FUSED_UVM.value, EmbeddingComputeKernel.FUSED_UVM_CACHING.value]
+        return kernels
+
+    @property
+    def module_type(self) -> Type[MEmComEmbeddingBagCollection]:
+        return MEmComEmbeddingBagCollection

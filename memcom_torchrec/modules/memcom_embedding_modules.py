@@ -1,0 +1,323 @@
+"""``MEmComEmbeddingBagCollection``: a drop-in for TorchRec's EmbeddingBagCollection.
+
+The unsharded module holds plain parameters, like TorchRec's own
+``EmbeddingBagCollection``: it is the reference implementation, the source for
+export, and what ``DistributedModelParallel`` shards (with
+``MEmComEmbeddingBagCollectionSharder``) onto fused FBGEMM kernels for training.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.validation import validate_features
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How one input feature is looked up.
+
+    Args:
+        feature (str): feature name.
+        table (str): table name.
+        num_embeddings (int): valid ids are ``[0, num_embeddings)``.
+        num_buckets (int): rows of ``U`` (``num_embeddings`` for a plain table).
+        entities_per_bucket (int): columns ``Q`` of the ``w`` grid (0: no ``w``).
+        is_memcom (bool): whether ids are hashed ``i -> i mod m``.
+        mean_pooling (bool): whether the pooled sum is divided by the bag length.
+    """
+
+    feature: str
+    table: str
+    num_embeddings: int
+    num_buckets: int
+    entities_per_bucket: int
+    is_memcom: bool
+    mean_pooling: bool
+
+
+def feature_specs(tables: List[EmbeddingBagConfig]) -> Dict[str, FeatureSpec]:
+    """Per-feature lookup specs of a list of (MEmCom or plain) table configs."""
+    specs: Dict[str, FeatureSpec] = {}
+    for t in tables:
+        memcom = isinstance(t, MEmComEmbeddingBagConfig)
+        for f in t.feature_names or [t.name]:
+            if f in specs:
+                raise ValueError(
+                    f"feature '{f}' is used by tables '{specs[f].table}' and '{t.name}'; "
+                    "a feature may feed one table only"
+                )
+            specs[f] = FeatureSpec(
+                feature=f,
+                table=t.name,
+                num_embeddings=t.num_embeddings,
+                num_buckets=t.num_buckets if memcom else t.num_embeddings,
+                entities_per_bucket=t.entity_weight_shape[1] if memcom else 0,
+                is_memcom=memcom,
+                mean_pooling=t.pooling == PoolingType.MEAN,
+            )
+    return specs
+
+
+def inner_table_configs(tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagConfig]:
+    """Configs of the weighted, sum-pooled tables the lookups run on.
+
+    A MEmCom table becomes its shared table ``U`` (``num_buckets`` rows); a
+    plain table is kept as is. Pooling is always SUM: mean pooling is applied
+    after the lookup, so that it divides ``sum_j w_j U_j`` by the bag length.
+    """
+    inner = []
+    for t in tables:
+        num_embeddings = t.num_buckets if isinstance(t, MEmComEmbeddingBagConfig) else t.num_embeddings
+        inner.append(
+            EmbeddingBagConfig(
+                num_embeddings=num_embeddings,
+                embedding_dim=t.embedding_dim,
+                name=t.name,
+                data_type=t.data_type,
+                feature_names=list(t.feature_names or [t.name]),
+                weight_init_max=t.weight_init_max,
+                weight_init_min=t.weight_init_min,
+                init_fn=t.init_fn,
+                pooling=PoolingType.SUM,
+            )
+        )
+    return inner
+
+
+def hash_ids(ids: torch.Tensor, spec: FeatureSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Splits ids into the row of ``U`` and the column of the ``w`` grid.
+
+    Args:
+        ids (torch.Tensor): entity ids of one MEmCom feature.
+        spec (FeatureSpec): the feature's spec.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: ``(i mod m, i // m)``.
+    """
+    m = spec.num_buckets
+    return torch.remainder(ids, m), torch.div(ids, m, rounding_mode="floor")
+
+
+def apply_mean_pooling(
+    pooled: torch.Tensor,
+    features: KeyedJaggedTensor,
+    specs: Dict[str, FeatureSpec],
+    embedding_names: List[str],
+    feature_order: List[str],
+    dims: List[int],
+) -> torch.Tensor:
+    """Divides the pooled sums of mean-pooled features by their bag lengths.
+
+    Args:
+        pooled (torch.Tensor): ``B x sum(dims)`` pooled sums in ``feature_order``.
+        features (KeyedJaggedTensor): the input (for the bag lengths).
+        specs (Dict[str, FeatureSpec]): feature specs.
+        embedding_names (List[str]): output keys (unused beyond alignment).
+        feature_order (List[str]): the feature of every output key.
+        dims (List[int]): width of every output key.
+
+    Returns:
+        torch.Tensor: pooled values with mean pooling applied; empty bags stay 0.
+    """
+    if not any(specs[f].mean_pooling for f in feature_order):
+        return pooled
+    lengths = features.lengths().view(len(features.keys()), -1)
+    key_index = {k: i for i, k in enumerate(features.keys())}
+    divisors = []
+    for f, d in zip(feature_order, dims):
+        if specs[f].mean_pooling:
+            divisor = lengths[key_index[f]].clamp(min=1).to(pooled.dtype)
+        else:
+            divisor = torch.ones(pooled.shape[0], dtype=pooled.dtype, device=pooled.device)
+        divisors.append(divisor.unsqueeze(1).expand(-1, d))
+    return pooled / torch.cat(divisors, dim=1)
+
+
+class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """EmbeddingBagCollection whose tables may be MEmCom-compressed.
+
+    Entity ``i`` of a MEmCom table is ``w[i] * U[i mod m]``; a bag pools
+    ``sum_j c_j w[i_j] U[i_j mod m]`` (``c_j`` the input's own weights if
+    ``is_weighted``), divided by the bag length for MEAN pooling. Plain
+    ``EmbeddingBagConfig`` tables behave as in TorchRec. Parameters:
+    ``_embedding_bag_collection.embedding_bags.<table>.weight`` (``U``, or the
+    plain table) and ``_entity_weights.<table>`` (the ``(m, Q)`` grid of ``w``,
+    see ``memcom_configs``); sharded modules keep the same names.
+
+    Args:
+        tables (List[EmbeddingBagConfig]): MEmCom and/or plain table configs.
+        is_weighted (bool): whether input KJTs carry per-id weights.
+        device (Optional[torch.device]): device, ``meta`` for lazy init.
+
+    Example::
+
+        ebc = MEmComEmbeddingBagCollection(tables=[
+            MEmComEmbeddingBagConfig(name="items", num_embeddings=10_000,
+                embedding_dim=64, feature_names=["history"], compression_ratio=16),
+            EmbeddingBagConfig(name="users", num_embeddings=1_000,
+                embedding_dim=64, feature_names=["user_id"]),
+        ])
+        kt = ebc(kjt)  # KeyedTensor with keys ["history", "user_id"]
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("MEmComEmbeddingBagCollection needs at least one table")
+        self._embedding_bag_configs: List[EmbeddingBagConfig] = tables
+        self._is_weighted = is_weighted
+        self._feature_specs: Dict[str, FeatureSpec] = feature_specs(tables)
+        self._embedding_bag_collection = EmbeddingBagCollection(
+            tables=inner_table_configs(tables), is_weighted=True, device=device
+        )
+        self._entity_weights = nn.ParameterDict()
+        for t in tables:
+            if isinstance(t, MEmComEmbeddingBagConfig) and t.train_entity_weights:
+                self._entity_weights[t.name] = nn.Parameter(
+                    torch.empty(t.entity_weight_shape, device=device)
+                )
+        self._device: torch.device = torch.device(self._embedding_bag_collection.device)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ API
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """Returns: the table configs this collection was built from."""
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        """Returns: whether input KJTs carry per-id weights."""
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def feature_specs(self) -> Dict[str, FeatureSpec]:
+        """Returns: per-feature lookup specs."""
+        return self._feature_specs
+
+    def reset_parameters(self) -> None:
+        """Re-initialises ``U`` (each config's ``init_fn``) and sets ``w`` to its init value."""
+        if self._device.type == "meta":
+            return
+        self._embedding_bag_collection.reset_parameters()
+        with torch.no_grad():
+            for t in self._embedding_bag_configs:
+                if t.name in self._entity_weights:
+                    self._entity_weights[t.name].fill_(t.entity_weight_init)
+
+    def memcom_parameters(self, table_name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dense views of a MEmCom table.
+
+        Args:
+            table_name (str): a MEmCom table.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: ``U`` (``m x d``) and ``w`` (``n``),
+            ``w[i]`` the weight of entity ``i``.
+        """
+        config = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
+        if not isinstance(config, MEmComEmbeddingBagConfig):
+            raise KeyError(f"'{table_name}' is not a MEmCom table of this collection")
+        U = self._embedding_bag_collection.embedding_bags[table_name].weight
+        if table_name in self._entity_weights:
+            w = entity_weights_to_dense(self._entity_weights[table_name], config.num_embeddings)
+        else:
+            w = torch.full((config.num_embeddings,), config.entity_weight_init, device=U.device)
+        return U, w
+
+    # -------------------------------------------------------------- forward
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pools the embeddings of every feature.
+
+        Args:
+            features (KeyedJaggedTensor): ids (and weights if ``is_weighted``) of
+                every feature of the collection.
+
+        Returns:
+            KeyedTensor: one pooled ``B x d`` block per feature.
+
+        Raises:
+            ValueError: on unknown/missing keys, ids out of range, bad dtypes.
+        """
+        error = validate_features(
+            features,
+            {f: s.num_embeddings for f, s in self._feature_specs.items()},
+            {f: s.table for f, s in self._feature_specs.items()},
+            self._is_weighted,
+        )
+        if error is not None:
+            raise ValueError(error)
+        inner = self._embedding_bag_collection
+        feature_order = [f for names in inner._feature_names for f in names]
+        if features.stride() == 0:  # TorchRec's EBC cannot split an empty batch
+            empty = [
+                bag.weight[:0] for bag, names in zip(inner.embedding_bags.values(), inner._feature_names) for _ in names
+            ]  # (0, d) slices of the tables: an empty output still connected to autograd
+            return KeyedTensor(
+                keys=inner._embedding_names, length_per_key=inner._lengths_per_embedding, values=torch.cat(empty, 1)
+            )
+        kt = inner(self._memcom_kjt(features))
+        values = apply_mean_pooling(
+            kt.values(), features, self._feature_specs, kt.keys(), feature_order, kt.length_per_key()
+        )
+        return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values)
+
+    def _memcom_kjt(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Hashes MEmCom ids and turns ``w[i]`` (times input weights) into per-id weights."""
+        offsets = features.offset_per_key()
+        all_ids = features.values().long()
+        all_weights = features.weights() if self._is_weighted else None
+        values, weights = [], []
+        for k, key in enumerate(features.keys()):
+            spec = self._feature_specs[key]
+            seg = slice(offsets[k], offsets[k + 1])
+            ids = all_ids[seg]
+            weight = None if all_weights is None else all_weights[seg]
+            if spec.is_memcom:
+                rows, cols = hash_ids(ids, spec)
+                if spec.table in self._entity_weights:
+                    w = self._entity_weights[spec.table].view(-1)[rows * spec.entities_per_bucket + cols]
+                    weight = w if weight is None else w * weight
+                ids = rows
+            if weight is None:
+                weight = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+            values.append(ids)
+            weights.append(weight.float())
+        return KeyedJaggedTensor(
+            keys=features.keys(),
+            values=torch.cat(values),
+            weights=torch.cat(weights),
+            lengths=features.lengths(),
+            stride=features.stride(),
+        )
+
+
+def entity_weights_to_dense(grid: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """``(m, Q)`` grid of ``w`` -> dense ``n`` vector (entity ``i`` at ``(i % m, i // m)``)."""
+    return grid.t().reshape(-1)[:num_embeddings]
+
+
+def entity_weights_from_dense(w: torch.Tensor, num_buckets: int, padding: float = 1.0) -> torch.Tensor:
+    """Dense ``n`` vector of ``w`` -> ``(m, Q)`` grid (padding cells set to ``padding``)."""
+    n = w.numel()
+    q = -(-n // num_buckets)
+    flat = torch.full((q * num_buckets,), padding, dtype=w.dtype, device=w.device)
+    flat[:n] = w
+    return flat.view(q, num_buckets).t().contiguous()

@@ -1,0 +1,115 @@
+"""Memory accounting of (MEmCom or plain) tables.
+
+Every figure the CLI, benchmarks and tests print about table sizes comes from
+``table_memory``.
+"""
+
+from dataclasses import dataclass
+from typing import List
+
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+
+
+def _state_floats(optimizer: EmbOptimType, rows: int, dim: int) -> int:
+    """Optimizer-state floats of a ``rows x dim`` FBGEMM table."""
+    if optimizer in (EmbOptimType.EXACT_SGD, EmbOptimType.SGD, EmbOptimType.NONE):
+        return 0
+    if optimizer in (EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ROWWISE_ADAGRAD):
+        return rows
+    if optimizer == EmbOptimType.EXACT_ADAGRAD:
+        return rows * dim
+    if optimizer == EmbOptimType.PARTIAL_ROWWISE_ADAM:
+        return rows * dim + rows
+    if optimizer == EmbOptimType.ADAM:
+        return 2 * rows * dim
+    raise ValueError(f"no memory model for optimizer {optimizer}")
+
+
+def _entity_state_floats(optimizer: EmbOptimType, entities: int) -> int:
+    """Optimizer-state floats of MEmCom's per-entity weights (see memcom_torchrec.optim)."""
+    if optimizer in (EmbOptimType.EXACT_SGD, EmbOptimType.SGD, EmbOptimType.NONE):
+        return 0
+    if optimizer in (EmbOptimType.ADAM, EmbOptimType.PARTIAL_ROWWISE_ADAM):
+        return 2 * entities
+    return entities
+
+
+@dataclass(frozen=True)
+class TableMemory:
+    """Sizes of one table and of its uncompressed ``n x d`` counterpart.
+
+    Args:
+        table (str): table name.
+        num_embeddings (int): entities ``n``.
+        embedding_dim (int): ``d``.
+        num_rows (int): rows actually stored (``m`` for MEmCom, ``n`` otherwise).
+        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom.
+        param_bytes (int): bytes of stored parameters (``w``'s grid padding included).
+        optimizer_state_bytes (int): bytes of optimizer state.
+        uncompressed_param_bytes (int): ``n*d`` parameters' bytes.
+        uncompressed_optimizer_state_bytes (int): optimizer state of the ``n x d`` table.
+        compression_ratio (float): ``n*d / num_parameters``.
+    """
+
+    table: str
+    num_embeddings: int
+    embedding_dim: int
+    num_rows: int
+    num_parameters: int
+    param_bytes: int
+    optimizer_state_bytes: int
+    uncompressed_param_bytes: int
+    uncompressed_optimizer_state_bytes: int
+    compression_ratio: float
+
+
+def table_memory(
+    config: EmbeddingBagConfig, optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
+) -> TableMemory:
+    """Memory of one table under a fused optimizer.
+
+    Args:
+        config (EmbeddingBagConfig): a MEmCom or plain table.
+        optimizer (EmbOptimType): its fused optimizer.
+
+    Returns:
+        TableMemory: parameter and optimizer-state bytes, and the ratio.
+    """
+    elem = 4 if config.data_type == DataType.FP32 else 2
+    n, d = config.num_embeddings, config.embedding_dim
+    rows = n
+    stored_w = 0
+    params = n * d
+    if isinstance(config, MEmComEmbeddingBagConfig):
+        rows = config.num_buckets
+        if config.train_entity_weights:
+            m, q = config.entity_weight_shape
+            stored_w = m * q
+            params = rows * d + n
+        else:
+            params = rows * d
+    state = _state_floats(optimizer, rows, d) * 4
+    if stored_w:
+        state += _entity_state_floats(optimizer, stored_w) * 4
+    return TableMemory(
+        table=config.name,
+        num_embeddings=n,
+        embedding_dim=d,
+        num_rows=rows,
+        num_parameters=params,
+        param_bytes=rows * d * elem + stored_w * 4,
+        optimizer_state_bytes=state,
+        uncompressed_param_bytes=n * d * elem,
+        uncompressed_optimizer_state_bytes=_state_floats(optimizer, n, d) * 4,
+        compression_ratio=n * d / params,
+    )
+
+
+def collection_memory(
+    tables: List[EmbeddingBagConfig], optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
+) -> List[TableMemory]:
+    """``table_memory`` of every table of a collection."""
+    return [table_memory(t, optimizer) for t in tables]
