@@ -20,6 +20,7 @@ from memcom_torchrec.data.manifest import (
     DEFAULT_HISTORY_LEN,
     FORMAT_VERSION,
     ITEMS_FILE,
+    MANIFEST,
     SPLITS,
     USERS_FILE,
     write_manifest,
@@ -236,6 +237,8 @@ def prepare_table(
         i_ids = i_ids.astype(np.int64)
         bar.update()
 
+        if os.path.exists(os.path.join(out_dir, MANIFEST)):  # a stale manifest must not outlive its files
+            os.remove(os.path.join(out_dir, MANIFEST))
         if os.path.isdir(out_dir):
             for s in SPLITS:
                 shutil.rmtree(os.path.join(out_dir, s), ignore_errors=True)

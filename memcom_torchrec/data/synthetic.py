@@ -36,6 +36,7 @@ from memcom_torchrec.data.manifest import (
     DEFAULT_HISTORY_LEN,
     FORMAT_VERSION,
     ITEMS_FILE,
+    MANIFEST,
     SPLITS,
     USERS_FILE,
     write_manifest,
@@ -221,6 +222,8 @@ def generate_synthetic(
     bounds = np.unique(np.minimum(bounds, config.num_users))
 
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):  # a stale manifest must not outlive its files
+        os.remove(os.path.join(out_dir, MANIFEST))
     for s in SPLITS:
         shutil.rmtree(os.path.join(out_dir, s), ignore_errors=True)
     theta_out = np.lib.format.open_memmap(

@@ -68,7 +68,7 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     FeatureSpec,
     MEmComEmbeddingBagCollection,
     apply_mean_pooling,
-    hash_ids,
+    hash_features,
 )
 from memcom_torchrec.modules.validation import validate_features
 from memcom_torchrec.optim.entity_weight_optimizer import (
@@ -290,9 +290,14 @@ class ShardedMEmComEmbeddingBagCollection(
         # For every lookup (one per sharding type): the local features in order,
         # and the table of each.
         self._lookup_features: List[List[Tuple[str, str]]] = []
+        # TorchRec multiplies the per-sample-weight gradient by the world size
+        # (CommOpGradientScaling in the lookup) because feature processors are
+        # averaged by DDP afterwards; w is not, so it divides that back out.
+        self._lookup_grad_scales: List[float] = []
         for lookup in inner._lookups:
             while isinstance(lookup, nn.parallel.DistributedDataParallel):
                 lookup = lookup.module
+            self._lookup_grad_scales.append(1.0 / float(getattr(lookup, "_scale_gradient_factor", 1)))
             feats = []
             for group in lookup.grouped_configs:
                 for t in group.embedding_tables:
@@ -398,29 +403,12 @@ class ShardedMEmComEmbeddingBagCollection(
         """Validates, hashes MEmCom ids and starts TorchRec's input all-to-all."""
         self._check_input(features)
         ctx.input_features = features
-        values, weights = [], []
-        for key, jt in features.to_dict().items():
-            spec = self._feature_specs[key]
-            ids = jt.values().long()
-            if spec.is_memcom:
-                ids, quotient = hash_ids(ids, spec)
-                if spec.table in self._memcom_configs and self._memcom_configs[spec.table].train_entity_weights:
-                    weight = quotient.float()
-                else:
-                    weight = jt.weights() if self._is_weighted else None
-            else:
-                weight = jt.weights() if self._is_weighted else None
-            if weight is None:
-                weight = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-            values.append(ids)
-            weights.append(weight.float())
-        hashed = KeyedJaggedTensor(
-            keys=features.keys(),
-            values=torch.cat(values),
-            weights=torch.cat(weights),
-            lengths=features.lengths(),
-            stride=features.stride(),
-        )
+        trained = set(self._trained_tables)
+
+        def carry_quotient(spec: FeatureSpec, rows: torch.Tensor, cols: torch.Tensor, weight: Optional[torch.Tensor]):
+            return cols.float() if spec.table in trained else weight
+
+        hashed = hash_features(features, self._feature_specs, self._is_weighted, carry_quotient)
         return self._embedding_bag_collection.input_dist(ctx, hashed)
 
     def _check_input(self, features: KeyedJaggedTensor) -> None:
@@ -449,31 +437,33 @@ class ShardedMEmComEmbeddingBagCollection(
     def _weighted_dist_input(self, dist_input: KJTList) -> KJTList:
         """Replaces the carried quotients by the looked-up ``w`` (fused update in backward)."""
         out = []
-        for features, local_features in zip(dist_input, self._lookup_features):
+        for features, local_features, grad_scale in zip(dist_input, self._lookup_features, self._lookup_grad_scales):
             if not any(t in self._local_weights for _, t in local_features):
                 out.append(features)
                 continue
             offsets = features.offset_per_key()
             values, carried = features.values(), features.weights()
-            pieces = []
-            for k, (feature, table) in enumerate(local_features):
-                seg = slice(offsets[k], offsets[k + 1])
-                local = self._local_weights.get(table)
-                if local is None:
-                    pieces.append(carried[seg])
+            segments = [slice(offsets[k], offsets[k + 1]) for k in range(len(local_features))]
+            pieces: List[torch.Tensor] = [carried[seg] for seg in segments]
+            # One lookup per table, so duplicate ids across the table's features
+            # are coalesced into one optimizer update (FBGEMM's EXACT_* semantics).
+            for table, local in self._local_weights.items():
+                ks = [k for k, (_, t) in enumerate(local_features) if t == table]
+                if not ks:
                     continue
                 q = local.weights.shape[1]
-                index = values[seg].long() * q + carried[seg].long()
-                pieces.append(
-                    entity_weight_lookup(
-                        local.weights.view(-1),
-                        index,
-                        {n: s.view(-1) if n != "step" else s for n, s in local.states.items()},
-                        self._entity_optimizer.group_of(table),
-                        local.config.optimizer,
-                        self._anchor,
-                    )
+                index = torch.cat([values[segments[k]].long() * q + carried[segments[k]].long() for k in ks])
+                looked_up = entity_weight_lookup(
+                    local.weights.view(-1),
+                    index,
+                    {n: s.view(-1) if n != "step" else s for n, s in local.states.items()},
+                    self._entity_optimizer.group_of(table),
+                    local.config.optimizer,
+                    self._anchor,
+                    grad_scale,
                 )
+                for k, piece in zip(ks, looked_up.split([segments[k].stop - segments[k].start for k in ks])):
+                    pieces[k] = piece
             out.append(
                 KeyedJaggedTensor(
                     keys=features.keys(),

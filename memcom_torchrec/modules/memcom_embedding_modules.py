@@ -8,7 +8,7 @@ export, and what ``DistributedModelParallel`` shards (with
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -281,32 +281,61 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _memcom_kjt(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Hashes MEmCom ids and turns ``w[i]`` (times input weights) into per-id weights."""
-        offsets = features.offset_per_key()
-        all_ids = features.values().long()
-        all_weights = features.weights() if self._is_weighted else None
-        values, weights = [], []
-        for k, key in enumerate(features.keys()):
-            spec = self._feature_specs[key]
-            seg = slice(offsets[k], offsets[k + 1])
-            ids = all_ids[seg]
-            weight = None if all_weights is None else all_weights[seg]
-            if spec.is_memcom:
-                rows, cols = hash_ids(ids, spec)
-                if spec.table in self._entity_weights:
-                    w = self._entity_weights[spec.table].view(-1)[rows * spec.entities_per_bucket + cols]
-                    weight = w if weight is None else w * weight
-                ids = rows
-            if weight is None:
-                weight = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-            values.append(ids)
-            weights.append(weight.float())
-        return KeyedJaggedTensor(
-            keys=features.keys(),
-            values=torch.cat(values),
-            weights=torch.cat(weights),
-            lengths=features.lengths(),
-            stride=features.stride(),
-        )
+
+        def weight_fn(spec: FeatureSpec, rows: torch.Tensor, cols: torch.Tensor, weight: Optional[torch.Tensor]):
+            if spec.table not in self._entity_weights:
+                return weight
+            w = self._entity_weights[spec.table].view(-1)[rows * spec.entities_per_bucket + cols]
+            return w if weight is None else w * weight
+
+        return hash_features(features, self._feature_specs, self._is_weighted, weight_fn)
+
+
+def hash_features(
+    features: KeyedJaggedTensor,
+    specs: Dict[str, FeatureSpec],
+    is_weighted: bool,
+    weight_fn: Callable[[FeatureSpec, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], Optional[torch.Tensor]],
+) -> KeyedJaggedTensor:
+    """The weighted KJT the lookups of ``U`` consume.
+
+    MEmCom ids ``i`` become ``i mod m``; every id gets a weight:
+    ``weight_fn(spec, i mod m, i // m, input_weight)`` for MEmCom features, the
+    input weight (or 1) otherwise.
+
+    Args:
+        features (KeyedJaggedTensor): validated input.
+        specs (Dict[str, FeatureSpec]): feature specs.
+        is_weighted (bool): whether ``features`` carries weights.
+        weight_fn: per-id weight of a MEmCom feature (``None``: input weight or 1).
+
+    Returns:
+        KeyedJaggedTensor: same keys and lengths, hashed ids, float32 weights.
+    """
+    offsets = features.offset_per_key()
+    all_ids = features.values().long()
+    all_weights = features.weights() if is_weighted else None
+    values, weights = [], []
+    for k, key in enumerate(features.keys()):
+        spec = specs[key]
+        seg = slice(offsets[k], offsets[k + 1])
+        ids = all_ids[seg]
+        weight = None if all_weights is None else all_weights[seg]
+        if spec.is_memcom:
+            rows, cols = hash_ids(ids, spec)
+            weight = weight_fn(spec, rows, cols, weight)
+            ids = rows
+        if weight is None:
+            weight = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        values.append(ids)
+        weights.append(weight.float())
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=torch.cat(values),
+        weights=torch.cat(weights),
+        lengths=features.lengths(),
+        stride=features.stride(),
+    )
 
 
 def entity_weights_to_dense(grid: torch.Tensor, num_embeddings: int) -> torch.Tensor:

@@ -143,17 +143,21 @@ class _EntityWeightLookup(torch.autograd.Function):
         states: Dict[str, torch.Tensor],
         group: Mapping[str, Any],
         optimizer: EmbOptimType,
+        grad_scale: float,
     ) -> torch.Tensor:
         ctx.save_for_backward(indices)
         ctx.weights, ctx.states, ctx.group, ctx.optimizer = weights, states, group, optimizer
+        ctx.grad_scale = grad_scale
         return weights[indices]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:  # pyre-ignore[14]
         (indices,) = ctx.saved_tensors
         with torch.no_grad():
+            if ctx.grad_scale != 1.0:
+                grad = grad * ctx.grad_scale
             sparse_update_(ctx.weights, ctx.states, indices, grad, ctx.group, ctx.optimizer)
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
 
 
 def entity_weight_lookup(
@@ -163,6 +167,7 @@ def entity_weight_lookup(
     group: Mapping[str, Any],
     optimizer: EmbOptimType,
     anchor: torch.Tensor,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Looks up per-entity weights; the backward pass applies the fused update.
 
@@ -174,8 +179,11 @@ def entity_weight_lookup(
         optimizer (EmbOptimType): update rule.
         anchor (torch.Tensor): an empty tensor with ``requires_grad=True`` that
             makes autograd call the backward (``weights`` itself has no grad).
+        grad_scale (float): factor applied to the incoming gradient (TorchRec
+            multiplies per-sample-weight gradients by the world size; ``w``
+            undoes it to be averaged over ranks like ``U``).
 
     Returns:
         torch.Tensor: ``weights[indices]``, differentiable.
     """
-    return _EntityWeightLookup.apply(anchor, weights, indices, states, group, optimizer)
+    return _EntityWeightLookup.apply(anchor, weights, indices, states, group, optimizer, grad_scale)
