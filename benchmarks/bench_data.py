@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Dict
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from memcom_torchrec.data import InteractionBatchReader, make_dataloader, read_manifest
@@ -38,7 +39,8 @@ def bench_reader(data_dir: str, batch_size: int, repeats: int, workers: int) -> 
     m = read_manifest(data_dir)
     files = [os.path.join(data_dir, f["path"]) for f in m["files"]["train"]]
     rows = m["splits"]["train"]
-    out = {"rows": rows, "history_len": m["history_len"]}
+    mean_hist = sum(pc.sum(pc.list_value_length(pq.read_table(f, columns=["history"])["history"])).as_py() for f in files) / max(rows, 1)
+    out = {"rows": rows, "history_len": m["history_len"], "mean_history": mean_hist}
     out["pyarrow_read_table"] = _rate(lambda: [pq.read_table(f, columns=["user", "item", "history"]) for f in files], rows, repeats)
 
     def run(**kw) -> None:
@@ -115,10 +117,13 @@ def main() -> None:
         data_dir = args.data_dir or synth_dir
         r = bench_reader(data_dir, args.batch_size, args.repeats, args.workers)
         base = r["pyarrow_read_table"]
-        print(f"reader on {data_dir} (train: {r['rows']:,} rows, history_len {r['history_len']}, batch {args.batch_size}), rows/s:")
+        print(f"reader on {data_dir} (train: {r['rows']:,} rows, history_len {r['history_len']}, "
+              f"mean history {r['mean_history']:.1f} ids, batch {args.batch_size}):")
+        print(f"  {'':34s} {'rows/s':>12s} {'ids/s':>14s}")
         for k, v in r.items():
-            if k not in ("rows", "history_len"):
-                print(f"  {k:30s} {v:>12,.0f}   x{v / base:.2f} of pyarrow read_table")
+            if k not in ("rows", "history_len", "mean_history"):
+                ids = v * (1 + r["mean_history"])
+                print(f"  {k:34s} {v:>12,.0f} {ids:>14,.0f}   x{v / base:.2f} of pyarrow read_table")
 
 
 if __name__ == "__main__":
