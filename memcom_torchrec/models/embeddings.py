@@ -1,0 +1,109 @@
+"""Which embedding method a model's tables use, chosen by config.
+
+Methods (every one a KJT -> KeyedTensor collection on FBGEMM fused kernels
+once sharded):
+
+- ``uncompressed``: TorchRec's own EmbeddingBagCollection;
+- ``hashing``: the hashing trick, ``U[i mod m]`` (MEmCom with ``w`` frozen, none stored);
+- ``memcom``: ``w[i] * U[i mod m]``;
+- ``qr``: quotient-remainder, ``Q[i // p] * R[i mod p]`` (element-wise).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
+
+METHODS = ("uncompressed", "hashing", "memcom", "qr")
+
+
+@dataclass
+class TableSpec:
+    """One logical table of a model before compression.
+
+    Args:
+        name (str): table name.
+        num_embeddings (int): entities.
+        feature_names (List[str]): features looked up in it.
+        pooling (PoolingType): bag pooling.
+    """
+
+    name: str
+    num_embeddings: int
+    feature_names: List[str]
+    pooling: PoolingType = PoolingType.SUM
+
+
+@dataclass
+class EmbeddingMethodConfig:
+    """How a model's tables are stored.
+
+    Args:
+        method (str): one of ``METHODS``.
+        compression_ratio (float): target ratio of each compressed table.
+        compressed_tables (Sequence[str]): tables the method applies to; the
+            others stay uncompressed.
+        embedding_dim (int): ``d`` of every table.
+    """
+
+    method: str = "uncompressed"
+    compression_ratio: float = 1.0
+    compressed_tables: Sequence[str] = field(default_factory=lambda: ("item",))
+    embedding_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown embedding method '{self.method}'; choose one of {list(METHODS)}")
+        if self.method != "uncompressed" and self.compression_ratio <= 1.0:
+            raise ValueError(f"method '{self.method}' needs compression_ratio > 1, got {self.compression_ratio}")
+
+
+def table_configs(specs: List[TableSpec], cfg: EmbeddingMethodConfig) -> List[EmbeddingBagConfig]:
+    """Table configs of ``specs`` under the method ``cfg``."""
+    out: List[EmbeddingBagConfig] = []
+    for s in specs:
+        common = dict(
+            name=s.name,
+            num_embeddings=s.num_embeddings,
+            embedding_dim=cfg.embedding_dim,
+            feature_names=list(s.feature_names),
+            pooling=s.pooling,
+        )
+        compressed = cfg.method != "uncompressed" and s.name in cfg.compressed_tables
+        if not compressed:
+            out.append(EmbeddingBagConfig(**common))
+        elif cfg.method == "memcom":
+            out.append(MEmComEmbeddingBagConfig(compression_ratio=cfg.compression_ratio, **common))
+        elif cfg.method == "hashing":
+            out.append(
+                MEmComEmbeddingBagConfig(compression_ratio=cfg.compression_ratio, train_entity_weights=False, **common)
+            )
+        elif cfg.method == "qr":
+            from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagConfig
+
+            out.append(QREmbeddingBagConfig(compression_ratio=cfg.compression_ratio, **common))
+    return out
+
+
+def build_collection(
+    tables: List[EmbeddingBagConfig], device: Optional[Union[str, torch.device]] = None
+) -> nn.Module:
+    """The collection module for a list of table configs.
+
+    Returns:
+        nn.Module: TorchRec's EmbeddingBagCollection if every table is plain,
+        else the MEmCom or QR collection.
+    """
+    if any(type(t).__name__ == "QREmbeddingBagConfig" for t in tables):
+        from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection
+
+        return QREmbeddingBagCollection(tables=tables, device=device)
+    if any(isinstance(t, MEmComEmbeddingBagConfig) for t in tables):
+        return MEmComEmbeddingBagCollection(tables=tables, device=device)
+    return EmbeddingBagCollection(tables=tables, device=device)

@@ -1,0 +1,1 @@
+"""Training: checkpoints, the training loop and its entry point."""

@@ -1,0 +1,40 @@
+"""Command line of a training run: every ``TrainConfig`` field is a flag."""
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import List, Optional
+
+from memcom_torchrec.train.trainer import TrainConfig, train
+
+
+def config_parser(cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per dataclass field (lists as space-separated values)."""
+    parser = argparse.ArgumentParser(description=description or cls.__doc__.splitlines()[0])
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+        elif isinstance(value, list):
+            kind = type(value[0]) if value else str
+            parser.add_argument(flag, type=kind, nargs="*", default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    return parser
+
+
+def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
+    args = config_parser(TrainConfig, "Train a next-item model with MEmCom (or baseline) embeddings.").parse_args(argv)
+    return TrainConfig(**vars(args))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()
