@@ -231,6 +231,12 @@ class InteractionBatchReader(IterableDataset):
     def __len__(self) -> int:
         return self.num_batches
 
+    def __getstate__(self) -> dict:
+        # Open files and the row-group cache stay with the process (spawned workers reopen).
+        state = dict(self.__dict__)
+        state["_handles"], state["_cache"] = {}, None
+        return state
+
     @property
     def num_rows(self) -> int:
         """Rows this rank yields per epoch."""

@@ -15,15 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memcom_torchrec.data.manifest import (
-    EXCLUDE,
-    HISTORY,
-    ITEM,
-    SPLITS,
-    TIMESTAMP,
-    USER,
-    split_schema,
-)
+from memcom_torchrec.data.manifest import SPLITS, split_schema
 
 ROW_GROUP_SIZE = 65536
 
