@@ -212,12 +212,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     optimizers = {"fused": model.fused_optimizer, "dense": dense}
 
     state: Dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_ndcg": -1.0, "best_epoch": -1,
-                             "bad_epochs": 0, "valid": [], "train_seconds": 0.0}
+                             "bad_epochs": 0, "valid": [], "train_seconds": 0.0,
+                             "epoch_loss_sum": 0.0, "epoch_batches": 0, "resumed_from_steps": []}
     latest = latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
     if latest is not None:
         dense.init_state()
         meta = load_checkpoint(latest, model, optimizers)
         state.update(meta["train_state"])
+        state["resumed_from_steps"] = state.get("resumed_from_steps", []) + [state["step"]]
         if rank == 0:
             logger.info("resumed from %s (epoch %d, batch %d)", latest, state["epoch"], state["batch_in_epoch"])
 
@@ -226,7 +228,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                         meta={"train_state": dict(state), "config": asdict(cfg)}, keep=keep)
 
     t_start = time.time() - state["train_seconds"]
-    stop = False
+    stop = bool(cfg.max_steps) and state["step"] >= cfg.max_steps  # a restart after the last step trains no more
     while state["epoch"] < cfg.epochs and not stop:
         epoch = state["epoch"]
         loader = make_dataloader(
@@ -239,8 +241,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         pipeline = TrainPipelineSparseDist(model, optimizer, device)
         bar = tqdm(total=len(loader), initial=state["batch_in_epoch"], desc=f"epoch {epoch}", disable=rank != 0,
                    mininterval=5.0)
-        loss_sum, n = 0.0, 0
+        loss_sum, n = state.get("epoch_loss_sum", 0.0), state.get("epoch_batches", 0)  # carried across a resume
         while state["batch_in_epoch"] < len(loader):
+            # dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones
+            torch.manual_seed(cfg.seed * 1_000_003 + state["step"] * world + rank)
             loss, _, _ = pipeline.progress(it)
             state["batch_in_epoch"] += 1
             state["step"] += 1
@@ -250,6 +254,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", refresh=False)
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 state["train_seconds"] = time.time() - t_start
+                state["epoch_loss_sum"], state["epoch_batches"] = loss_sum, n
                 checkpoint(ckpt_root, cfg.keep_checkpoints)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 stop = True
@@ -264,6 +269,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             logger.info("epoch %d: train loss %.4f, valid nDCG@%d %.4f HR@%d %.4f",
                         epoch, loss_sum / max(n, 1), cfg.k, valid.mean_ndcg, cfg.k, valid.mean_hr)
         state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        state["epoch_loss_sum"], state["epoch_batches"] = 0.0, 0
         improved = valid.mean_ndcg > state["best_ndcg"]
         if improved:
             state["best_ndcg"], state["best_epoch"], state["bad_epochs"] = valid.mean_ndcg, epoch, 0
@@ -294,6 +300,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         "best_epoch": state["best_epoch"],
         "epochs_run": len(state["valid"]),
         "steps": state["step"],
+        "resumed_from_steps": state["resumed_from_steps"],
         "train_seconds": train_seconds,
         "world_size": world,
         "valid_curve": state["valid"],
