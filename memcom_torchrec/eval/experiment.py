@@ -1,0 +1,257 @@
+"""``memcom-experiment``: a grid of methods x compression ratios x seeds on one dataset.
+
+Each cell is one training run (a subprocess: ``python -m memcom_torchrec.train``
+for one process, ``torchrun`` for more) with the same tuning budget: every
+method tries the same embedding learning rates, the one with the best
+validation nDCG@10 is kept. Finished runs are appended to ``results.csv`` at
+once, and runs already there are skipped, so an interrupted grid resumes.
+``report`` turns the CSV into ``results.md`` and ``results.png``.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from memcom_torchrec.data.manifest import read_manifest
+
+logger: logging.Logger = logging.getLogger(__name__)
+
+FIELDS = [
+    "dataset", "model", "method", "compression_ratio", "embedding_params", "embedding_bytes",
+    "ndcg@10", "hr@10", "relative_loss", "seed", "train_seconds",
+    "valid_ndcg@10", "item_table_ratio", "embedding_lr", "epochs_run", "best_epoch", "world_size", "run_dir",
+]
+DEFAULT_RATIOS = [4.0, 16.0, 40.0]
+
+
+def run_key(method: str, ratio: float, seed: int, lr: float) -> str:
+    return f"{method}_r{ratio:g}_s{seed}_lr{lr:g}"
+
+
+def read_results(path: str) -> List[Dict[str, str]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_result(path: str, row: Dict[str, object]) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def train_command(nproc: int, args: List[str]) -> List[str]:
+    if nproc <= 1:
+        return [sys.executable, "-m", "memcom_torchrec.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "memcom_torchrec.train", *args]
+
+
+def run_one(
+    data_dir: str, out_dir: str, method: str, ratio: float, seed: int, lr: float, nproc: int, extra: Sequence[str]
+) -> Dict[str, object]:
+    """Trains one cell (or reuses its finished metrics.json) and returns its row."""
+    run_dir = os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr))
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(metrics_path):
+        args = ["--data-dir", data_dir, "--out-dir", run_dir, "--method", method, "--compression-ratio", str(ratio),
+                "--seed", str(seed), "--embedding-lr", str(lr), *extra]
+        cmd = train_command(nproc, args)
+        logger.info("running %s", " ".join(cmd))
+        started = time.time()
+        with open(os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr) + ".log"), "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}); see its .log next to it")
+        logger.info("finished %s in %.0fs", run_dir, time.time() - started)
+    with open(metrics_path) as f:
+        m = json.load(f)
+    return {
+        "dataset": os.path.basename(os.path.normpath(data_dir)),
+        "model": "next_item",
+        "method": method,
+        "compression_ratio": ratio if method != "uncompressed" else 1.0,
+        "embedding_params": m["embedding_params"],
+        "embedding_bytes": m["embedding_bytes"],
+        "ndcg@10": m["test_ndcg@10"],
+        "hr@10": m["test_hr@10"],
+        "seed": seed,
+        "train_seconds": round(m["train_seconds"], 1),
+        "valid_ndcg@10": m["valid_ndcg@10"],
+        "item_table_ratio": round(m["table_compression_ratios"].get("item", 1.0), 3),
+        "embedding_lr": lr,
+        "epochs_run": m["epochs_run"],
+        "best_epoch": m["best_epoch"],
+        "world_size": m["world_size"],
+        "run_dir": run_dir,
+    }
+
+
+def cells(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], extra_seeds_at: Dict[float, Sequence[int]]):
+    """(method, ratio, seed) of the grid; uncompressed runs once per seed."""
+    out = []
+    all_seeds = sorted(set(seeds) | {s for v in extra_seeds_at.values() for s in v})
+    for method in methods:
+        if method == "uncompressed":
+            out += [(method, 1.0, s) for s in all_seeds]
+            continue
+        for r in ratios:
+            for s in sorted(set(seeds) | set(extra_seeds_at.get(r, []))):
+                out.append((method, r, s))
+    return out
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
+    csv_path = os.path.join(args.out_dir, "results.csv")
+    done = {(r["method"], float(r["compression_ratio"]), int(r["seed"])) for r in read_results(csv_path)}
+    extra = {16.0: args.seeds_at_16} if args.seeds_at_16 else {}
+    grid = cells(args.methods, args.ratios, args.seeds, extra)
+    from tqdm import tqdm
+
+    for method, ratio, seed in tqdm(grid, desc="grid"):
+        if (method, ratio, seed) in done:
+            continue
+        # Same tuning budget for every method: each learning rate, best on validation.
+        rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args)
+                for lr in args.embedding_lrs]
+        best = max(rows, key=lambda r: float(r["valid_ndcg@10"]))
+        append_result(csv_path, best)
+    report(args.out_dir, args.data_dir)
+
+
+def _relative_loss(rows: List[Dict[str, str]]) -> None:
+    base = [float(r["ndcg@10"]) for r in rows if r["method"] == "uncompressed"]
+    ref = statistics.mean(base) if base else float("nan")
+    for r in rows:
+        r["relative_loss"] = (ref - float(r["ndcg@10"])) / ref if base else float("nan")
+
+
+def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04) -> str:
+    """Writes results.md (table) and results.png (nDCG@10 vs compression ratio per method)."""
+    csv_path = os.path.join(out_dir, "results.csv")
+    rows = read_results(csv_path)
+    if not rows:
+        raise ValueError(f"no results in {csv_path}")
+    _relative_loss(rows)
+    tmp = csv_path + ".tmp"  # write the relative losses back, atomically
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+    os.replace(tmp, csv_path)
+    pop = None
+    if data_dir is not None:
+        from memcom_torchrec.eval.popularity import popularity_totals
+
+        pop = popularity_totals(data_dir)
+    groups: Dict[tuple, List[Dict[str, str]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], float(r["compression_ratio"])), []).append(r)
+    lines = [
+        f"Dataset: {rows[0]['dataset']}, model: next-item classifier, metric: full-ranking test nDCG@10 / HR@10 "
+        "(leave-last-out, seen items excluded). Tuning budget per cell and method: the embedding learning "
+        f"rates {sorted({r['embedding_lr'] for r in rows})}, best on validation.",
+        "",
+        "| method | ratio (target) | item-table ratio | embedding params | embedding MB | nDCG@10 | HR@10 | rel. loss | seeds | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if pop is not None:
+        lines.append(f"| popularity | - | - | 0 | 0 | {pop.mean_ndcg:.4f} | {pop.mean_hr:.4f} | - | - | 0 |")
+    order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3}
+    for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], kv[0][1])):
+        nd = [float(r["ndcg@10"]) for r in rs]
+        hr = [float(r["hr@10"]) for r in rs]
+        rl = [float(r["relative_loss"]) for r in rs]
+        spread = f" ± {statistics.stdev(nd):.4f}" if len(nd) > 1 else ""
+        lines.append(
+            f"| {method} | {ratio:g} | {float(rs[0]['item_table_ratio']):.2f} | {int(rs[0]['embedding_params']):,} | "
+            f"{int(rs[0]['embedding_bytes']) / 1e6:.2f} | {statistics.mean(nd):.4f}{spread} | {statistics.mean(hr):.4f} | "
+            f"{100 * statistics.mean(rl):.1f}% | {len(rs)} | {statistics.mean(float(r['train_seconds']) for r in rs):.0f} |"
+        )
+    lines += ["", f"Largest compression ratio within {100 * threshold:.0f}% relative nDCG@10 loss (mean over seeds):", ""]
+    for method in sorted({m for m, _ in groups if m != "uncompressed"}, key=lambda m: order.get(m, 9)):
+        ok = [r for (m, r), rs in groups.items() if m == method
+              and statistics.mean(float(x["relative_loss"]) for x in rs) <= threshold]
+        lines.append(f"- {method}: {max(ok):g}x" if ok else f"- {method}: none of the ratios tried")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text)
+    _plot(groups, pop, os.path.join(out_dir, "results.png"), rows[0]["dataset"])
+    print(text)
+    return text
+
+
+def _plot(groups, pop, path: str, dataset: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    base = groups.get(("uncompressed", 1.0))
+    for method in sorted({m for m, _ in groups if m != "uncompressed"}):
+        pts = sorted((r, [float(x["ndcg@10"]) for x in rs]) for (m, r), rs in groups.items() if m == method)
+        xs = [r for r, _ in pts]
+        ys = [statistics.mean(v) for _, v in pts]
+        es = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    if base:
+        ax.axhline(statistics.mean(float(x["ndcg@10"]) for x in base), color="k", ls="--", label="uncompressed")
+        ax.axhline(0.96 * statistics.mean(float(x["ndcg@10"]) for x in base), color="gray", ls=":", label="-4% relative")
+    if pop is not None:
+        ax.axhline(pop.mean_ndcg, color="r", ls="-.", label="popularity")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio of the item table (log2)")
+    ax.set_ylabel("test nDCG@10")
+    ax.set_title(f"{dataset}: quality vs compression")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Methods x compression ratios x seeds on a prepared dataset.")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--methods", nargs="+", default=["uncompressed", "hashing", "qr", "memcom"])
+    p.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds-at-16", nargs="*", type=int, default=[], help="extra seeds at 16x (spread)")
+    p.add_argument("--embedding-lrs", nargs="+", type=float, default=[0.05], help="the tuning budget, same for all")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags passed to every training run")
+    args = p.parse_args(argv)
+    if args.train_args and args.train_args[0] == "--":
+        args.train_args = args.train_args[1:]
+    read_manifest(args.data_dir)  # fail fast on a bad data dir
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.report_only:
+        report(args.out_dir, args.data_dir)
+    else:
+        run_grid(args)
+
+
+if __name__ == "__main__":
+    main()
