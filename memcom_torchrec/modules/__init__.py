@@ -1,4 +1,4 @@
-"""Unsharded modules: configs and the MEmCom EmbeddingBagCollection."""
+"""Unsharded modules: configs, the MEmCom and the quotient-remainder EmbeddingBagCollections."""
 
 from memcom_torchrec.modules.memcom_configs import (  # noqa: F401
     MEmComEmbeddingBagConfig,
@@ -7,4 +7,11 @@ from memcom_torchrec.modules.memcom_configs import (  # noqa: F401
 )
 from memcom_torchrec.modules.memcom_embedding_modules import (  # noqa: F401
     MEmComEmbeddingBagCollection,
+)
+from memcom_torchrec.modules.qr_embedding_modules import (  # noqa: F401
+    QREmbeddingBagCollection,
+    QREmbeddingBagConfig,
+    max_qr_compression_ratio,
+    num_collisions_for_ratio,
+    qr_compression_ratio,
 )

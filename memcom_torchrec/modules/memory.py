@@ -11,6 +11,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagConfig
 
 
 def _state_floats(optimizer: EmbOptimType, rows: int, dim: int) -> int:
@@ -72,7 +73,7 @@ def table_memory(
     """Memory of one table under a fused optimizer.
 
     Args:
-        config (EmbeddingBagConfig): a MEmCom or plain table.
+        config (EmbeddingBagConfig): a MEmCom, QR or plain table.
         optimizer (EmbOptimType): its fused optimizer.
 
     Returns:
@@ -91,6 +92,9 @@ def table_memory(
             params = rows * d + n
         else:
             params = rows * d
+    elif isinstance(config, QREmbeddingBagConfig):
+        rows = config.num_rows  # ceil(n/p) quotient rows + p remainder rows
+        params = rows * d
     state = _state_floats(optimizer, rows, d) * 4
     if stored_w:
         state += _entity_state_floats(optimizer, stored_w) * 4

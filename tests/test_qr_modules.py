@@ -1,0 +1,550 @@
+"""QREmbeddingBagCollection (quotient-remainder baseline) against plain-PyTorch references.
+
+Unsharded forward/gradients, the ratio -> num_collisions rule, input errors,
+memory accounting, and (slow) 2-process gloo DMP runs on TorchRec's stock
+EmbeddingCollectionSharder against the unsharded twin.
+"""
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingType
+
+from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
+from memcom_torchrec.modules.memory import table_memory
+from memcom_torchrec.modules.qr_embedding_modules import (
+    QREmbeddingBagCollection,
+    QREmbeddingBagConfig,
+    max_qr_compression_ratio,
+    num_collisions_for_ratio,
+    qr_compression_ratio,
+    qr_num_rows,
+)
+from dist_utils import run_multiprocess
+from reference import ReferenceOptimizer, make_kjt_inputs
+
+N_ITEM, N_USER, N_CAT = 53, 10, 20
+KEYS = ["hist", "target", "user", "cat"]
+SIZES = {"hist": N_ITEM, "target": N_ITEM, "user": N_USER, "cat": N_CAT}
+
+
+def tables(mean_cat: bool = True, cat_dim: int = 4) -> List[EmbeddingBagConfig]:
+    return [
+        QREmbeddingBagConfig(
+            name="item", num_embeddings=N_ITEM, embedding_dim=8, feature_names=["hist", "target"], num_collisions=7
+        ),
+        EmbeddingBagConfig(name="user", num_embeddings=N_USER, embedding_dim=cat_dim, feature_names=["user"]),
+        QREmbeddingBagConfig(
+            name="cat", num_embeddings=N_CAT, embedding_dim=cat_dim, feature_names=["cat"], num_collisions=3,
+            pooling=PoolingType.MEAN if mean_cat else PoolingType.SUM,
+        ),
+    ]
+
+
+def build(seed: int = 0, is_weighted: bool = False, **kw) -> QREmbeddingBagCollection:
+    torch.manual_seed(seed)
+    ebc = QREmbeddingBagCollection(tables(**kw), is_weighted=is_weighted)
+    with torch.no_grad():  # R starts at 1.0: randomise it so that a Q/R mix-up shows
+        for t in ebc.embedding_bag_configs():
+            if isinstance(t, QREmbeddingBagConfig):
+                ebc.qr_parameters(t.name)[1].uniform_(0.5, 1.5)
+    return ebc
+
+
+def reference_qr_pool(
+    Q: Optional[torch.Tensor],
+    R: Optional[torch.Tensor],
+    E: Optional[torch.Tensor],
+    p: int,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    mean: bool,
+    input_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``out[b] = sum_j c_j Q[i_j // p] * R[i_j % p]`` (or ``E[i_j]`` for a plain table), bag by bag."""
+    dim = (Q if Q is not None else E).shape[1]
+    rows, start = [], 0
+    for length in lengths.tolist():
+        acc = torch.zeros(dim)
+        for j in range(start, start + length):
+            i = int(ids[j])
+            term = Q[i // p] * R[i % p] if Q is not None else E[i]
+            if input_weights is not None:
+                term = input_weights[j] * term
+            acc = acc + term
+        if mean and length > 0:
+            acc = acc / length
+        rows.append(acc)
+        start += length
+    return torch.stack(rows) if rows else torch.zeros(0, dim)
+
+
+def reference_outputs(ebc: QREmbeddingBagCollection, values, lengths, batch, weights=None):
+    """Leaf copies of every table and the reference pooled output per key."""
+    leaves: Dict[str, Tuple] = {}
+    for t in ebc.embedding_bag_configs():
+        if isinstance(t, QREmbeddingBagConfig):
+            Q, R = (x.detach().clone().requires_grad_() for x in ebc.qr_parameters(t.name))
+            leaves[t.name] = (Q, R, None, t)
+        else:
+            child = getattr(ebc, ebc.feature_specs()[t.feature_names[0]].group)
+            E = child.embeddings[t.name].weight.detach().clone().requires_grad_()
+            leaves[t.name] = (None, None, E, t)
+    table_of = {f: t.name for t in ebc.embedding_bag_configs() for f in t.feature_names}
+    outs, start = {}, 0
+    per_key = lengths.view(len(KEYS), batch)
+    for k, key in enumerate(KEYS):
+        ln = per_key[k]
+        n = int(ln.sum())
+        Q, R, E, t = leaves[table_of[key]]
+        outs[key] = reference_qr_pool(
+            Q, R, E, getattr(t, "num_collisions", 0), values[start : start + n], ln,
+            mean=t.pooling == PoolingType.MEAN,
+            input_weights=None if weights is None else weights[start : start + n],
+        )
+        start += n
+    return leaves, outs
+
+
+def module_grads(ebc: QREmbeddingBagCollection) -> Dict[str, Tuple[torch.Tensor, ...]]:
+    grads = {}
+    for t in ebc.embedding_bag_configs():
+        if isinstance(t, QREmbeddingBagConfig):
+            grads[t.name] = tuple(x.grad for x in ebc.qr_parameters(t.name))
+        else:
+            child = getattr(ebc, ebc.feature_specs()[t.feature_names[0]].group)
+            grads[t.name] = (child.embeddings[t.name].weight.grad,)
+    return grads
+
+
+def check_against_reference(ebc, kjt, values, lengths, batch, weights=None) -> None:
+    kt = ebc(kjt)
+    assert kt.keys() == KEYS
+    leaves, ref = reference_outputs(ebc, values, lengths, batch, weights)
+    out = kt.to_dict()
+    for key in KEYS:
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+    proj = torch.randn(kt.values().shape, generator=torch.Generator().manual_seed(7))
+    (kt.values() * proj).sum().backward()
+    ref_values = torch.cat([ref[k] for k in KEYS], dim=1)
+    if ref_values.requires_grad:  # an empty batch looks nothing up
+        (ref_values * proj).sum().backward()
+    got = module_grads(ebc)
+    for name, (Q, R, E, _) in leaves.items():
+        expected = (Q.grad, R.grad) if Q is not None else (E.grad,)
+        for g, e, what in zip(got[name], expected, ("Q", "R") if Q is not None else ("E",)):
+            if e is None:  # table not looked up (empty batch)
+                assert g is None or torch.count_nonzero(g) == 0
+                continue
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {name}.{what}: {m}")
+
+
+# ---------------------------------------------------------------------------
+# Forward and gradients
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [5, 1, 0])
+@pytest.mark.parametrize("mean_cat", [True, False])
+def test_forward_and_gradients_match_reference(batch: int, mean_cat: bool) -> None:
+    g = torch.Generator().manual_seed(batch + 10 * mean_cat)
+    values, lengths = make_kjt_inputs(KEYS, SIZES, batch, 6, g)
+    if batch:
+        lengths[0] = 0  # an empty bag for sure
+        values, lengths = _rebuild(values, lengths, batch, g)
+    ebc = build(mean_cat=mean_cat)
+    kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, stride=batch)
+    check_against_reference(ebc, kjt, values, lengths, batch)
+
+
+def _rebuild(values, lengths, batch, g):
+    """Fresh ids for edited lengths (keeps every id inside its key's range)."""
+    out, per_key = [], lengths.view(len(KEYS), batch)
+    for k, key in enumerate(KEYS):
+        out.append(torch.randint(0, SIZES[key], (int(per_key[k].sum()),), generator=g))
+    return torch.cat(out), lengths
+
+
+def test_all_bags_empty_gives_zeros() -> None:
+    ebc = build()
+    lengths = torch.zeros(len(KEYS) * 3, dtype=torch.long)
+    kjt = KeyedJaggedTensor(keys=KEYS, values=torch.zeros(0, dtype=torch.long), lengths=lengths, stride=3)
+    kt = ebc(kjt)
+    assert kt.values().shape == (3, 8 + 8 + 4 + 4)
+    assert torch.count_nonzero(kt.values()) == 0
+
+
+def test_weighted_input_matches_reference() -> None:
+    g = torch.Generator().manual_seed(3)
+    batch = 4
+    values, lengths = make_kjt_inputs(KEYS, SIZES, batch, 5, g)
+    weights = torch.rand(values.numel(), generator=g) * 2 - 0.5
+    ebc = build(is_weighted=True)
+    kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, weights=weights, stride=batch)
+    check_against_reference(ebc, kjt, values, lengths, batch, weights)
+
+
+def test_key_order_of_input_does_not_matter() -> None:
+    g = torch.Generator().manual_seed(4)
+    values, lengths = make_kjt_inputs(KEYS, SIZES, 3, 4, g)
+    ebc = build()
+    kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, stride=3)
+    expected = ebc(kjt).to_dict()
+    d = kjt.to_dict()
+    rev = list(reversed(KEYS))
+    permuted = KeyedJaggedTensor(
+        keys=rev, values=torch.cat([d[k].values() for k in rev]), lengths=torch.cat([d[k].lengths() for k in rev]),
+        stride=3,
+    )
+    kt = ebc(permuted)
+    assert kt.keys() == KEYS
+    for k in KEYS:
+        torch.testing.assert_close(kt.to_dict()[k], expected[k])
+
+
+def test_entity_embeddings_are_distinct_products() -> None:
+    """Every entity i gets Q[i // p] * R[i % p]: a one-id bag returns exactly that row."""
+    ebc = build(mean_cat=False)
+    Q, R = ebc.qr_parameters("item")
+    n = N_ITEM
+    ids = torch.arange(n)
+    lengths = torch.cat([torch.ones(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)]).long()
+    kjt = KeyedJaggedTensor(keys=KEYS, values=ids, lengths=lengths, stride=n)
+    hist = ebc(kjt).to_dict()["hist"]
+    torch.testing.assert_close(hist, Q[ids // 7] * R[ids % 7])
+    assert torch.unique(hist.detach(), dim=0).shape[0] == n
+
+
+def test_parameter_names_shapes_and_init() -> None:
+    torch.manual_seed(0)
+    ebc = QREmbeddingBagCollection(tables(cat_dim=8))
+    shapes = {k: tuple(v.shape) for k, v in ebc.state_dict().items()}
+    assert shapes == {
+        "_embedding_collection.embeddings.item__q.weight": (math.ceil(N_ITEM / 7), 8),
+        "_embedding_collection.embeddings.item__r.weight": (7, 8),
+        "_embedding_collection.embeddings.user.weight": (N_USER, 8),
+        "_embedding_collection.embeddings.cat__q.weight": (math.ceil(N_CAT / 3), 8),
+        "_embedding_collection.embeddings.cat__r.weight": (3, 8),
+    }
+    Q, R = ebc.qr_parameters("item")
+    assert torch.all(R == 1.0)
+    bound = math.sqrt(1 / N_ITEM)
+    assert Q.abs().max() <= bound and Q.abs().max() > 0
+    with torch.no_grad():
+        Q.zero_()
+        R.zero_()
+    ebc.reset_parameters()
+    assert torch.all(R == 1.0) and Q.abs().max() > 0
+    with pytest.raises(KeyError, match="not a QR table"):
+        ebc.qr_parameters("user")
+
+
+def test_plain_feature_with_suffix_like_name() -> None:
+    ebc = QREmbeddingBagCollection([
+        QREmbeddingBagConfig(name="a", num_embeddings=10, embedding_dim=4, feature_names=["x"], num_collisions=2),
+        EmbeddingBagConfig(name="b", num_embeddings=10, embedding_dim=4, feature_names=["y__q"]),
+    ])
+    kjt = KeyedJaggedTensor(keys=["x", "y__q"], values=torch.tensor([3, 9]), lengths=torch.tensor([1, 1]), stride=1)
+    out = ebc(kjt).to_dict()
+    Q, R = ebc.qr_parameters("a")
+    torch.testing.assert_close(out["x"][0], Q[1] * R[1])
+    torch.testing.assert_close(out["y__q"][0], ebc._embedding_collection.embeddings["b"].weight[9])
+
+
+def test_mixed_dims_get_one_child_per_dim() -> None:
+    ebc = build()
+    names = {k.split(".")[0] for k in ebc.state_dict()}
+    assert names == {"_embedding_collection", "_embedding_collection_d4"}
+
+
+def test_meta_device_construction() -> None:
+    ebc = QREmbeddingBagCollection(tables(), device=torch.device("meta"))
+    assert all(p.device.type == "meta" for p in ebc.parameters())
+    ebc.reset_parameters()  # a no-op on meta
+    assert ebc.is_weighted() is False
+    assert [t.name for t in ebc.embedding_bag_configs()] == ["item", "user", "cat"]
+
+
+# ---------------------------------------------------------------------------
+# Config: ratio -> num_collisions rule
+# ---------------------------------------------------------------------------
+def _brute_force_p(n: int, ratio: float) -> Optional[int]:
+    for p in range(1, n + 1):
+        if n / (math.ceil(n / p) + p) >= ratio:
+            return p
+    return None
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 53, 100, 997, 1000, 4096, 12345])
+def test_num_collisions_for_ratio_is_smallest_p_reaching_ratio(n: int) -> None:
+    best_p, best = max_qr_compression_ratio(n)
+    assert best == max(n / (math.ceil(n / p) + p) for p in range(1, n + 1))
+    assert best_p == min(p for p in range(1, n + 1) if n / (math.ceil(n / p) + p) == best)
+    for ratio in [1.0, 1.5, 2.0, 3.0, 4.0, 7.5, 8.0, 16.0, 25.0, best, best * 1.0001 + 1e-9]:
+        if ratio < 1:
+            with pytest.raises(ValueError, match=">= 1"):
+                num_collisions_for_ratio(n, ratio)
+            continue
+        expected = _brute_force_p(n, ratio)
+        if expected is None:
+            with pytest.raises(ValueError, match="unreachable"):
+                num_collisions_for_ratio(n, ratio)
+            continue
+        p = num_collisions_for_ratio(n, ratio)
+        assert p == expected, (n, ratio)
+        assert qr_compression_ratio(n, 16, p) >= ratio
+        assert qr_num_rows(n, p) == math.ceil(n / p) + p
+
+
+def test_ratio_rule_examples() -> None:
+    # 10^6 entities at 16x: L = 62_500 rows allowed; p = 16 needs 62_500 + 16, p = 17 fits.
+    assert num_collisions_for_ratio(1_000_000, 16.0) == 17
+    assert max_qr_compression_ratio(1_000_000) == (1000, 500.0)
+    t = QREmbeddingBagConfig(name="t", num_embeddings=1_000_000, embedding_dim=64, feature_names=["f"], compression_ratio=16.0)
+    assert (t.num_collisions, t.num_quotient_rows, t.num_remainder_rows) == (17, 58_824, 17)
+    assert t.achieved_compression_ratio() == pytest.approx(1_000_000 / (58_824 + 17))
+
+
+def test_unreachable_ratio_error_names_the_maximum() -> None:
+    with pytest.raises(ValueError, match=r"QR table 'items'.*unreachable.*at most 500 \(num_collisions=1000"):
+        QREmbeddingBagConfig(name="items", num_embeddings=1_000_000, embedding_dim=8, feature_names=["f"], compression_ratio=600)
+    with pytest.raises(ValueError, match=">= 1"):
+        num_collisions_for_ratio(100, 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(embedding_dim=6, num_collisions=3), "multiple of 4"),
+        (dict(feature_names=[], num_collisions=3), "feature_names is empty"),
+        (dict(feature_names=["a", "a"], num_collisions=3), "duplicate feature"),
+        (dict(num_collisions=0), "give num_collisions or compression_ratio"),
+        (dict(num_collisions=3, compression_ratio=2.0), "not both"),
+        (dict(num_collisions=101), r"num_collisions must be in \[1, num_embeddings=100\]"),
+        (dict(num_embeddings=0, num_collisions=1), "num_embeddings must be > 0"),
+        (dict(num_collisions=3, pooling=PoolingType.NONE), "pooling must be SUM or MEAN"),
+    ],
+)
+def test_config_validation(kwargs, match) -> None:
+    base = dict(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"])
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        QREmbeddingBagConfig(**base)
+
+
+def test_name_clashes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="not unique"):
+        QREmbeddingBagCollection([
+            QREmbeddingBagConfig(name="a", num_embeddings=10, embedding_dim=4, feature_names=["x"], num_collisions=2),
+            EmbeddingBagConfig(name="a__q", num_embeddings=10, embedding_dim=4, feature_names=["y"]),
+        ])
+    with pytest.raises(ValueError, match="collide"):
+        QREmbeddingBagCollection([
+            QREmbeddingBagConfig(name="a", num_embeddings=10, embedding_dim=4, feature_names=["x"], num_collisions=2),
+            EmbeddingBagConfig(name="b", num_embeddings=10, embedding_dim=4, feature_names=["x__r"]),
+        ])
+    with pytest.raises(ValueError, match="feature 'x' is used by tables 'a' and 'b'"):
+        QREmbeddingBagCollection([
+            QREmbeddingBagConfig(name="a", num_embeddings=10, embedding_dim=4, feature_names=["x"], num_collisions=2),
+            EmbeddingBagConfig(name="b", num_embeddings=10, embedding_dim=4, feature_names=["x"]),
+        ])
+
+
+# ---------------------------------------------------------------------------
+# Input errors
+# ---------------------------------------------------------------------------
+def _kjt(values: List[int], keys=KEYS, lengths=None, weights=None) -> KeyedJaggedTensor:
+    lengths = lengths if lengths is not None else [1] * len(keys)
+    return KeyedJaggedTensor(
+        keys=keys, values=torch.tensor(values), lengths=torch.tensor(lengths), stride=1,
+        weights=None if weights is None else torch.tensor(weights),
+    )
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ([1, 53, 0, 0], "feature 'target': id 53 is out of range for table 'item' \\(num_embeddings=53\\)"),
+        ([1, 2, 0, -1], "feature 'cat': negative id -1 for table 'cat'"),
+        ([1, 2, 10, 0], "feature 'user': id 10 is out of range for table 'user' \\(num_embeddings=10\\)"),
+    ],
+)
+def test_bad_ids_name_feature_and_value(values, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()(_kjt(values))
+
+
+def test_bad_keys_and_weights() -> None:
+    ebc = build()
+    with pytest.raises(ValueError, match="missing feature key"):
+        ebc(_kjt([1, 2, 3], keys=KEYS[:3]))
+    with pytest.raises(ValueError, match="unknown feature key"):
+        ebc(_kjt([1, 2, 3, 4, 5], keys=KEYS + ["zzz"]))
+    with pytest.raises(ValueError, match="is_weighted=False"):
+        ebc(_kjt([1, 2, 3, 4], weights=[1.0] * 4))
+    with pytest.raises(ValueError, match="is_weighted=True"):
+        build(is_weighted=True)(_kjt([1, 2, 3, 4]))
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+def test_table_memory_of_qr_table() -> None:
+    t = QREmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=16, feature_names=["f"], num_collisions=30)
+    rows = math.ceil(1000 / 30) + 30
+    mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+    assert mem.num_rows == rows == t.num_rows
+    assert mem.num_parameters == rows * 16
+    assert mem.param_bytes == rows * 16 * 4
+    assert mem.optimizer_state_bytes == rows * 4
+    assert mem.compression_ratio == pytest.approx(1000 * 16 / (rows * 16))
+    assert mem.compression_ratio == pytest.approx(t.achieved_compression_ratio())
+    assert table_memory(t, EmbOptimType.EXACT_SGD).optimizer_state_bytes == 0
+
+
+# ---------------------------------------------------------------------------
+# Sharded (2-process gloo DMP) against the unsharded twin
+# ---------------------------------------------------------------------------
+DIST_KEYS = ["hist", "target", "user", "cat"]
+DIST_SIZES = {"hist": 101, "target": 101, "user": 12, "cat": 30}
+OPT = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
+
+
+def dist_tables() -> List[EmbeddingBagConfig]:
+    return [
+        QREmbeddingBagConfig(
+            name="item", num_embeddings=101, embedding_dim=8, feature_names=["hist", "target"], num_collisions=10
+        ),
+        EmbeddingBagConfig(name="user", num_embeddings=12, embedding_dim=8, feature_names=["user"]),
+        QREmbeddingBagConfig(
+            name="cat", num_embeddings=30, embedding_dim=4, feature_names=["cat"], num_collisions=4,
+            pooling=PoolingType.MEAN,
+        ),
+    ]
+
+
+def dist_reference(seed: int = 0) -> QREmbeddingBagCollection:
+    torch.manual_seed(seed)
+    ref = QREmbeddingBagCollection(dist_tables())
+    with torch.no_grad():
+        for name in ("item", "cat"):
+            ref.qr_parameters(name)[1].uniform_(0.5, 1.5)
+    return ref
+
+
+def dist_batches(step: int, world_size: int, weighted: bool, batch: int = 4):
+    out = []
+    for r in range(world_size):
+        g = torch.Generator().manual_seed(1000 * step + r)
+        values, lengths = make_kjt_inputs(DIST_KEYS, DIST_SIZES, batch, 5, g)
+        weights = torch.rand(values.numel(), generator=g) + 0.5 if weighted else None
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=DIST_KEYS, values=values, lengths=lengths, weights=weights)
+        out.append((kjt, torch.randn(batch, 8 + 8 + 8 + 4, generator=g)))
+    return out
+
+
+def _dist_body(rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int, weighted: bool) -> None:
+    lr = 0.1
+    ref = dist_reference()
+    ref_sd = ref.state_dict()
+    ref = QREmbeddingBagCollection(dist_tables(), is_weighted=weighted)
+    ref.load_state_dict(ref_sd)
+
+    model = QREmbeddingBagCollection(dist_tables(), is_weighted=weighted, device=torch.device("meta"))
+    sharder = EmbeddingCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
+    assert sharding_type in sharder.sharding_types("cpu")
+    constraints = {
+        name: ParameterConstraints(sharding_types=[sharding_type])
+        for name in ("item__q", "item__r", "user", "cat__q", "cat__r")
+    }
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints
+    )
+    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan,
+        sharders=[sharder],
+    )
+    # The stock sharder took both EmbeddingCollection children.
+    assert isinstance(dmp.module._embedding_collection, ShardedEmbeddingCollection)
+    assert isinstance(dmp.module._embedding_collection_d4, ShardedEmbeddingCollection)
+    assert set(gather_unsharded_state_dict(dmp, dst=None)) == set(ref_sd)
+    load_unsharded_state_dict(dmp, ref.state_dict())
+
+    ref_opt = ReferenceOptimizer(optimizer, lr)
+    for step in range(steps):
+        data = dist_batches(step, world_size, weighted)
+        kjt, proj = data[rank]
+        out = dmp(kjt)
+        # Unsharded twin on the global batch; TorchRec averages embedding gradients over ranks.
+        outs = [ref(k) for k, _ in data]
+        loss = sum((kt.values() * p).sum() for kt, (_, p) in zip(outs, data)) / world_size
+        ref.zero_grad()
+        loss.backward()
+        for name, param in ref.named_parameters():
+            if param.grad is not None:
+                ref_opt.step(name, param.data, param.grad)
+        assert out.keys() == outs[rank].keys()
+        torch.testing.assert_close(out.values(), outs[rank].values().detach(), atol=1e-5, rtol=1e-5)
+        (out.values() * proj).sum().backward()
+        dmp.fused_optimizer.step()
+        got = gather_unsharded_state_dict(dmp, dst=None)
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(
+                got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"rank {rank} step {step} {name}: {m}"
+            )
+        if step == 0:  # the comparison must not be vacuous: Q and R moved
+            assert not torch.allclose(got["_embedding_collection.embeddings.item__r.weight"],
+                                      ref_sd["_embedding_collection.embeddings.item__r.weight"])
+
+    # A bad id on one rank raises on every rank (no hang in the all-to-all).
+    bad = KeyedJaggedTensor.from_lengths_sync(
+        keys=DIST_KEYS, values=torch.tensor([0, 101 if rank == 1 else 0, 0, 0]), lengths=torch.ones(4, dtype=torch.long),
+        weights=torch.ones(4) if weighted else None,
+    )
+    with pytest.raises(ValueError, match="id 101 is out of range for table 'item'"):
+        dmp(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_sharded_matches_unsharded(sharding_type: str, optimizer: str) -> None:
+    # SGD, one step: (before - after) / lr is the gradient of Q and R. Row-wise Adagrad: 2 steps.
+    steps = 1 if optimizer == "sgd" else 2
+    run_multiprocess(
+        _dist_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=steps, weighted=False
+    )
+
+
+@pytest.mark.slow
+def test_sharded_weighted_matches_unsharded() -> None:
+    run_multiprocess(
+        _dist_body, world_size=2, sharding_type=ShardingType.TABLE_WISE.value, optimizer="sgd", steps=1, weighted=True
+    )
+
+
+def _default_sharders_body(rank: int, world_size: int) -> None:
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    ref = dist_reference()
+    model = QREmbeddingBagCollection(dist_tables(), device=torch.device("meta"))
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+        sharders=get_default_sharders(),
+    )
+    assert isinstance(dmp.module._embedding_collection, ShardedEmbeddingCollection)
+    load_unsharded_state_dict(dmp, ref.state_dict())
+    kjt, _ = dist_batches(0, world_size, weighted=False)[rank]
+    torch.testing.assert_close(dmp(kjt).values(), ref(kjt).values().detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_default_sharders_and_planner_shard_the_collection() -> None:
+    run_multiprocess(_default_sharders_body, world_size=2)
