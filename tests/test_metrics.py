@@ -1,0 +1,79 @@
+"""Full-ranking metrics against a straightforward reference, and exact compression accounting."""
+
+import math
+
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig
+
+from memcom_torchrec import MEmComEmbeddingBagConfig
+from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
+from memcom_torchrec.train.trainer import embedding_footprint
+
+
+def reference_rank(scores, target, excluded):
+    """Sort-free reference: count the competitors that beat or tie the target."""
+    s_t = scores[target]
+    rank = 1
+    for j, s in enumerate(scores):
+        if j == target or j in excluded:
+            continue
+        if s >= s_t:
+            rank += 1
+    return rank
+
+
+CASES = [
+    # scores, target, excluded
+    ([0.1, 0.9, 0.5, 0.3], 2, []),            # plain: rank 2
+    ([0.1, 0.9, 0.5, 0.3], 2, [1]),           # the better item was seen: rank 1
+    ([0.5, 0.5, 0.5, 0.5], 0, []),            # all tied: ties count against the model -> rank 4
+    ([0.2, 0.7, 0.7, 0.1], 2, [3]),           # tie with one other item -> rank 2
+    ([0.9, 0.8, 0.1], 1, [1, 0]),             # target listed as seen (repeat): never masked -> rank 1
+    ([0.3], 0, []),                           # one-item catalogue
+]
+
+
+@pytest.mark.parametrize("scores,target,excluded", CASES)
+def test_target_rank_matches_reference(scores, target, excluded) -> None:
+    got = target_ranks(
+        torch.tensor([scores]), torch.tensor([target]), torch.tensor([len(excluded)]), torch.tensor(excluded, dtype=torch.long)
+    )
+    assert int(got[0]) == reference_rank(scores, target, set(excluded) - {target})
+
+
+def test_batch_of_users_and_metric_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(7, 30, generator=g).round(decimals=1)  # rounding creates ties
+    targets = torch.randint(0, 30, (7,), generator=g)
+    excluded = [torch.randint(0, 30, (int(n),), generator=g).tolist() for n in [0, 3, 1, 5, 0, 2, 10]]
+    ranks = target_ranks(
+        scores, targets, torch.tensor([len(e) for e in excluded]), torch.tensor([i for e in excluded for i in e])
+    )
+    expected = [reference_rank(scores[b].tolist(), int(targets[b]), set(excluded[b]) - {int(targets[b])}) for b in range(7)]
+    assert ranks.tolist() == expected
+    totals = ranking_totals(ranks, k=10)
+    assert totals.count == 7
+    assert totals.hits == sum(r <= 10 for r in expected)
+    assert totals.ndcg == pytest.approx(sum(1 / math.log2(r + 1) for r in expected if r <= 10))
+    assert RankingTotals.from_tensor(totals.as_tensor()).mean_ndcg == pytest.approx(totals.mean_ndcg)
+
+
+def test_empty_batch() -> None:
+    ranks = target_ranks(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+    assert ranking_totals(ranks).count == 0
+
+
+def test_compression_accounting_is_exact() -> None:
+    n_items, n_users, d = 3706, 6040, 64
+    memcom = MEmComEmbeddingBagConfig(name="item", num_embeddings=n_items, embedding_dim=d, feature_names=["history"],
+                                      compression_ratio=16)
+    user = EmbeddingBagConfig(name="user", num_embeddings=n_users, embedding_dim=d, feature_names=["user_id"])
+    fp = embedding_footprint([memcom, user], "rowwise_adagrad")
+    m = memcom.num_buckets
+    assert fp["embedding_params"] == m * d + n_items + n_users * d
+    assert fp["compression_ratio"] == pytest.approx((n_items + n_users) * d / (m * d + n_items + n_users * d))
+    assert fp["table_compression_ratios"]["item"] == pytest.approx(n_items * d / (m * d + n_items))
+    assert fp["table_compression_ratios"]["item"] >= 16
+    q = -(-n_items // m)
+    assert fp["embedding_bytes"] == 4 * (m * d + m * q + n_users * d)

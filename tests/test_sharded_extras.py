@@ -1,0 +1,229 @@
+"""Sharded MEmCom: bad input on one rank, TrainPipelineSparseDist with mixed tables, DCP checkpoints."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.streamable import Pipelineable
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
+from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
+from memcom_torchrec.train.checkpoint import load_checkpoint, save_checkpoint
+from dist_utils import run_multiprocess
+from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------- bad input
+def _bad_input_body(rank: int, world_size: int) -> None:
+    dmp = shard(world_size, ShardingType.ROW_WISE.value, "sgd", 0.1)
+    kjt, _ = batches(0, world_size)[rank]
+    if rank == 0:
+        values = kjt.values().clone()
+        values[0] = 101  # table 'item' has 101 entities
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=values, lengths=kjt.lengths())
+        expected = r"feature 'hist': id 101 is out of range for table 'item' \(num_embeddings=101\)"
+    else:
+        expected = r"bad input on rank 0: feature 'hist': id 101 is out of range"
+    with pytest.raises(ValueError, match=expected):
+        dmp(kjt).wait()
+    # Both ranks are still in step: a good batch goes through afterwards.
+    good, _ = batches(1, world_size)[rank]
+    assert dmp(good).wait().values().shape[0] == 4
+
+
+def test_bad_input_raises_on_every_rank_without_hanging() -> None:
+    run_multiprocess(_bad_input_body, world_size=2)
+
+
+# ---------------------------------------------------------- train pipeline
+class MixedModel(nn.Module):
+    """A MEmCom collection next to a stock EBC, and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memcom = MEmComEmbeddingBagCollection(make_tables(), device=torch.device("meta"))
+        self.stock = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name="stock", num_embeddings=50, embedding_dim=8, feature_names=["stock_f"])],
+            device=torch.device("meta"),
+        )
+        self.head = nn.Linear(8 + 8 + 8 + 4 + 8, 1)
+
+    def forward(self, batch):
+        a = self.memcom(batch.memcom_features)
+        b = self.stock(batch.stock_features)
+        pred = self.head(torch.cat([a.values(), b.values()], dim=1)).squeeze(1)
+        loss = ((pred - batch.labels) ** 2).mean()
+        return loss, (loss.detach(), pred.detach(), batch.labels)
+
+
+class PairBatch(Pipelineable):
+    """Two KJTs and labels, for TrainPipelineSparseDist."""
+
+    def __init__(self, memcom_features, stock_features, labels):
+        self.memcom_features, self.stock_features, self.labels = memcom_features, stock_features, labels
+
+    def to(self, device, non_blocking=False):
+        return PairBatch(self.memcom_features.to(device), self.stock_features.to(device), self.labels.to(device))
+
+    def record_stream(self, stream):
+        pass
+
+    def pin_memory(self):
+        return self
+
+
+def _planted_batches(rank: int, steps: int):
+    """Labels = a fixed function of the ids, so the model can fit them."""
+    table = torch.randn(200, generator=torch.Generator().manual_seed(7))
+    for step in range(steps):
+        kjt, _ = batches(step % 5, 2)[rank]
+        g = torch.Generator().manual_seed(100 + step % 5 + 10 * rank)
+        stock_ids = torch.randint(0, 50, (4,), generator=g)
+        stock = KeyedJaggedTensor.from_lengths_sync(keys=["stock_f"], values=stock_ids, lengths=torch.ones(4, dtype=torch.long))
+        per_key = kjt.lengths().view(len(KEYS), 4)
+        labels = torch.zeros(4)
+        start = 0
+        for k in range(len(KEYS)):
+            for b in range(4):
+                n = int(per_key[k, b])
+                labels[b] += table[kjt.values()[start:start + n] % 200].sum() * 0.3
+                start += n
+        labels += table[stock_ids + 100]
+        yield PairBatch(kjt, stock, labels)
+
+
+def _pipeline_body(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model = MixedModel()
+    fp = {"optimizer": OPT["rowwise_adagrad"], "learning_rate": 0.1}
+    sharders = [MEmComEmbeddingBagCollectionSharder(fused_params=fp), EmbeddingBagCollectionSharder(fused_params=fp)]
+    constraints = {t: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for t in ["item", "user", "cat", "stock"]}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
+    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                   device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda p: torch.optim.Adam(p, lr=0.01))
+    opt = CombinedOptimizer([dmp.fused_optimizer, dense])
+    has_w = any("_entity_weights.item" in k for k in dmp.fused_optimizer.state_dict()["state"])
+    owners = [None] * world_size
+    dist.all_gather_object(owners, has_w)
+    assert sum(owners) == 1, f"w of the table-wise table must sit in exactly one rank's fused optimizer: {owners}"
+    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+    it = iter(_planted_batches(rank, 150))
+    losses = []
+    while True:
+        try:
+            loss, _, _ = pipeline.progress(it)
+        except StopIteration:
+            break
+        losses.append(float(loss))
+    assert pipeline._pipelined_modules, "no module was pipelined"
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.3 * first, (first, last)
+    w = gather_unsharded_state_dict(dmp, dst=None)["memcom._entity_weights.item"]
+    assert float((w - 1.0).abs().max()) > 1e-3, "w never moved from its init: it is not trained"
+
+
+def test_train_pipeline_sparse_dist_with_mixed_tables() -> None:
+    run_multiprocess(_pipeline_body, world_size=2)
+
+
+# ------------------------------------------------------------- checkpoints
+def _steps(dmp, rank, world_size, first, count):
+    outs = []
+    for step in range(first, first + count):
+        if world_size == 2:
+            kjt, proj = batches(step, 2)[rank]
+        else:  # one rank plays the global batch of two (TorchRec averages gradients over ranks)
+            parts = batches(step, 2)
+            kjt = _cat_kjt([p[0] for p in parts])
+            proj = torch.cat([p[1] for p in parts]) / 2
+        out = dmp(kjt).wait()
+        (out.values() * proj).sum().backward()
+        outs.append(out.values().detach())
+    return outs
+
+
+def _cat_kjt(kjts):
+    """Concatenate KJTs along the batch (same keys)."""
+    keys = kjts[0].keys()
+    values, lengths = [], []
+    per = [k.to_dict() for k in kjts]
+    for key in keys:
+        for d in per:
+            values.append(d[key].values())
+            lengths.append(d[key].lengths())
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def _save_body(rank: int, world_size: int, root: str) -> None:
+    ref = make_reference()
+    dmp = shard(world_size, ShardingType.ROW_WISE.value, "adagrad", 0.1)
+    load_unsharded_state_dict(dmp, ref.state_dict())
+    _steps(dmp, rank, world_size, 0, 2)
+    save_checkpoint(root, 2, dmp, {"fused": dmp.fused_optimizer})
+    full = gather_unsharded_state_dict(dmp, dst=None)
+    outs = _steps(dmp, rank, world_size, 2, 1)
+    after = gather_unsharded_state_dict(dmp, dst=None)
+    torch.save({"params": full, "after": after, f"out{rank}": outs[0]}, os.path.join(root, f"expected{rank}.pt"))
+
+
+def _load_body(rank: int, world_size: int, root: str, sharding_type: str) -> None:
+    dmp = shard(world_size, sharding_type, "adagrad", 0.1)
+    load_checkpoint(root, dmp, {"fused": dmp.fused_optimizer})
+    exp = [torch.load(os.path.join(root, f"expected{r}.pt")) for r in range(2)]
+    got = gather_unsharded_state_dict(dmp, dst=None)
+    for name, value in exp[0]["params"].items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+    outs = _steps(dmp, rank, world_size, 2, 1)
+    if world_size == 2:
+        torch.testing.assert_close(outs[0], exp[rank][f"out{rank}"], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(outs[0], torch.cat([exp[0]["out0"], exp[1]["out1"]]), atol=1e-5, rtol=1e-5)
+    after = gather_unsharded_state_dict(dmp, dst=None)
+    for name, value in exp[0]["after"].items():  # the optimizer state came back too
+        torch.testing.assert_close(after[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"after step, {name}: {m}")
+
+
+def test_checkpoint_round_trips(tmp_path) -> None:
+    root = str(tmp_path / "ckpt")
+    run_multiprocess(_save_body, world_size=2, root=root)
+    # 2 ranks -> 2 ranks, re-sharded from row-wise to table-wise
+    run_multiprocess(_load_body, world_size=2, root=root, sharding_type=ShardingType.TABLE_WISE.value)
+    # 2 ranks -> 1 rank
+    run_multiprocess(_load_body, world_size=1, root=root, sharding_type=ShardingType.ROW_WISE.value)
+    # 2 ranks -> the unsharded module, in this process
+    unsharded = MEmComEmbeddingBagCollection(make_tables())
+    load_checkpoint(root, unsharded)
+    expected = torch.load(os.path.join(root, "expected0.pt"))["params"]
+    for name, value in unsharded.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-6)
+
+
+def test_checkpoint_mismatch_and_partial_save(tmp_path) -> None:
+    root = str(tmp_path / "ckpt")
+    model = MEmComEmbeddingBagCollection(make_tables())
+    save_checkpoint(root, 1, model)
+    # A crash mid-save leaves a .tmp directory; LATEST still points to the complete one.
+    os.makedirs(os.path.join(root, "step_00000002.tmp"))
+    load_checkpoint(root, MEmComEmbeddingBagCollection(make_tables()))
+    other = make_tables()
+    other[0].num_buckets = 11
+    other[0].__post_init__()
+    with pytest.raises(ValueError, match=r"table 'item' differs .*num_buckets"):
+        load_checkpoint(root, MEmComEmbeddingBagCollection(other))
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        load_checkpoint(str(tmp_path / "nothing"), model)
