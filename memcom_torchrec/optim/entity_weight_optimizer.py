@@ -107,28 +107,29 @@ def sparse_update_(
     rows, inverse = torch.unique(indices, return_inverse=True)
     g = torch.zeros(rows.shape, dtype=torch.float32, device=grad.device)
     g.index_add_(0, inverse, grad.float())
-    w = weights[rows]
+    # index_select / index_copy_ rather than advanced indexing: ~3x cheaper on 1-D tensors.
+    w = weights.index_select(0, rows)
     lr, wd = group["lr"], group["weight_decay"]
     if optimizer in _SGD:
         if wd:
             g = g + wd * w
-        weights[rows] = w - lr * g
+        weights.index_copy_(0, rows, w - lr * g)
     elif optimizer in _ADAGRAD:
         if wd:
             g = g + wd * w
-        acc = states["momentum1"][rows] + g * g
-        states["momentum1"][rows] = acc
-        weights[rows] = w - lr * g / (acc.sqrt() + group["eps"])
+        acc = states["momentum1"].index_select(0, rows).addcmul_(g, g)
+        states["momentum1"].index_copy_(0, rows, acc)
+        weights.index_copy_(0, rows, w - lr * g / (acc.sqrt() + group["eps"]))
     else:
         b1, b2 = group["beta1"], group["beta2"]
         states["step"] += 1
         t = float(states["step"])
-        m1 = states["exp_avg"][rows].mul_(b1).add_(g, alpha=1 - b1)
-        m2 = states["exp_avg_sq"][rows].mul_(b2).addcmul_(g, g, value=1 - b2)
-        states["exp_avg"][rows] = m1
-        states["exp_avg_sq"][rows] = m2
+        m1 = states["exp_avg"].index_select(0, rows).mul_(b1).add_(g, alpha=1 - b1)
+        m2 = states["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+        states["exp_avg"].index_copy_(0, rows, m1)
+        states["exp_avg_sq"].index_copy_(0, rows, m2)
         update = (m1 / (1 - b1**t)) / ((m2 / (1 - b2**t)).sqrt() + group["eps"])
-        weights[rows] = w - lr * (update + wd * w)
+        weights.index_copy_(0, rows, w - lr * (update + wd * w))
 
 
 class _EntityWeightLookup(torch.autograd.Function):
@@ -148,7 +149,7 @@ class _EntityWeightLookup(torch.autograd.Function):
         ctx.save_for_backward(indices)
         ctx.weights, ctx.states, ctx.group, ctx.optimizer = weights, states, group, optimizer
         ctx.grad_scale = grad_scale
-        return weights[indices]
+        return weights.index_select(0, indices)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:  # pyre-ignore[14]
