@@ -1,0 +1,59 @@
+"""Export for phones and servers: a slim single-device module, ``torch.export`` and ExecuTorch programs.
+
+Depends on ``memcom_torchrec.modules``/``models``/``train`` (never the reverse).
+ExecuTorch is an optional extra: ``pip install 'memcom_torchrec[export]'``.
+"""
+
+from memcom_torchrec.export.lowering import (
+    BACKENDS,
+    ExportResult,
+    export_checkpoint,
+    export_program,
+    load_pte,
+    load_trained_model,
+    lower,
+    program_operators,
+    resolve_checkpoint,
+    run_pte,
+    unsupported_operators,
+    write_programs,
+)
+from memcom_torchrec.export.slim import (
+    DTYPES,
+    SlimLookup,
+    SlimNextItemModel,
+    build_slim_model,
+    dequantize_rows,
+    dequantized_twin,
+    embedding_bytes,
+    kjt_to_inputs,
+    quantize_rows,
+    segment_sum,
+    state_bytes,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "ExportResult",
+    "SlimLookup",
+    "SlimNextItemModel",
+    "build_slim_model",
+    "dequantize_rows",
+    "dequantized_twin",
+    "embedding_bytes",
+    "export_checkpoint",
+    "export_program",
+    "kjt_to_inputs",
+    "load_pte",
+    "load_trained_model",
+    "lower",
+    "program_operators",
+    "quantize_rows",
+    "resolve_checkpoint",
+    "run_pte",
+    "segment_sum",
+    "state_bytes",
+    "unsupported_operators",
+    "write_programs",
+]

@@ -1,0 +1,61 @@
+"""``memcom-export``: a trained checkpoint -> ExecuTorch ``.pte`` (+ ``torch.export`` ``.pt2``).
+
+Example::
+
+    memcom-export --checkpoint runs/ml100k_memcom --out model.pte --dtype compact
+"""
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from typing import List, Optional
+
+from memcom_torchrec.export.lowering import BACKENDS, DEFAULT_MAX_BATCH, DEFAULT_MAX_HISTORY, XNNPACK
+from memcom_torchrec.export.slim import DTYPES, FP32
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="memcom-export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint root or checkpoint directory")
+    p.add_argument("--out", required=True, help="path of the .pte to write")
+    p.add_argument("--dtype", choices=DTYPES, default=FP32,
+                   help="fp32, or compact: uint8 tables with fp16 per-row scale/bias, fp16 MEmCom w")
+    p.add_argument("--backend", choices=BACKENDS, default=XNNPACK,
+                   help="xnnpack: delegate what XNNPACK supports; portable: portable kernels only")
+    p.add_argument("--pt2", default="", help="path of the torch.export program (default: --out with .pt2)")
+    p.add_argument("--no-pt2", action="store_true", help="do not write the torch.export program")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest batch accepted")
+    p.add_argument("--max-history", type=int, default=DEFAULT_MAX_HISTORY,
+                   help="history ids per row the memory plan allows (max_batch * this in all)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        from memcom_torchrec.export.lowering import export_checkpoint
+
+        result = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            dtype=args.dtype,
+            backend=args.backend,
+            pt2=None if args.no_pt2 else args.pt2,
+            max_batch=args.max_batch,
+            max_history=args.max_history,
+        )
+    except ImportError as e:
+        print(f"memcom-export: {e}; install the extra: pip install 'memcom_torchrec[export]'", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"memcom-export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
