@@ -110,12 +110,15 @@ def load_trained_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
     except ValueError as e:
         raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
     model.model.embeddings = build_collection(tables, device=torch.device("cpu"))
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         load_checkpoint(path, model)
     except ValueError:
         raise
-    except (RuntimeError, KeyError) as e:  # DCP: tensors missing from / misshapen in the checkpoint
-        raise ValueError(f"checkpoint {path} does not match its config: {str(e).splitlines()[0][:500]}") from e
+    except (RuntimeError, KeyError, CheckpointException) as e:  # DCP: tensors missing or misshapen
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"checkpoint {path} does not match its config: {(lines or [''])[-1][:500]}") from e
     return model.eval(), meta
 
 
@@ -317,17 +320,22 @@ def export_checkpoint(
 
 
 def load_pte(path_or_bytes):  # pyre-ignore
-    """An ExecuTorch module (pybindings) from a ``.pte`` path or its bytes; ``forward((ids, lengths, users))``."""
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+    """The ``forward`` method of a ``.pte`` (path or bytes), loaded with ``executorch.runtime``.
 
-    if isinstance(path_or_bytes, (bytes, bytearray)):
-        data = bytes(path_or_bytes)
-    else:
-        with open(path_or_bytes, "rb") as f:
-            data = f.read()
-    return _load_for_executorch_from_buffer(data)
+    (The legacy ``portable_lib._load_for_executorch_from_buffer`` module crashed with
+    ``std::bad_alloc`` on the second call of these programs in executorch 1.4.1;
+    ``executorch.runtime`` runs them repeatedly.)
+    """
+    from executorch.runtime import Runtime
+
+    data = bytes(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
+    return Runtime.get().load_program(data).load_method("forward")
 
 
-def run_pte(module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # pyre-ignore
-    """Logits of an ExecuTorch module (from ``load_pte``) for ``(history_ids, history_lengths, user_ids)``."""
-    return module.forward(tuple(t.long().contiguous() for t in inputs))[0]
+def run_pte(method, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # pyre-ignore
+    """Logits of a loaded ``.pte`` (``load_pte``) for ``(history_ids, history_lengths, user_ids)``.
+
+    Raises:
+        RuntimeError: the program failed (e.g. an id out of range: see ``slim``).
+    """
+    return method.execute([t.long().contiguous() for t in inputs])[0].clone()
