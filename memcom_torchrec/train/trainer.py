@@ -22,7 +22,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -160,6 +160,18 @@ def build_optimizer(cfg: TrainConfig, model: DistributedModelParallel) -> Tuple[
     return CombinedOptimizer([model.fused_optimizer, dense]), dense
 
 
+def make_pipeline(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    """TorchRec's sparse-dist pipeline (next batch's input all-to-all overlapped with this step).
+
+    The QR collection computes its inner lookups' input (quotients and
+    remainders) inside its own forward, so TorchRec cannot start that input
+    dist early: QR runs with the plain pipeline (forward, backward, step).
+    """
+    if cfg.method == "qr":
+        return TrainPipelineBase(model, optimizer, device)
+    return TrainPipelineSparseDist(model, optimizer, device)
+
+
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: int, device: torch.device) -> RankingTotals:
     """Sharded full-ranking evaluation: every rank ranks its users, totals are all-reduced."""
@@ -238,7 +250,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         it = iter(loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained
             next(it)
-        pipeline = TrainPipelineSparseDist(model, optimizer, device)
+        pipeline = make_pipeline(cfg, model, optimizer, device)
         bar = tqdm(total=len(loader), initial=state["batch_in_epoch"], desc=f"epoch {epoch}", disable=rank != 0,
                    mininterval=5.0)
         loss_sum, n = state.get("epoch_loss_sum", 0.0), state.get("epoch_batches", 0)  # carried across a resume
@@ -260,7 +272,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 stop = True
                 break
         bar.close()
-        pipeline.detach()
+        if isinstance(pipeline, TrainPipelineSparseDist):
+            pipeline.detach()
         if stop:
             break
         valid = evaluate(cfg, model, "valid", rank, world, device)
