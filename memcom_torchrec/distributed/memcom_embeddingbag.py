@@ -304,11 +304,36 @@ class ShardedMEmComEmbeddingBagCollection(
                     for f in t.feature_names:
                         feats.append((f, t.name))
             self._lookup_features.append(feats)
+            self._skip_constant_weight_gradients(lookup)
 
         self._register_state_dict_hook(ShardedMEmComEmbeddingBagCollection._post_state_dict_hook)
         self._register_load_state_dict_pre_hook(self._pre_load_state_dict_hook, with_module=False)
 
     # --------------------------------------------------------------- set-up
+    def _skip_constant_weight_gradients(self, lookup: nn.Module) -> None:
+        """Tells FBGEMM which features' per-id weights need a gradient.
+
+        The inner collection is weighted, so every feature reaches FBGEMM with
+        per-sample weights, and FBGEMM computes their gradient (a kernel as
+        costly as the lookup) unless told otherwise. Only trained ``w`` needs
+        it: plain tables and the hashing trick carry constant weights.
+        """
+        trained = set(self._trained_tables)
+        for emb in getattr(lookup, "_emb_modules", []):
+            tbe, config = getattr(emb, "emb_module", None), getattr(emb, "config", None)
+            if tbe is None or config is None:
+                continue
+            flags = [t.name in trained for t in config.embedding_tables for _ in t.feature_names]
+            if all(flags):
+                continue
+            requires_grad = torch.tensor(flags, dtype=torch.int32, device=self._device)
+
+            def _pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], rg: torch.Tensor = requires_grad):
+                kwargs.setdefault("feature_requires_grad", rg)
+                return args, kwargs
+
+            tbe.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+
     def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}
         for infos in self._embedding_bag_collection.sharding_type_to_sharding_infos.values():
