@@ -193,9 +193,14 @@ def _app(
         raise LaunchError(f"--j {j!r} runs {nproc_per_node} processes per node on --gpu {gpu} GPUs: use at most one per GPU")
     if max_restarts < 0 or max_retries < 0:
         raise LaunchError(f"max_restarts ({max_restarts}) and max_retries ({max_retries}) must be >= 0")
+    env = dict(env or {})
+    # torchrun's agent shares its rendezvous TCPStore with the workers and keeps it across restarts, so
+    # restarted workers read the process-group keys (gloo/NCCL addresses) of the killed attempt and hang
+    # or fail to connect (pytorch/pytorch#135712); a store per attempt, hosted by rank 0, avoids that
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     app = ddp(
         *args, m=module, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
-        env=dict(env or {}), max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts,
+        env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts,
     )
     if max_restarts:
         role = app.roles[0]
@@ -371,37 +376,45 @@ def prepare_data(
 
 def export(
     *export_args: str,
+    checkpoint: str,
+    out: str,
     cpu: int = 2,
     memMB: int = 8192,
     h: Optional[str] = None,
     image: str = torchx.IMAGE,
     name: str = "memcom-export",
-    module: str = EXPORT_MODULE,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     check_paths: bool = True,
 ) -> specs.AppDef:
-    """Exports a trained run for phones with ``memcom-export`` (one process).
+    """Exports a trained run for phones with ``memcom-export`` (one process): ExecuTorch ``.pte`` and ``.pt2``.
+
+    Needs the ``export`` extra (executorch) where the job runs.
 
     Args:
-        export_args: ``memcom-export`` arguments after ``--`` (see ``memcom-export --help``)
+        export_args: further ``memcom-export`` flags after ``--`` (``--dtype compact``, ``--backend portable``,
+            ``--max-batch N``...; see ``memcom-export --help``)
+        checkpoint: run directory, checkpoint root or checkpoint directory
+        out: path of the .pte to write
         cpu: CPUs
         memMB: memory in MB
         h: a registered named resource (takes precedence over cpu, memMB)
         image: container image (kubernetes, docker)
         name: job name
-        module: the export entry module (``python -m MODULE``)
         env: environment variables
         mounts: container mounts
         max_retries: job resubmissions by the scheduler
-        check_paths: check on this machine that torchrun is on PATH
+        check_paths: check on this machine that the checkpoint exists and torchrun is on PATH
     """
-    if not export_args:
-        raise LaunchError("export needs memcom-export arguments after `--` (see `memcom-export --help`)")
+    for flag in ("--checkpoint", "--out"):
+        if any(a == flag or a.startswith(flag + "=") for a in export_args):
+            raise LaunchError(f"{flag} is a component option: pass --{flag[2:]} before `--`")
     if check_paths:
+        _check_local_path("checkpoint", checkpoint, "checkpoint")
         _check_launcher()
+    args = ["--checkpoint", checkpoint, "--out", out, *export_args]
     return _app(
-        module, list(export_args), name=name, j="1x1", gpu=0, cpu=cpu, memMB=memMB, h=h, image=image, env=env,
+        EXPORT_MODULE, args, name=name, j="1x1", gpu=0, cpu=cpu, memMB=memMB, h=h, image=image, env=env,
         mounts=mounts, max_restarts=0, max_retries=max_retries, rdzv_port=29500,
     )
