@@ -30,6 +30,7 @@ from a machine without them. The trainer's flags are checked against
 import ast
 import difflib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -147,6 +148,29 @@ def _check_data_dir(data_dir: str) -> None:
             f"data_dir {data_dir!r} has no manifest.json: it is not a prepared dataset "
             f"(`memcom-data prepare ... --out {data_dir}` writes one)"
         )
+
+
+def saved_train_args(run_dir: str, given: Dict[str, List[str]]) -> List[str]:
+    """Trainer flags of the config saved in ``run_dir``'s latest checkpoint, less those in ``given``.
+
+    Lets ``evaluate`` rebuild the trained model without repeating its flags. Returns [] when there
+    is no readable checkpoint metadata; paths, epochs and device are left to the caller.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    try:
+        with open(os.path.join(root, "LATEST")) as f:
+            with open(os.path.join(root, f.read().strip(), "meta.json")) as m:
+                config = json.load(m).get("config", {})
+    except (OSError, ValueError):
+        return []
+    known = train_flags() or {}
+    args: List[str] = []
+    for name, value in sorted(config.items()):
+        flag = "--" + name.replace("_", "-")
+        if flag in given or flag in RESERVED_TRAIN_FLAGS or flag in ("--epochs", "--device") or flag not in known:
+            continue
+        args += [flag, *(str(v) for v in value)] if isinstance(value, list) else [flag, str(value)]
+    return args
 
 
 def _check_launcher() -> None:
@@ -291,11 +315,13 @@ def evaluate(
     """Evaluates a training run's best (else latest) checkpoint on the test split; rewrites ``run_dir/metrics.json``.
 
     Runs the trainer with ``--epochs 0``: it resumes from ``run_dir/checkpoints/LATEST``, trains nothing,
-    and evaluates. The checkpoint may come from any number of processes (DCP re-shards it).
+    and evaluates. The checkpoint may come from any number of processes (DCP re-shards it). With
+    ``check_paths`` the run's saved config supplies every trainer flag not given after ``--``.
 
     Args:
         train_args: trainer flags after ``--``; the model flags must match the run's (``--method``,
-            ``--compression-ratio``, ``--embedding-dim``, ``--hidden``...); a mismatched table is reported by name
+            ``--compression-ratio``, ``--embedding-dim``, ``--hidden``...; read from the run's checkpoint
+            when it is on this machine); a mismatched table is reported by name
         run_dir: the training run's out_dir
         data_dir: prepared dataset, as the workers see it
         j: {nnodes}x{nproc_per_node}
@@ -319,7 +345,9 @@ def evaluate(
         if "://" not in run_dir and not os.path.exists(latest):
             raise LaunchError(f"run_dir {run_dir!r} has no checkpoint ({latest} is missing): train it first")
         _check_launcher()
-    args = ["--data-dir", data_dir, "--out-dir", run_dir, "--epochs", "0", *_device_args(gpu, given), *train_args]
+    saved = saved_train_args(run_dir, given) if check_paths else []
+    args = ["--data-dir", data_dir, "--out-dir", run_dir, "--epochs", "0", *_device_args(gpu, given), *saved,
+            *train_args]
     return _app(
         TRAIN_MODULE, args, name=name, j=j, gpu=gpu, cpu=cpu, memMB=memMB, h=h, image=image, env=env,
         mounts=mounts, max_restarts=0, max_retries=max_retries, rdzv_port=29500,

@@ -319,10 +319,13 @@ def test_sigkill_resumes_from_checkpoint_and_matches_uninterrupted_run(
 
 @pytest.mark.slow
 def test_evaluate_component(resumed_run: Dict[str, object], reference_run: str, ml100k: str) -> None:
-    """Re-evaluates the finished run on one process (DCP re-shards the 2-process checkpoint), training nothing."""
+    """Re-evaluates the finished run on one process (DCP re-shards the 2-process checkpoint), training nothing;
+    the model flags come from the run's saved config."""
     out = str(resumed_run["out"])
+    app = components.evaluate(run_dir=out, data_dir=ml100k)
+    assert "--compression-ratio 4.0" in app.roles[0].args[1] and "--hidden 32" in app.roles[0].args[1]
     r = _run(TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":evaluate", "--j", "1x1", "--run_dir", out,
-                       "--data_dir", ml100k, "--", *MODEL], timeout=180)
+                       "--data_dir", ml100k], timeout=180)
     assert r.returncode == 0, r.stderr[-4000:]
     with open(os.path.join(out, "metrics.json")) as f:
         e = json.load(f)
