@@ -15,7 +15,7 @@ PY=.venv/bin/python
 
 # Two training runs, each on 2 local processes (gloo on CPU, NCCL on GPUs), then the comparison table.
 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$OUT" \
-    --methods uncompressed memcom --ratios 16 --nproc 2 -- --epochs 6 --patience 2
+    --methods uncompressed memcom --ratios 16 --nproc 2 --launcher torchx -- --epochs 6 --patience 2
 
 RUN="$OUT/runs/memcom_r16_s0_lr0.05"
 if $PY -c "import executorch" 2>/dev/null; then

@@ -54,23 +54,40 @@ def append_result(path: str, row: Dict[str, object]) -> None:
         os.fsync(f.fileno())
 
 
-def train_command(nproc: int, args: List[str]) -> List[str]:
-    if nproc <= 1:
-        return [sys.executable, "-m", "memcom_torchrec.train", *args]
+def train_command(launcher: str, nproc: int, data_dir: str, run_dir: str, args: List[str]) -> List[str]:
+    """The command of one training run.
+
+    Args:
+        launcher (str): ``torchx`` (the ``launch/components.py:train`` component on the
+            ``local_cwd`` scheduler, run from the repository root), ``torchrun``, or
+            ``python`` (one process, no launcher).
+        nproc (int): processes.
+        data_dir (str): prepared dataset.
+        run_dir (str): the run's output directory.
+        args (List[str]): trainer flags.
+    """
+    if launcher == "torchx":
+        torchx = os.path.join(os.path.dirname(sys.executable), "torchx")
+        return [torchx, "run", "-s", "local_cwd", "launch/components.py:train", "--j", f"1x{nproc}",
+                "--data_dir", data_dir, "--out_dir", run_dir, "--", *args]
+    base = ["--data-dir", data_dir, "--out-dir", run_dir, *args]
+    if launcher == "python" or nproc <= 1:
+        return [sys.executable, "-m", "memcom_torchrec.train", *base]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "memcom_torchrec.train", *args]
+            "-m", "memcom_torchrec.train", *base]
 
 
 def run_one(
-    data_dir: str, out_dir: str, method: str, ratio: float, seed: int, lr: float, nproc: int, extra: Sequence[str]
+    data_dir: str, out_dir: str, method: str, ratio: float, seed: int, lr: float, nproc: int, extra: Sequence[str],
+    launcher: str = "torchrun",
 ) -> Dict[str, object]:
     """Trains one cell (or reuses its finished metrics.json) and returns its row."""
     run_dir = os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr))
     metrics_path = os.path.join(run_dir, "metrics.json")
     if not os.path.exists(metrics_path):
-        args = ["--data-dir", data_dir, "--out-dir", run_dir, "--method", method, "--compression-ratio", str(ratio),
-                "--seed", str(seed), "--embedding-lr", str(lr), *extra]
-        cmd = train_command(nproc, args)
+        args = ["--method", method, "--compression-ratio", str(ratio), "--seed", str(seed), "--embedding-lr", str(lr),
+                *extra]
+        cmd = train_command(launcher, nproc, data_dir, run_dir, args)
         logger.info("running %s", " ".join(cmd))
         started = time.time()
         with open(os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr) + ".log"), "w") as log:
@@ -127,7 +144,7 @@ def run_grid(args: argparse.Namespace) -> None:
         if (method, ratio, seed) in done:
             continue
         # Same tuning budget for every method: each learning rate, best on validation.
-        rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args)
+        rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args, args.launcher)
                 for lr in args.embedding_lrs]
         best = max(rows, key=lambda r: float(r["valid_ndcg@10"]))
         append_result(csv_path, best)
@@ -234,7 +251,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--seeds-at-16", nargs="*", type=int, default=[], help="extra seeds at 16x (spread)")
     p.add_argument("--embedding-lrs", nargs="+", type=float, default=[0.05], help="the tuning budget, same for all")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run")
+    p.add_argument("--launcher", choices=["torchx", "torchrun", "python"], default="torchrun",
+                   help="torchx: launch/components.py:train on local_cwd (run from the repo root)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags passed to every training run")
     args = p.parse_args(argv)
