@@ -36,7 +36,7 @@ def summary(manifest: Dict[str, Any], out_dir: str) -> str:
         f"  items         {m['num_items']:,}",
         "  splits        " + ", ".join(f"{k} {v:,}" for k, v in m["splits"].items()),
         f"  history_len   {m['history_len']}",
-        f"  files         " + ", ".join(f"{k} {len(v)}" for k, v in m["files"].items()),
+        "  files         " + ", ".join(f"{k} {len(v)}" for k, v in m["files"].items()),
         f"  rows read {m.get('rows_read', 0):,}; duplicates removed {m.get('duplicates_removed', 0):,}; "
         f"repeated (user, item) pairs kept {m.get('repeated_pairs', 0):,}; dropped users {m.get('dropped_users', 0):,} "
         f"({m.get('dropped_rows', 0):,} rows); dropped items {m.get('dropped_items', 0):,}",

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import (
     Shard,
@@ -39,7 +38,6 @@ from torch.distributed._shard.sharded_tensor import (
     TensorProperties,
 )
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
-from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable  # noqa: F401
 from torchrec.distributed.embedding_types import (
     BaseEmbeddingSharder,
     EmbeddingComputeKernel,
@@ -70,7 +68,7 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     apply_mean_pooling,
     hash_features,
 )
-from memcom_torchrec.modules.validation import validate_features
+from memcom_torchrec.modules.validation import raise_on_any_rank, validate_features
 from memcom_torchrec.optim.entity_weight_optimizer import (
     EntityWeightOptimizerConfig,
     entity_weight_lookup,
@@ -443,21 +441,8 @@ class ShardedMEmComEmbeddingBagCollection(
             {f: s.table for f, s in self._feature_specs.items()},
             self._is_weighted,
         )
-        if not self._validate_inputs or self._pg is None or dist.get_world_size(self._pg) == 1:
-            if error is not None:
-                raise ValueError(error)
-            return
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else self._device
-        flag = torch.tensor([0 if error is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)
-        if int(flag.item()) == 0:
-            return
-        messages: List[Optional[str]] = [None] * dist.get_world_size(self._pg)
-        dist.all_gather_object(messages, error, group=self._pg)
-        if error is not None:
-            raise ValueError(error)
-        first = next(i for i, m in enumerate(messages) if m is not None)
-        raise ValueError(f"bad input on rank {first}: {messages[first]}")
+        raise_on_any_rank(error, self._pg if self._validate_inputs else None, device)
 
     def _weighted_dist_input(self, dist_input: KJTList) -> KJTList:
         """Replaces the carried quotients by the looked-up ``w`` (fused update in backward)."""

@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import statistics
 import subprocess

@@ -36,7 +36,7 @@ Invalid input:
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn

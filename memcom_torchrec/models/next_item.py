@@ -1,6 +1,6 @@
 """Next-item classification: user history (and id) -> softmax over the catalogue."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn

@@ -16,7 +16,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from memcom_torchrec.modules.validation import check_table_config
 
 # The quotient i // m travels as a float32 per-sample weight through TorchRec's
 # input all-to-all (see distributed/), so it must be exactly representable.
@@ -96,22 +98,7 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
     train_entity_weights: bool = True
 
     def __post_init__(self) -> None:
-        where = f"MEmCom table '{self.name}'"
-        if not self.name:
-            raise ValueError("MEmCom table needs a name")
-        if self.num_embeddings <= 0:
-            raise ValueError(f"{where}: num_embeddings must be > 0, got {self.num_embeddings}")
-        if self.embedding_dim <= 0 or self.embedding_dim % 4 != 0:
-            raise ValueError(
-                f"{where}: embedding_dim must be a positive multiple of 4 (FBGEMM TBE), "
-                f"got {self.embedding_dim}"
-            )
-        if not self.feature_names:
-            raise ValueError(f"{where}: feature_names is empty")
-        if len(set(self.feature_names)) != len(self.feature_names):
-            raise ValueError(f"{where}: duplicate feature names {self.feature_names}")
-        if self.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"{where}: pooling must be SUM or MEAN, got {self.pooling}")
+        where = check_table_config(self, "MEmCom")
         if self.num_buckets and self.compression_ratio is not None:
             raise ValueError(f"{where}: give num_buckets or compression_ratio, not both")
         if not self.num_buckets:

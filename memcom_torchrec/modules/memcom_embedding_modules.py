@@ -6,7 +6,6 @@ export, and what ``DistributedModelParallel`` shards (with
 ``MEmComEmbeddingBagCollectionSharder``) onto fused FBGEMM kernels for training.
 """
 
-import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 

@@ -31,7 +31,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from memcom_torchrec.modules.validation import validate_features
+from memcom_torchrec.modules.validation import check_table_config, raise_on_any_rank, validate_features
 
 QUOTIENT_SUFFIX: str = "__q"
 REMAINDER_SUFFIX: str = "__r"
@@ -190,22 +190,7 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
     remainder_init: float = 1.0
 
     def __post_init__(self) -> None:
-        where = f"QR table '{self.name}'"
-        if not self.name:
-            raise ValueError("QR table needs a name")
-        if self.num_embeddings <= 0:
-            raise ValueError(f"{where}: num_embeddings must be > 0, got {self.num_embeddings}")
-        if self.embedding_dim <= 0 or self.embedding_dim % 4 != 0:
-            raise ValueError(
-                f"{where}: embedding_dim must be a positive multiple of 4 (FBGEMM TBE), "
-                f"got {self.embedding_dim}"
-            )
-        if not self.feature_names:
-            raise ValueError(f"{where}: feature_names is empty")
-        if len(set(self.feature_names)) != len(self.feature_names):
-            raise ValueError(f"{where}: duplicate feature names {self.feature_names}")
-        if self.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"{where}: pooling must be SUM or MEAN, got {self.pooling}")
+        where = check_table_config(self, "QR")
         if self.num_collisions and self.compression_ratio is not None:
             raise ValueError(f"{where}: give num_collisions or compression_ratio, not both")
         if not self.num_collisions:
@@ -617,22 +602,8 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             {f: s.table for f, s in self._feature_specs.items()},
             self._is_weighted,
         )
-        pg = self._process_group()
-        if pg is None or dist.get_world_size(pg) == 1:
-            if error is not None:
-                raise ValueError(error)
-            return
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else torch.device("cpu")
-        flag = torch.tensor([0 if error is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
-        if int(flag.item()) == 0:
-            return
-        messages: List[Optional[str]] = [None] * dist.get_world_size(pg)
-        dist.all_gather_object(messages, error, group=pg)
-        if error is not None:
-            raise ValueError(error)
-        first = next(i for i, m in enumerate(messages) if m is not None)
-        raise ValueError(f"bad input on rank {first}: {messages[first]}")
+        raise_on_any_rank(error, self._process_group(), device)
 
     def _process_group(self) -> Optional[dist.ProcessGroup]:
         """The process group of a sharded child, ``None`` when unsharded."""

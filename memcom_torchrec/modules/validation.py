@@ -8,7 +8,69 @@ crashing (or silently reading the wrong row) inside C++.
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def check_table_config(config: EmbeddingBagConfig, kind: str) -> str:
+    """Checks what every compressed table config needs (name, sizes, features, pooling).
+
+    Args:
+        config (EmbeddingBagConfig): the config.
+        kind (str): its kind for messages, e.g. ``"MEmCom"``.
+
+    Returns:
+        str: the ``"<kind> table '<name>'"`` prefix for further messages.
+
+    Raises:
+        ValueError: naming the table and the bad field.
+    """
+    where = f"{kind} table '{config.name}'"
+    if not config.name:
+        raise ValueError(f"{kind} table needs a name")
+    if config.num_embeddings <= 0:
+        raise ValueError(f"{where}: num_embeddings must be > 0, got {config.num_embeddings}")
+    if config.embedding_dim <= 0 or config.embedding_dim % 4 != 0:
+        raise ValueError(
+            f"{where}: embedding_dim must be a positive multiple of 4 (FBGEMM TBE), got {config.embedding_dim}"
+        )
+    if not config.feature_names:
+        raise ValueError(f"{where}: feature_names is empty")
+    if len(set(config.feature_names)) != len(config.feature_names):
+        raise ValueError(f"{where}: duplicate feature names {config.feature_names}")
+    if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+        raise ValueError(f"{where}: pooling must be SUM or MEAN, got {config.pooling}")
+    return where
+
+
+def raise_on_any_rank(error: Optional[str], pg: Optional[dist.ProcessGroup], device: torch.device) -> None:
+    """Raises ``ValueError(error)`` on every rank if any rank has an error.
+
+    A bad batch on one rank must not leave the others waiting in the next
+    all-to-all: the ranks agree (one tiny all-reduce) before any collective.
+    The rank with the bad input raises its own message, the others
+    ``bad input on rank r: ...``.
+
+    Args:
+        error (Optional[str]): this rank's validation error, or None.
+        pg (Optional[dist.ProcessGroup]): the sharded module's group (None: local only).
+        device (torch.device): device for the flag (CUDA for NCCL).
+    """
+    if pg is None or dist.get_world_size(pg) == 1:
+        if error is not None:
+            raise ValueError(error)
+        return
+    flag = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+    if int(flag.item()) == 0:
+        return
+    messages: List[Optional[str]] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(messages, error, group=pg)
+    if error is not None:
+        raise ValueError(error)
+    first = next(i for i, m in enumerate(messages) if m is not None)
+    raise ValueError(f"bad input on rank {first}: {messages[first]}")
 
 
 def validate_features(

@@ -19,14 +19,12 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
 
 logger: logging.Logger = logging.getLogger(__name__)
 
