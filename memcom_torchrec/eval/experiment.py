@@ -89,8 +89,10 @@ def run_one(
         cmd = train_command(launcher, nproc, data_dir, run_dir, args)
         logger.info("running %s", " ".join(cmd))
         started = time.time()
+        # The launchers run `torchrun` from PATH: put this interpreter's environment first.
+        env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         with open(os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr) + ".log"), "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}); see its .log next to it")
         logger.info("finished %s in %.0fs", run_dir, time.time() - started)
