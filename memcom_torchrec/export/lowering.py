@@ -224,6 +224,8 @@ class ExportResult:
         method (str): training method of the checkpoint.
         max_batch (int): batch bound.
         max_history (int): history-ids-per-row bound.
+        parity_max_abs_diff (float): largest |.pte - eager slim model| over the
+            parity batches (sizes 1, 4 and 37, empty histories included).
     """
 
     pte: str
@@ -239,6 +241,25 @@ class ExportResult:
     method: str = ""
     max_batch: int = DEFAULT_MAX_BATCH
     max_history: int = DEFAULT_MAX_HISTORY
+    parity_max_abs_diff: float = float("nan")
+
+
+PARITY_BATCHES = (1, 4, 37)
+
+
+@torch.no_grad()
+def parity_check(slim: SlimNextItemModel, pte: str) -> float:
+    """Runs the written ``.pte`` through ExecuTorch's runtime against the eager slim model.
+
+    Returns:
+        float: the largest absolute difference of the logits over ``PARITY_BATCHES``.
+    """
+    method = load_pte(pte)
+    worst = 0.0
+    for i, batch in enumerate(PARITY_BATCHES):
+        inputs = example_inputs(slim, batch=batch, seed=i)
+        worst = max(worst, float((run_pte(method, inputs) - slim(*inputs)).abs().max()))
+    return worst
 
 
 def write_programs(
@@ -281,6 +302,7 @@ def write_programs(
         method=method,
         max_batch=max_batch,
         max_history=max_history,
+        parity_max_abs_diff=parity_check(slim, out),
     )
 
 
