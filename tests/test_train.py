@@ -16,11 +16,15 @@ def _train_body(rank: int, world_size: int, cfg: TrainConfig) -> None:
     train(cfg)
 
 
-@pytest.mark.parametrize("method,world_size", [("uncompressed", 1), ("hashing", 1), ("qr", 1), ("memcom", 2)])
-def test_method_trains_and_beats_popularity(ml100k_dir: str, tmp_path, method: str, world_size: int) -> None:
+@pytest.mark.parametrize(
+    "model,method,world_size",
+    [("next_item", "uncompressed", 1), ("next_item", "hashing", 1), ("next_item", "qr", 1),
+     ("next_item", "memcom", 2), ("ranknet", "memcom", 2)],
+)
+def test_method_trains_and_beats_popularity(ml100k_dir: str, tmp_path, model: str, method: str, world_size: int) -> None:
     cfg = TrainConfig(
-        data_dir=ml100k_dir, out_dir=str(tmp_path / method), method=method, compression_ratio=4.0,
-        epochs=2, batch_size=512 // world_size, eval_batch_size=512, hidden=[128],
+        data_dir=ml100k_dir, out_dir=str(tmp_path / method), model=model, method=method, compression_ratio=4.0,
+        epochs=2 if model == "next_item" else 3, batch_size=512 // world_size, eval_batch_size=512, hidden=[128],
     )
     run_multiprocess(_train_body, world_size=world_size, cfg=cfg)
     with open(os.path.join(cfg.out_dir, "metrics.json")) as f:

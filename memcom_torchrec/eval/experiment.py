@@ -100,7 +100,7 @@ def run_one(
         m = json.load(f)
     return {
         "dataset": os.path.basename(os.path.normpath(data_dir)),
-        "model": "next_item",
+        "model": m["config"].get("model", "next_item"),
         "method": method,
         "compression_ratio": ratio if method != "uncompressed" else 1.0,
         "embedding_params": m["embedding_params"],

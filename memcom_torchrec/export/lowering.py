@@ -67,9 +67,15 @@ def _train_config(meta: Dict[str, Any], path: str):  # pyre-ignore
     if unknown:
         raise ValueError(f"checkpoint {path}: config has fields {unknown} that TrainConfig does not know")
     try:
-        return TrainConfig(**cfg)
+        config = TrainConfig(**cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
+    if config.model != "next_item":
+        raise ValueError(
+            f"checkpoint {path}: model '{config.model}' cannot be exported yet; "
+            "the phone module covers the next-item classifier"
+        )
+    return config
 
 
 def _table_size(meta: Dict[str, Any], table: str, path: str) -> int:

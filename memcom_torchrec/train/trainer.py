@@ -34,12 +34,14 @@ from memcom_torchrec.distributed.memcom_embeddingbag import MEmComEmbeddingBagCo
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
 from memcom_torchrec.models.embeddings import EmbeddingMethodConfig, TableSpec, build_collection, table_configs
 from memcom_torchrec.models.next_item import HISTORY_FEATURE, USER_FEATURE, NextItemClassifier, NextItemTrain
+from memcom_torchrec.models.ranknet import CANDIDATE_FEATURE, RankNet, RankNetTrain
 from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memcom_torchrec.train.distributed_env import init_distributed
 
 logger: logging.Logger = logging.getLogger(__name__)
 
+MODELS = ("next_item", "ranknet")
 OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
     "adagrad": EmbOptimType.EXACT_ADAGRAD,
@@ -55,6 +57,8 @@ class TrainConfig:
     Args:
         data_dir (str): prepared dataset (``memcom-data prepare``).
         out_dir (str): run directory (checkpoints, metrics.json).
+        model (str): ``next_item`` (softmax classifier) or ``ranknet`` (pairwise ranking).
+        num_negatives (int): sampled negatives per positive (``ranknet``).
         method (str): uncompressed | hashing | memcom | qr.
         compression_ratio (float): target ratio of the compressed tables.
         compressed_tables (List[str]): which of ``item``/``user`` are compressed.
@@ -81,6 +85,8 @@ class TrainConfig:
 
     data_dir: str = "data/ml-100k"
     out_dir: str = "runs/default"
+    model: str = "next_item"
+    num_negatives: int = 4
     method: str = "memcom"
     compression_ratio: float = 16.0
     compressed_tables: List[str] = field(default_factory=lambda: ["item"])
@@ -107,8 +113,11 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig, num_users: int, num_items: int, device: torch.device) -> Tuple[nn.Module, List[EmbeddingBagConfig]]:
     """The unsharded training model (embeddings on ``meta``: DMP materialises them sharded)."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model '{cfg.model}'; choose one of {list(MODELS)}")
+    item_features = [HISTORY_FEATURE] + ([CANDIDATE_FEATURE] if cfg.model == "ranknet" else [])
     specs = [
-        TableSpec("item", num_items, [HISTORY_FEATURE], PoolingType.MEAN),
+        TableSpec("item", num_items, item_features, PoolingType.MEAN),
         TableSpec("user", num_users, [USER_FEATURE], PoolingType.SUM),
     ]
     method = EmbeddingMethodConfig(
@@ -120,6 +129,8 @@ def build_model(cfg: TrainConfig, num_users: int, num_items: int, device: torch.
     tables = table_configs(specs, method)
     embeddings = build_collection(tables, device=torch.device("meta"))
     torch.manual_seed(cfg.seed)
+    if cfg.model == "ranknet":
+        return RankNetTrain(RankNet(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout), cfg.num_negatives), tables
     model = NextItemClassifier(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout)
     return NextItemTrain(model), tables
 
@@ -164,10 +175,11 @@ def make_pipeline(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Opt
     """TorchRec's sparse-dist pipeline (next batch's input all-to-all overlapped with this step).
 
     The QR collection computes its inner lookups' input (quotients and
-    remainders) inside its own forward, so TorchRec cannot start that input
-    dist early: QR runs with the plain pipeline (forward, backward, step).
+    remainders) inside its own forward, and RankNet builds its candidate KJT
+    from sampled negatives, so TorchRec cannot start those input dists early:
+    they run with the plain pipeline (forward, backward, step).
     """
-    if cfg.method == "qr":
+    if cfg.method == "qr" or cfg.model == "ranknet":
         return TrainPipelineBase(model, optimizer, device)
     return TrainPipelineSparseDist(model, optimizer, device)
 
