@@ -227,3 +227,27 @@ def test_checkpoint_mismatch_and_partial_save(tmp_path) -> None:
         load_checkpoint(root, MEmComEmbeddingBagCollection(other))
     with pytest.raises(ValueError, match="no complete checkpoint"):
         load_checkpoint(str(tmp_path / "nothing"), model)
+
+
+# ------------------------------------------------------ uneven batch sizes
+def _uneven_body(rank: int, world_size: int, sharding_type: str) -> None:
+    dmp = shard(world_size, sharding_type, "sgd", 0.1)
+    # the fused optimizer is keyed like the parameters it updates
+    assert set(dmp.fused_optimizer.params) <= set(dmp.state_dict()), sorted(dmp.fused_optimizer.params)
+    kjt, _ = batches(0, world_size, batch=3 + rank)[rank]
+    if sharding_type == ShardingType.ROW_WISE.value:
+        with pytest.raises(ValueError, match=r"batch sizes differ across ranks \(3 to 4"):
+            dmp(kjt).wait()
+    else:  # table-wise exchanges whole pooled rows: uneven batches are fine
+        assert dmp(kjt).wait().values().shape[0] == 3 + rank
+    empty = KeyedJaggedTensor.from_lengths_sync(
+        keys=KEYS, values=torch.zeros(0, dtype=torch.long), lengths=torch.zeros(0, dtype=torch.long), stride=0
+    )
+    if sharding_type == ShardingType.TABLE_WISE.value:  # an empty batch on one rank
+        out = dmp(empty if rank == 0 else kjt).wait()
+        assert out.values().shape[0] == (0 if rank == 0 else 4)
+
+
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
+def test_uneven_batches_and_optimizer_keys(sharding_type: str) -> None:
+    run_multiprocess(_uneven_body, world_size=2, sharding_type=sharding_type)

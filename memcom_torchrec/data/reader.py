@@ -143,6 +143,44 @@ def table_to_batch(table: pa.Table, history_len: Optional[int] = None, with_excl
     return Batch(sparse_features=kjt, labels=labels, exclude=exclude)
 
 
+PAD_LABEL = -1
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+    """Appends padding rows so the batch has ``size`` rows.
+
+    TorchRec's row-wise sharding exchanges pooled embeddings with
+    reduce-scatter/all-gather, which need the same batch size on every rank,
+    while a rank's trailing batch may be smaller (or empty). Padding rows have
+    empty bags for every feature, label ``PAD_LABEL`` (losses and metrics skip
+    them) and nothing to exclude; real rows come first, unchanged.
+
+    Args:
+        batch (Batch): a batch of at most ``size`` rows.
+        size (int): rows wanted.
+
+    Returns:
+        Batch: the padded batch (``batch`` itself if already ``size`` rows).
+    """
+    n = len(batch)
+    if n == size:
+        return batch
+    if n > size:
+        raise DataError(f"cannot pad a batch of {n} rows to {size}")
+    pad = size - n
+
+    def _pad(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        lengths = kjt.lengths().view(len(kjt.keys()), n)
+        zeros = torch.zeros(len(kjt.keys()), pad, dtype=lengths.dtype)
+        return KeyedJaggedTensor(
+            keys=kjt.keys(), values=kjt.values(), lengths=torch.cat([lengths, zeros], dim=1).reshape(-1), stride=size
+        )
+
+    labels = torch.cat([batch.labels, torch.full((pad,), PAD_LABEL, dtype=batch.labels.dtype)])
+    exclude = None if batch.exclude is None else _pad(batch.exclude)
+    return Batch(sparse_features=_pad(batch.sparse_features), labels=labels, exclude=exclude)
+
+
 class InteractionBatchReader(IterableDataset):
     """Streams one rank's share of a prepared split as `Batch`es.
 

@@ -122,6 +122,8 @@ class EntityWeightFusedOptimizer(KeyedOptimizer):
         for key, local in locals_.items():
             param = params[key]
             state[param] = dict(local.sharded_states)
+            if "step" in local.states:  # Adam's step counter (bias correction) is checkpointed too
+                state[param]["step"] = local.states["step"]
             cfg = local.config
             param_groups.append(
                 {
@@ -178,7 +180,8 @@ class ShardedMEmComEmbeddingBagCollection(
         env (ShardingEnv): process group.
         device (Optional[torch.device]): compute device.
         module_fqn (Optional[str]): this module's name in the model.
-        validate_inputs (bool): check ids on every step (one tiny all-reduce).
+        validate_inputs (bool): check every batch (ids, keys, dtypes; one tiny
+            all-reduce so all ranks raise together). False skips all checks.
     """
 
     def __init__(
@@ -198,6 +201,11 @@ class ShardedMEmComEmbeddingBagCollection(
         self._validate_inputs = validate_inputs
         self._is_weighted: bool = module.is_weighted()
         self._embedding_bag_configs = module.embedding_bag_configs()
+        self._row_wise: bool = any(
+            ps.sharding_type in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+            for t, ps in table_name_to_parameter_sharding.items()
+            if t in {c.name for c in module.embedding_bag_configs()}
+        )
         self._feature_specs: Dict[str, FeatureSpec] = module.feature_specs()
         self._memcom_configs: Dict[str, MEmComEmbeddingBagConfig] = {
             t.name: t for t in self._embedding_bag_configs if isinstance(t, MEmComEmbeddingBagConfig)
@@ -283,7 +291,8 @@ class ShardedMEmComEmbeddingBagCollection(
             {f"_entity_weights.{t}": lw.sharded for t, lw in self._local_weights.items()},
             {f"_entity_weights.{t}": lw for t, lw in self._local_weights.items()},
         )
-        self._optim = CombinedOptimizer([inner.fused_optimizer, self._entity_optimizer])
+        # Keys as the parameters' names: the inner optimizer's under "_embedding_bag_collection."
+        self._optim = CombinedOptimizer([("_embedding_bag_collection", inner.fused_optimizer), self._entity_optimizer])
 
         # For every lookup (one per sharding type): the local features in order,
         # and the table of each.
@@ -435,6 +444,9 @@ class ShardedMEmComEmbeddingBagCollection(
         return self._embedding_bag_collection.input_dist(ctx, hashed)
 
     def _check_input(self, features: KeyedJaggedTensor) -> None:
+        """Validates the batch; all ranks agree on errors (and on batch sizes when row-wise)."""
+        if not self._validate_inputs:
+            return
         error = validate_features(
             features,
             {f: s.num_embeddings for f, s in self._feature_specs.items()},
@@ -442,7 +454,8 @@ class ShardedMEmComEmbeddingBagCollection(
             self._is_weighted,
         )
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else self._device
-        raise_on_any_rank(error, self._pg if self._validate_inputs else None, device)
+        batch = features.stride() if self._row_wise and error is None else None
+        raise_on_any_rank(error, self._pg, device, batch)
 
     def _weighted_dist_input(self, dist_input: KJTList) -> KJTList:
         """Replaces the carried quotients by the looked-up ``w`` (fused update in backward)."""

@@ -68,13 +68,13 @@ def target_ranks(
     scores = scores.float()
     b, n = scores.shape
     if b == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
     targets = targets.long()
     excluded = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
     if exclude_lengths is not None and exclude_values is not None and exclude_values.numel():
         rows = torch.repeat_interleave(torch.arange(b, device=scores.device), exclude_lengths.long())
         excluded[rows, exclude_values.long()] = True
-    excluded[torch.arange(b), targets] = False
+    excluded[torch.arange(b, device=scores.device), targets] = False
     target_scores = scores.gather(1, targets.unsqueeze(1))
     above = (scores > target_scores) & ~excluded
     ties = (scores == target_scores) & ~excluded

@@ -69,10 +69,11 @@ class NextItemTrain(nn.Module):
 
     def forward(self, batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # pyre-ignore
         logits = self.model(batch.sparse_features)
-        # Mean over the batch without control flow (TorchRec's pipeline traces
-        # this with torch.fx); an empty trailing batch gives a zero loss.
-        count = torch.ones_like(batch.labels, dtype=logits.dtype).sum().clamp(min=1.0)
-        loss = nn.functional.cross_entropy(logits, batch.labels, reduction="sum") / count
+        # Mean over the real rows without control flow (TorchRec's pipeline traces
+        # this with torch.fx): padding rows (label -1, see data.pad_batch) are
+        # ignored, and an all-padding batch gives a zero loss.
+        count = (batch.labels >= 0).to(logits.dtype).sum().clamp(min=1.0)
+        loss = nn.functional.cross_entropy(logits, batch.labels, reduction="sum", ignore_index=-1) / count
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
     def scores(self, features: KeyedJaggedTensor) -> torch.Tensor:

@@ -20,39 +20,39 @@ from memcom_torchrec.models.next_item import HISTORY_FEATURE, USER_FEATURE, mlp
 CANDIDATE_FEATURE = "candidate"
 
 
-def candidate_features(features: KeyedJaggedTensor, candidates: torch.Tensor) -> KeyedJaggedTensor:
-    """A KJT with one candidate id per row and empty history/user bags.
+def ranking_features(features: KeyedJaggedTensor, candidates: torch.Tensor) -> KeyedJaggedTensor:
+    """One KJT for a step: ``B`` query rows, then one row per candidate.
+
+    Query rows carry the batch's history and user bags and an empty candidate
+    bag; candidate rows carry one item id and empty history/user bags. One
+    lookup (one all-to-all, one fused update of the item table) serves both.
 
     Args:
-        features (KeyedJaggedTensor): the batch's features (for keys and device).
-        candidates (torch.Tensor): item ids, any shape.
+        features (KeyedJaggedTensor): the batch (keys ``user_id``, ``history``; ``B`` rows).
+        candidates (torch.Tensor): item ids, any shape (``C`` in all).
 
     Returns:
-        KeyedJaggedTensor: keys ``[history, user_id, candidate]``, ``candidates.numel()`` rows.
+        KeyedJaggedTensor: keys ``[history, user_id, candidate]``, ``B + C`` rows.
     """
-    ids = candidates.reshape(-1).long()
-    n = ids.numel()
-    zeros = torch.zeros(n, dtype=torch.long, device=ids.device)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[HISTORY_FEATURE, USER_FEATURE, CANDIDATE_FEATURE],
-        values=ids,
-        lengths=torch.cat([zeros, zeros, torch.ones(n, dtype=torch.long, device=ids.device)]),
-    )
-
-
-def query_features(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """The batch's history and user bags plus an empty candidate bag per row."""
     b = features.stride()
-    d = features.to_dict() if b else None
-    hist, user = (d[HISTORY_FEATURE], d[USER_FEATURE]) if d else (None, None)
-    empty = torch.zeros(b, dtype=torch.long, device=features.values().device)
-    if d is None:
-        values, lengths = features.values().long()[:0], torch.zeros(0, dtype=torch.long)
-    else:
-        values = torch.cat([hist.values().long(), user.values().long()])
-        lengths = torch.cat([hist.lengths().long(), user.lengths().long(), empty])
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[HISTORY_FEATURE, USER_FEATURE, CANDIDATE_FEATURE], values=values, lengths=lengths, stride=b
+    ids = candidates.reshape(-1).long()
+    c = ids.numel()
+    device = features.values().device
+    lengths = features.lengths().long().view(len(features.keys()), b)
+    keys = features.keys()
+    hist, user = lengths[keys.index(HISTORY_FEATURE)], lengths[keys.index(USER_FEATURE)]
+    offsets = features.offset_per_key()
+    hk, uk = keys.index(HISTORY_FEATURE), keys.index(USER_FEATURE)
+    values = torch.cat([
+        features.values()[offsets[hk] : offsets[hk + 1]].long(),
+        features.values()[offsets[uk] : offsets[uk + 1]].long(),
+        ids.to(device),
+    ])
+    zb = torch.zeros(b, dtype=torch.long, device=device)
+    zc = torch.zeros(c, dtype=torch.long, device=device)
+    all_lengths = torch.cat([hist, zc, user, zc, zb, torch.ones(c, dtype=torch.long, device=device)])
+    return KeyedJaggedTensor(
+        keys=[HISTORY_FEATURE, USER_FEATURE, CANDIDATE_FEATURE], values=values, lengths=all_lengths, stride=b + c
     )
 
 
@@ -90,28 +90,26 @@ class RankNet(nn.Module):
         body, out = mlp(2 * embedding_dim, hidden, dropout)
         self.query = nn.Sequential(body, nn.Linear(out, embedding_dim))
 
-    def query_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.embeddings(query_features(features)).to_dict()
-        return self.query(torch.cat([pooled[HISTORY_FEATURE], pooled[USER_FEATURE]], dim=1))
-
-    def item_vectors(self, features: KeyedJaggedTensor, items: torch.Tensor) -> torch.Tensor:
-        """Embeddings of ``items`` (any shape) -> ``items.shape + (d,)``."""
-        pooled = self.embeddings(candidate_features(features, items)).to_dict()[CANDIDATE_FEATURE]
-        return pooled.view(*items.shape, -1)
+    def _lookup(self, features: KeyedJaggedTensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query vectors (``B x d``) and candidate embeddings (``candidates.shape + (d,)``), one lookup."""
+        b = features.stride()
+        pooled = self.embeddings(ranking_features(features, candidates)).to_dict()
+        q = self.query(torch.cat([pooled[HISTORY_FEATURE][:b], pooled[USER_FEATURE][:b]], dim=1))
+        return q, pooled[CANDIDATE_FEATURE][b:].view(*candidates.shape, -1)
 
     def forward(self, features: KeyedJaggedTensor, candidates: torch.Tensor) -> torch.Tensor:
         """Args: features, candidates (``B x C`` item ids). Returns: ``B x C`` scores."""
-        q = self.query_vectors(features)
-        return (self.item_vectors(features, candidates) * q.unsqueeze(1)).sum(-1)
+        q, items = self._lookup(features, candidates)
+        return (items * q.unsqueeze(1)).sum(-1)
 
     def score_all(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Scores of every item: ``B x num_items`` (every rank must call it: it runs collectives when sharded)."""
-        q = self.query_vectors(features)
-        device = q.device
-        chunks = []
+        device = features.values().device
+        q, chunks = None, []
         for start in range(0, self.num_items, self.eval_chunk):
             items = torch.arange(start, min(start + self.eval_chunk, self.num_items), device=device)
-            chunks.append(self.item_vectors(features, items))
+            q, vectors = self._lookup(features, items)
+            chunks.append(vectors)
         return q @ torch.cat(chunks).t()
 
 
@@ -133,9 +131,9 @@ class RankNetTrain(nn.Module):
             scores = self.model.score_all(batch.sparse_features)
             return scores.new_zeros(()), (scores.new_zeros(()), scores, labels)
         negatives = torch.randint(0, self.model.num_items, (labels.numel(), self.num_negatives), device=labels.device)
-        candidates = torch.cat([labels.unsqueeze(1), negatives], dim=1)
+        candidates = torch.cat([labels.clamp(min=0).unsqueeze(1), negatives], dim=1)
         scores = self.model(batch.sparse_features, candidates)
-        pairwise = nn.functional.softplus(scores[:, 1:] - scores[:, :1])  # RankNet: -log sigmoid(s_pos - s_neg)
-        count = torch.ones_like(labels, dtype=scores.dtype).sum().clamp(min=1.0) * self.num_negatives
-        loss = pairwise.sum() / count
+        real = (labels >= 0).to(scores.dtype).unsqueeze(1)  # padding rows (label -1) carry no loss
+        pairwise = nn.functional.softplus(scores[:, 1:] - scores[:, :1]) * real  # RankNet: -log sigmoid(s+ - s-)
+        loss = pairwise.sum() / (real.sum().clamp(min=1.0) * self.num_negatives)
         return loss, (loss.detach(), scores.detach(), labels)

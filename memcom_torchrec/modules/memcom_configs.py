@@ -99,6 +99,11 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
 
     def __post_init__(self) -> None:
         where = check_table_config(self, "MEmCom")
+        if not self.train_entity_weights and self.entity_weight_init != 1.0:
+            raise ValueError(
+                f"{where}: entity_weight_init={self.entity_weight_init} with train_entity_weights=False; "
+                "the hashing trick keeps no w (its weight is 1)"
+            )
         if self.num_buckets and self.compression_ratio is not None:
             raise ValueError(f"{where}: give num_buckets or compression_ratio, not both")
         if not self.num_buckets:

@@ -238,7 +238,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if table_name in self._entity_weights:
             w = entity_weights_to_dense(self._entity_weights[table_name], config.num_embeddings)
         else:
-            w = torch.full((config.num_embeddings,), config.entity_weight_init, device=U.device)
+            w = torch.ones(config.num_embeddings, device=U.device)  # the hashing trick: no w
         return U, w
 
     # -------------------------------------------------------------- forward

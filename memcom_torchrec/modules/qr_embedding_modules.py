@@ -603,7 +603,12 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._is_weighted,
         )
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else torch.device("cpu")
-        raise_on_any_rank(error, self._process_group(), device)
+        pg = self._process_group()
+        if error is None and pg is not None and features.stride() == 0:
+            # The unsharded module answers an empty batch locally; a sharded child
+            # would leave the other ranks waiting in its all-to-all.
+            error = "empty batch on a sharded QR collection: pad it (memcom_torchrec.data.pad_batch)"
+        raise_on_any_rank(error, pg, device, features.stride() if error is None else None)
 
     def _process_group(self) -> Optional[dist.ProcessGroup]:
         """The process group of a sharded child, ``None`` when unsharded."""

@@ -44,7 +44,12 @@ def check_table_config(config: EmbeddingBagConfig, kind: str) -> str:
     return where
 
 
-def raise_on_any_rank(error: Optional[str], pg: Optional[dist.ProcessGroup], device: torch.device) -> None:
+def raise_on_any_rank(
+    error: Optional[str],
+    pg: Optional[dist.ProcessGroup],
+    device: torch.device,
+    batch_size: Optional[int] = None,
+) -> None:
     """Raises ``ValueError(error)`` on every rank if any rank has an error.
 
     A bad batch on one rank must not leave the others waiting in the next
@@ -56,14 +61,23 @@ def raise_on_any_rank(error: Optional[str], pg: Optional[dist.ProcessGroup], dev
         error (Optional[str]): this rank's validation error, or None.
         pg (Optional[dist.ProcessGroup]): the sharded module's group (None: local only).
         device (torch.device): device for the flag (CUDA for NCCL).
+        batch_size (Optional[int]): if given, every rank must have this same
+            batch size (TorchRec's row-wise output dist needs it).
     """
     if pg is None or dist.get_world_size(pg) == 1:
         if error is not None:
             raise ValueError(error)
         return
-    flag = torch.tensor([0 if error is None else 1], device=device)
+    b = -1 if batch_size is None else batch_size
+    flag = torch.tensor([0 if error is None else 1, b, -b], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
-    if int(flag.item()) == 0:
+    if int(flag[0]) == 0:
+        if batch_size is not None and int(flag[1]) != -int(flag[2]):
+            raise ValueError(
+                f"batch sizes differ across ranks ({-int(flag[2])} to {int(flag[1])}; this rank {batch_size}): "
+                "row-wise sharded tables need equal batch sizes on every rank; pad the trailing batches "
+                "(memcom_torchrec.data.pad_batch)"
+            )
         return
     messages: List[Optional[str]] = [None] * dist.get_world_size(pg)
     dist.all_gather_object(messages, error, group=pg)

@@ -32,6 +32,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Tuple[int, i
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
+    if use_cuda:  # before the NCCL group is created, so it binds this process's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
             init = "env://"

@@ -29,7 +29,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from memcom_torchrec.data import make_dataloader, read_manifest
+from memcom_torchrec.data import make_dataloader, pad_batch, read_manifest
 from memcom_torchrec.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
 from memcom_torchrec.models.embeddings import EmbeddingMethodConfig, TableSpec, build_collection, table_configs
@@ -195,10 +195,14 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
     )
     totals = RankingTotals()
     for batch in tqdm(loader, desc=f"eval {split}", disable=rank != 0, leave=False, mininterval=5.0):
-        batch = batch.to(device)
+        real = len(batch)
+        batch = pad_batch(batch, cfg.eval_batch_size).to(device)  # equal batch sizes on all ranks (row-wise sharding)
         _, (_, scores, labels) = model(batch)
         ex = batch.exclude
-        ranks = target_ranks(scores, labels, ex.lengths() if ex is not None else None, ex.values() if ex is not None else None)
+        ranks = target_ranks(
+            scores[:real], labels[:real],
+            ex.lengths()[:real] if ex is not None else None, ex.values() if ex is not None else None,
+        )
         totals = totals.add(ranking_totals(ranks.cpu(), cfg.k))
     t = totals.as_tensor().to(device if device.type == "cuda" else "cpu")
     dist.all_reduce(t)
@@ -252,14 +256,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                         meta={"train_state": dict(state), "config": asdict(cfg)}, keep=keep)
 
     t_start = time.time() - state["train_seconds"]
-    stop = bool(cfg.max_steps) and state["step"] >= cfg.max_steps  # a restart after the last step trains no more
+    # a restart after the last step (or after early stopping) trains no more
+    stop = (bool(cfg.max_steps) and state["step"] >= cfg.max_steps) or state["bad_epochs"] >= cfg.patience
     while state["epoch"] < cfg.epochs and not stop:
         epoch = state["epoch"]
         loader = make_dataloader(
             cfg.data_dir, "train", cfg.batch_size, rank, world, shuffle=True, seed=cfg.seed, epoch=epoch,
             history_len=cfg.history_len, num_workers=cfg.num_workers,
         )
-        it = iter(loader)
+        # Every rank steps through the same number of batches of the same size
+        # (TorchRec's row-wise output dist needs it): trailing batches are padded.
+        it = (pad_batch(b, cfg.batch_size) for b in loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained
             next(it)
         pipeline = make_pipeline(cfg, model, optimizer, device)
