@@ -17,7 +17,7 @@ PY=.venv/bin/python
 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$OUT" \
     --methods uncompressed memcom --ratios 16 --nproc 2 --launcher torchx -- --epochs 6 --patience 2
 
-RUN="$OUT/runs/memcom_r16_s0_lr0.05"
+RUN=$($PY -c "import csv,sys; print(next(r['run_dir'] for r in csv.DictReader(open(sys.argv[1])) if r['method'] == 'memcom'))" "$OUT/results.csv")
 if $PY -c "import executorch" 2>/dev/null; then
   .venv/bin/memcom-export --checkpoint "$RUN" --out "$OUT/memcom16.pte" --dtype compact
 else

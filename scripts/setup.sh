@@ -17,6 +17,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# every install below is held to the pinned stack (constraints.txt)
+export PIP_CONSTRAINT="$PWD/constraints.txt"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   FBGEMM="fbgemm-gpu==1.8.0"
