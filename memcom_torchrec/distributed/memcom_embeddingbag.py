@@ -151,8 +151,25 @@ class EntityWeightFusedOptimizer(KeyedOptimizer):
         pass
 
 
-def _rank_of(placement: Any) -> int:
-    return placement.rank() if hasattr(placement, "rank") else int(str(placement).split(":")[1].split("/")[0])
+def entity_weight_metadata(config: MEmComEmbeddingBagConfig, ps: ParameterSharding) -> ShardedTensorMetadata:
+    """Global metadata of a table's ``(m, Q)`` ``w`` grid: the row blocks of ``U``'s plan, ``Q`` wide.
+
+    Args:
+        config (MEmComEmbeddingBagConfig): the table.
+        ps (ParameterSharding): the plan of its ``U``.
+
+    Returns:
+        ShardedTensorMetadata: one shard per shard of ``U``, same rows and placement.
+    """
+    q = config.num_entities_per_bucket
+    return ShardedTensorMetadata(
+        shards_metadata=[
+            ShardMetadata(shard_offsets=[s.shard_offsets[0], 0], shard_sizes=[s.shard_sizes[0], q], placement=s.placement)
+            for s in ps.sharding_spec.shards  # pyre-ignore[16]
+        ],
+        size=torch.Size([config.num_buckets, q]),
+        tensor_properties=TensorProperties(dtype=torch.float32),
+    )
 
 
 def _with_embedding_dim(ps: ParameterSharding, dim: int) -> ParameterSharding:
@@ -243,17 +260,13 @@ class ShardedMEmComEmbeddingBagCollection(
         # This rank's slices of w, following the plan of U.
         self._local_weights: Dict[str, _LocalEntityWeights] = {}
         fused_params = self._table_fused_params()
+        self._entity_weight_metadata: Dict[str, ShardedTensorMetadata] = {}
         for table in self._trained_tables:
             cfg = self._memcom_configs[table]
             q = cfg.num_entities_per_bucket
-            shards = plan[table].sharding_spec.shards  # pyre-ignore[16]
-            metas = [
-                ShardMetadata(
-                    shard_offsets=[s.shard_offsets[0], 0], shard_sizes=[s.shard_sizes[0], q], placement=s.placement
-                )
-                for s in shards
-            ]
-            mine = [mt for mt in metas if _rank_of(mt.placement) == self._rank]
+            gmeta = entity_weight_metadata(cfg, plan[table])
+            self._entity_weight_metadata[table] = gmeta
+            mine = [mt for mt in gmeta.shards_metadata if mt.placement.rank() == self._rank]
             if len(mine) > 1:
                 raise ValueError(f"MEmCom table '{table}': more than one shard on rank {self._rank}")
             if not mine:
@@ -268,13 +281,8 @@ class ShardedMEmComEmbeddingBagCollection(
                 states={name: torch.zeros(rows, q, device=self._device) for name in opt_cfg.state_names()},
                 config=opt_cfg,
             )
-            if opt_cfg.state_names() and "exp_avg" in opt_cfg.state_names():
+            if "exp_avg" in opt_cfg.state_names():
                 local.states["step"] = torch.zeros((), device=self._device)
-            gmeta = ShardedTensorMetadata(
-                shards_metadata=metas,
-                size=torch.Size([cfg.num_buckets, q]),
-                tensor_properties=TensorProperties(dtype=torch.float32),
-            )
 
             def _sharded(t: torch.Tensor, meta: ShardMetadata = meta, gmeta: ShardedTensorMetadata = gmeta) -> ShardedTensor:
                 return ShardedTensor._init_from_local_shards_and_global_metadata(
@@ -287,6 +295,7 @@ class ShardedMEmComEmbeddingBagCollection(
             }
             self._local_weights[table] = local
         self._tables_on_other_ranks_only = [t for t in self._trained_tables if t not in self._local_weights]
+        self._remote_cache: Dict[str, ShardedTensor] = {}
         self._entity_optimizer = EntityWeightFusedOptimizer(
             {f"_entity_weights.{t}": lw.sharded for t, lw in self._local_weights.items()},
             {f"_entity_weights.{t}": lw for t, lw in self._local_weights.items()},
@@ -361,25 +370,12 @@ class ShardedMEmComEmbeddingBagCollection(
             destination[f"{prefix}_entity_weights.{table}"] = module._remote_sharded(table)
 
     def _remote_sharded(self, table: str) -> ShardedTensor:
-        cfg = self._memcom_configs[table]
-        q = cfg.num_entities_per_bucket
-        cached = getattr(self, "_remote_cache", {})
-        if table not in cached:
-            ps = self._embedding_bag_collection.module_sharding_plan[table]
-            metas = [
-                ShardMetadata(shard_offsets=[s.shard_offsets[0], 0], shard_sizes=[s.shard_sizes[0], q], placement=s.placement)
-                for s in ps.sharding_spec.shards  # pyre-ignore[16]
-            ]
-            gmeta = ShardedTensorMetadata(
-                shards_metadata=metas,
-                size=torch.Size([cfg.num_buckets, q]),
-                tensor_properties=TensorProperties(dtype=torch.float32),
+        """A view of a table's ``w`` with no local shard (it lives on other ranks)."""
+        if table not in self._remote_cache:
+            self._remote_cache[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                [], copy.deepcopy(self._entity_weight_metadata[table]), process_group=self._pg
             )
-            cached[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                [], gmeta, process_group=self._pg
-            )
-            self._remote_cache = cached
-        return cached[table]
+        return self._remote_cache[table]
 
     def _pre_load_state_dict_hook(
         self,
@@ -527,7 +523,7 @@ class ShardedMEmComEmbeddingBagCollection(
         def _mean(kt: KeyedTensor) -> KeyedTensor:
             feature_order = [name.split("@")[0] for name in kt.keys()]
             values = apply_mean_pooling(
-                kt.values(), features, self._feature_specs, kt.keys(), feature_order, kt.length_per_key()
+                kt.values(), features, self._feature_specs, feature_order, kt.length_per_key()
             )
             return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values)
 

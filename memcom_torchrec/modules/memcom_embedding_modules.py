@@ -112,7 +112,6 @@ def apply_mean_pooling(
     pooled: torch.Tensor,
     features: KeyedJaggedTensor,
     specs: Dict[str, FeatureSpec],
-    embedding_names: List[str],
     feature_order: List[str],
     dims: List[int],
 ) -> torch.Tensor:
@@ -122,7 +121,6 @@ def apply_mean_pooling(
         pooled (torch.Tensor): ``B x sum(dims)`` pooled sums in ``feature_order``.
         features (KeyedJaggedTensor): the input (for the bag lengths).
         specs (Dict[str, FeatureSpec]): feature specs.
-        embedding_names (List[str]): output keys (unused beyond alignment).
         feature_order (List[str]): the feature of every output key.
         dims (List[int]): width of every output key.
 
@@ -274,7 +272,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             )
         kt = inner(self._memcom_kjt(features))
         values = apply_mean_pooling(
-            kt.values(), features, self._feature_specs, kt.keys(), feature_order, kt.length_per_key()
+            kt.values(), features, self._feature_specs, feature_order, kt.length_per_key()
         )
         return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values)
 
