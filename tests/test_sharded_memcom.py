@@ -1,6 +1,6 @@
 """ShardedMEmComEmbeddingBagCollection against its unsharded twin on 2-process gloo runs."""
 
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
