@@ -190,7 +190,7 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
     ]
     if pop is not None:
         lines.append(f"| popularity | - | - | 0 | 0 | {pop.mean_ndcg:.4f} | {pop.mean_hr:.4f} | - | - | 0 |")
-    order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3}
+    order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3, "memcom_double": 4}
     for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], kv[0][1])):
         nd = [float(r["ndcg@10"]) for r in rs]
         hr = [float(r["hr@10"]) for r in rs]
@@ -247,7 +247,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Methods x compression ratios x seeds on a prepared dataset.")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--methods", nargs="+", default=["uncompressed", "hashing", "qr", "memcom"])
+    p.add_argument("--methods", nargs="+", default=["uncompressed", "hashing", "qr", "memcom", "memcom_double"])
     p.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--seeds-at-16", nargs="*", type=int, default=[], help="extra seeds at 16x (spread)")

@@ -70,6 +70,8 @@ def _train_config(meta: Dict[str, Any], path: str):  # pyre-ignore
         config = TrainConfig(**cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
+    if config.method == "memcom_double":
+        raise ValueError(f"checkpoint {path}: method 'memcom_double' cannot be exported yet (two item tables)")
     if config.model != "next_item":
         raise ValueError(
             f"checkpoint {path}: model '{config.model}' cannot be exported yet; "

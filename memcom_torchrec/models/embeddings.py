@@ -6,21 +6,59 @@ once sharded):
 - ``uncompressed``: TorchRec's own EmbeddingBagCollection;
 - ``hashing``: the hashing trick, ``U[i mod m]`` (MEmCom with ``w`` frozen, none stored);
 - ``memcom``: ``w[i] * U[i mod m]``;
-- ``qr``: quotient-remainder, ``Q[i // p] * R[i mod p]`` (element-wise).
+- ``qr``: quotient-remainder, ``Q[i // p] * R[i mod p]`` (element-wise);
+- ``memcom_double`` (a variant beyond the paper): ``w[i] * U[i mod m1] + V[i mod m2]``, a MEmCom
+  table plus a hashing-trick table of coprime size ``m2 = m1 - 1``. Two entities share both rows
+  only if ``i = j mod m1*m2``: with ``m1*m2 > n`` every entity gets its own pair of rows, for the
+  memory of one MEmCom table (``m1 + m2`` rows and ``n`` scalars at the target ratio). The second
+  table reads a copy of each feature named ``<feature>2`` (``duplicate_features``).
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
 
-METHODS = ("uncompressed", "hashing", "memcom", "qr")
+METHODS = ("uncompressed", "hashing", "memcom", "qr", "memcom_double")
+SECOND_TABLE_SUFFIX = "2"
+
+
+def double_hashing_buckets(num_embeddings: int, embedding_dim: int, ratio: float) -> Tuple[int, int]:
+    """Rows ``(m1, m2 = m1 - 1)`` of ``memcom_double`` whose ratio ``n*d / ((m1+m2)*d + n)`` is >= ``ratio``.
+
+    Args:
+        num_embeddings (int): ``n``.
+        embedding_dim (int): ``d``.
+        ratio (float): target compression ratio (``1 < ratio < d``).
+
+    Returns:
+        Tuple[int, int]: ``(m1, m2)``, consecutive (hence coprime) integers.
+    """
+    if not 1.0 < ratio < embedding_dim:
+        raise ValueError(f"memcom_double: compression_ratio must be in (1, {embedding_dim}), got {ratio}")
+    rows = (num_embeddings * embedding_dim / ratio - num_embeddings) // embedding_dim
+    m1 = max(2, int(rows + 1) // 2)
+    return m1, m1 - 1
+
+
+def duplicate_features(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
+    """Appends a copy of each feature in ``names`` as ``<name>2`` (the second table's input)."""
+    d = features.to_dict()
+    keys = list(features.keys()) + [n + SECOND_TABLE_SUFFIX for n in names]
+    jts = [d[k] for k in features.keys()] + [d[n] for n in names]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat([jt.values() for jt in jts]),
+        lengths=torch.cat([jt.lengths() for jt in jts]),
+        stride=features.stride(),
+    )
 
 
 @dataclass
@@ -88,6 +126,12 @@ def table_configs(specs: List[TableSpec], cfg: EmbeddingMethodConfig) -> List[Em
             from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagConfig
 
             out.append(QREmbeddingBagConfig(compression_ratio=cfg.compression_ratio, **common))
+        elif cfg.method == "memcom_double":
+            m1, m2 = double_hashing_buckets(s.num_embeddings, cfg.embedding_dim, cfg.compression_ratio)
+            out.append(MEmComEmbeddingBagConfig(num_buckets=m1, **common))
+            second = dict(common, name=s.name + SECOND_TABLE_SUFFIX,
+                          feature_names=[f + SECOND_TABLE_SUFFIX for f in s.feature_names])
+            out.append(MEmComEmbeddingBagConfig(num_buckets=m2, train_entity_weights=False, **second))
     return out
 
 

@@ -29,10 +29,17 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from memcom_torchrec.data import make_dataloader, pad_batch, read_manifest
+from memcom_torchrec.data import Batch, make_dataloader, pad_batch, read_manifest
 from memcom_torchrec.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
-from memcom_torchrec.models.embeddings import EmbeddingMethodConfig, TableSpec, build_collection, table_configs
+from memcom_torchrec.models.embeddings import (
+    SECOND_TABLE_SUFFIX,
+    EmbeddingMethodConfig,
+    TableSpec,
+    build_collection,
+    duplicate_features,
+    table_configs,
+)
 from memcom_torchrec.models.next_item import HISTORY_FEATURE, USER_FEATURE, NextItemClassifier, NextItemTrain
 from memcom_torchrec.models.ranknet import CANDIDATE_FEATURE, RankNet, RankNetTrain
 from memcom_torchrec.modules.memory import table_memory
@@ -129,10 +136,28 @@ def build_model(cfg: TrainConfig, num_users: int, num_items: int, device: torch.
     tables = table_configs(specs, method)
     embeddings = build_collection(tables, device=torch.device("meta"))
     torch.manual_seed(cfg.seed)
+    double = cfg.method == "memcom_double"
+    if double and (cfg.model != "next_item" or list(cfg.compressed_tables) != ["item"]):
+        raise ValueError("method 'memcom_double' is implemented for the next_item model with compressed_tables ['item']")
     if cfg.model == "ranknet":
         return RankNetTrain(RankNet(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout), cfg.num_negatives), tables
-    model = NextItemClassifier(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout)
+    model = NextItemClassifier(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout, second_history_table=double)
     return NextItemTrain(model), tables
+
+
+def batch_transform(cfg: TrainConfig):  # pyre-ignore
+    """What every batch goes through before the model: ``memcom_double`` reads a copy of the history."""
+    if cfg.method != "memcom_double":
+        return lambda batch: batch
+
+    def _transform(batch: Batch) -> Batch:
+        return Batch(
+            sparse_features=duplicate_features(batch.sparse_features, [HISTORY_FEATURE]),
+            labels=batch.labels,
+            exclude=batch.exclude,
+        )
+
+    return _transform
 
 
 def fused_params(cfg: TrainConfig) -> Dict[str, Any]:
@@ -196,7 +221,7 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
     totals = RankingTotals()
     for batch in tqdm(loader, desc=f"eval {split}", disable=rank != 0, leave=False, mininterval=5.0):
         real = len(batch)
-        batch = pad_batch(batch, cfg.eval_batch_size).to(device)  # equal batch sizes on all ranks (row-wise sharding)
+        batch = batch_transform(cfg)(pad_batch(batch, cfg.eval_batch_size)).to(device)  # equal sizes on all ranks
         _, (_, scores, labels) = model(batch)
         ex = batch.exclude
         ranks = target_ranks(
@@ -214,12 +239,19 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
     """Parameters, bytes and compression ratio of the input embedding tables."""
     mems = [table_memory(t, OPTIMIZERS[optimizer]) for t in tables]
     params = sum(m.num_parameters for m in mems)
-    uncompressed = sum(m.num_embeddings * m.embedding_dim for m in mems)
+    # memcom_double's second table ("item2") counts towards its entity's table ("item")
+    names = {m.table for m in mems}
+    group = {m.table: m.table[: -len(SECOND_TABLE_SUFFIX)] if m.table.endswith(SECOND_TABLE_SUFFIX)
+             and m.table[: -len(SECOND_TABLE_SUFFIX)] in names else m.table for m in mems}
+    group_params = {g: sum(m.num_parameters for m in mems if group[m.table] == g) for g in set(group.values())}
+    uncompressed = sum(m.num_embeddings * m.embedding_dim for m in mems if group[m.table] == m.table)
     return {
         "embedding_params": params,
         "embedding_bytes": sum(m.param_bytes for m in mems),
         "compression_ratio": uncompressed / params,
-        "table_compression_ratios": {m.table: m.compression_ratio for m in mems},
+        "table_compression_ratios": {
+            m.table: m.num_embeddings * m.embedding_dim / group_params[m.table] for m in mems if group[m.table] == m.table
+        },
         "tables": {m.table: asdict(m) for m in mems},
     }
 
@@ -266,7 +298,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         )
         # Every rank steps through the same number of batches of the same size
         # (TorchRec's row-wise output dist needs it): trailing batches are padded.
-        it = (pad_batch(b, cfg.batch_size) for b in loader)
+        transform = batch_transform(cfg)
+        it = (transform(pad_batch(b, cfg.batch_size)) for b in loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained
             next(it)
         pipeline = make_pipeline(cfg, model, optimizer, device)
