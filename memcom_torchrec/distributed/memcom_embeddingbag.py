@@ -68,7 +68,7 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     apply_mean_pooling,
     hash_features,
 )
-from memcom_torchrec.modules.validation import raise_on_any_rank, validate_features
+from memcom_torchrec.modules.validation import raise_on_any_rank, validate_feature_specs
 from memcom_torchrec.optim.entity_weight_optimizer import (
     EntityWeightOptimizerConfig,
     entity_weight_lookup,
@@ -443,12 +443,7 @@ class ShardedMEmComEmbeddingBagCollection(
         """Validates the batch; all ranks agree on errors (and on batch sizes when row-wise)."""
         if not self._validate_inputs:
             return
-        error = validate_features(
-            features,
-            {f: s.num_embeddings for f, s in self._feature_specs.items()},
-            {f: s.table for f, s in self._feature_specs.items()},
-            self._is_weighted,
-        )
+        error = validate_feature_specs(features, self._feature_specs, self._is_weighted)
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else self._device
         batch = features.stride() if self._row_wise and error is None else None
         raise_on_any_rank(error, self._pg, device, batch)

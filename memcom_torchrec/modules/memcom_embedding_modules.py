@@ -19,7 +19,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
-from memcom_torchrec.modules.validation import validate_features
+from memcom_torchrec.modules.validation import validate_feature_specs
 
 
 @dataclass(frozen=True)
@@ -253,12 +253,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         Raises:
             ValueError: on unknown/missing keys, ids out of range, bad dtypes.
         """
-        error = validate_features(
-            features,
-            {f: s.num_embeddings for f, s in self._feature_specs.items()},
-            {f: s.table for f, s in self._feature_specs.items()},
-            self._is_weighted,
-        )
+        error = validate_feature_specs(features, self._feature_specs, self._is_weighted)
         if error is not None:
             raise ValueError(error)
         inner = self._embedding_bag_collection

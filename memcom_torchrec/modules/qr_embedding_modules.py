@@ -31,7 +31,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from memcom_torchrec.modules.validation import check_table_config, raise_on_any_rank, validate_features
+from memcom_torchrec.modules.validation import check_table_config, raise_on_any_rank, validate_feature_specs
 
 QUOTIENT_SUFFIX: str = "__q"
 REMAINDER_SUFFIX: str = "__r"
@@ -596,12 +596,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _check_input(self, features: KeyedJaggedTensor) -> None:
         """Raises a ``ValueError`` naming the feature and value; all ranks raise together when sharded."""
-        error = validate_features(
-            features,
-            {f: s.num_embeddings for f, s in self._feature_specs.items()},
-            {f: s.table for f, s in self._feature_specs.items()},
-            self._is_weighted,
-        )
+        error = validate_feature_specs(features, self._feature_specs, self._is_weighted)
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else torch.device("cpu")
         pg = self._process_group()
         if error is None and pg is not None and features.stride() == 0:

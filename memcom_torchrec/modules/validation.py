@@ -5,7 +5,7 @@ raises a ``ValueError`` naming the feature and the offending value instead of
 crashing (or silently reading the wrong row) inside C++.
 """
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -166,3 +166,17 @@ def validate_features(
             f"'{table_per_feature[feature]}' (num_embeddings={num_embeddings_per_feature[feature]})"
         )
     return None
+
+
+def validate_feature_specs(features: KeyedJaggedTensor, specs: Mapping[str, Any], is_weighted: bool) -> Optional[str]:
+    """``validate_features`` against a collection's feature specs (each with ``num_embeddings`` and ``table``).
+
+    Returns:
+        Optional[str]: ``None`` if valid, else the error message.
+    """
+    return validate_features(
+        features,
+        {f: s.num_embeddings for f, s in specs.items()},
+        {f: s.table for f, s in specs.items()},
+        is_weighted,
+    )
