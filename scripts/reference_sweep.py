@@ -1,0 +1,361 @@
+"""Plain-PyTorch replica of the ML-1M next-item protocol, for fast hyperparameter sweeps on one GPU.
+
+Why: one ML-1M run of the real job (TorchRec + FBGEMM, ``memcom-experiment``)
+takes 10-35 minutes on the 2-core CI machine, so a learning-rate search over
+every method and ratio does not fit there. The CUDA FBGEMM wheel cannot travel
+to the lent GPU machine (see DESIGN.md), so this script re-implements the same
+math with nothing but torch: the same model (mean-pooled last-10 history +
+user id -> 256 ReLU -> softmax over all items), the same initialisation, the
+same row-wise Adagrad for tables (Adam 1e-3 for dense layers), batch 512, the
+same splits, exclusion and nDCG@10. It is a *reference* used to choose
+hyperparameters and to see the whole grid; the README's headline table comes
+from ``memcom-experiment``.
+
+Two steps:
+
+    # here (needs pyarrow and this package): data + table sizes -> one file
+    .venv/bin/python scripts/reference_sweep.py pack --data data/ml-1m --out sweep/ml1m.pt
+    # anywhere with torch (a GPU machine): run the sweep, one JSON line per run
+    python scripts/reference_sweep.py run --pack sweep/ml1m.pt --out results.jsonl
+    # the table: per cell, every config's validation score and the choice
+    python scripts/reference_sweep.py report --results docs/reference_sweep.jsonl
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from typing import Dict, List
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+HISTORY = 10
+DIM = 64
+RATIOS = [2.0, 4.0, 8.0, 16.0, 40.0]
+METHODS = ["hashing", "memcom", "qr", "memcom_qr"]
+
+
+# ---------------------------------------------------------------------------
+# pack: parquet splits -> tensors, table sizes from the package's own rules
+
+
+def pack(data: str, out: str) -> None:
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from memcom_torchrec.modules.memcom_configs import num_buckets_for_ratio
+    from memcom_torchrec.modules.qr_embedding_modules import num_collisions_for_ratio, qr_num_rows
+
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    n_items, n_users = manifest["num_items"], manifest["num_users"]
+
+    def split(name: str) -> Dict[str, torch.Tensor]:
+        t = pq.read_table(sorted(glob.glob(os.path.join(data, name, "*.parquet"))))
+        hist = torch.full((t.num_rows, HISTORY), -1, dtype=torch.int16)
+        for r, h in enumerate(t.column("history").to_pylist()):
+            h = h[-HISTORY:]
+            if h:
+                hist[r, : len(h)] = torch.tensor(h, dtype=torch.int16)
+        d = {
+            "user": torch.tensor(t.column("user").to_pylist(), dtype=torch.int32),
+            "item": torch.tensor(t.column("item").to_pylist(), dtype=torch.int32),
+            "history": hist,
+        }
+        if "exclude" in t.column_names:
+            ex = t.column("exclude").to_pylist()
+            d["exclude_lengths"] = torch.tensor([len(e) for e in ex], dtype=torch.int32)
+            d["exclude_values"] = torch.tensor([i for e in ex for i in e], dtype=torch.int16)
+        return d
+
+    sizes = {}
+    for r in RATIOS:
+        m = num_buckets_for_ratio(n_items, DIM, r)
+        sizes[f"memcom@{r}"] = m
+        sizes[f"hashing@{r}"] = max(1, math.floor(n_items / r))
+        try:
+            sizes[f"qr@{r}"] = num_collisions_for_ratio(n_items, r)
+        except ValueError:
+            pass
+        # memcom_qr: w (n floats) + Q/R rows; the smallest p whose total meets the ratio.
+        budget_rows = (n_items * DIM / r - n_items) / DIM
+        for p in range(1, n_items + 1):
+            if qr_num_rows(n_items, p) <= budget_rows:
+                sizes[f"memcom_qr@{r}"] = p
+                break
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    torch.save(
+        {"num_items": n_items, "num_users": n_users, "sizes": sizes,
+         "train": split("train"), "valid": split("valid"), "test": split("test")},
+        out,
+    )
+    print(f"packed {data} -> {out}; sizes {sizes}")
+
+
+# ---------------------------------------------------------------------------
+# the replica model
+
+
+class ItemTable(nn.Module):
+    """Item embeddings under one method; ``forward(ids)`` -> ``ids.shape + (d,)``."""
+
+    def __init__(self, method: str, n: int, size: int) -> None:
+        super().__init__()
+        self.method, self.n, self.size = method, n, size
+        bound = math.sqrt(1.0 / n)  # TorchRec's default init for an n-row table
+        if method in ("uncompressed",):
+            rows = n
+        elif method in ("hashing", "memcom"):
+            rows = size
+        else:  # qr / memcom_qr: Q (ceil(n/p) rows) and R (p rows, init 1)
+            rows = -(-n // size)
+            self.remainder = nn.Parameter(torch.ones(size, DIM))
+        self.table = nn.Parameter(torch.empty(rows, DIM).uniform_(-bound, bound))
+        if method.startswith("memcom"):
+            self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.method == "uncompressed":
+            v = self.table[ids]
+        elif self.method in ("hashing", "memcom"):
+            v = self.table[ids % self.size]
+        else:
+            v = self.table[torch.div(ids, self.size, rounding_mode="floor")] * self.remainder[ids % self.size]
+        if self.method.startswith("memcom"):
+            v = v * self.w[ids].unsqueeze(-1)
+        return v
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Replica(nn.Module):
+    def __init__(self, method: str, n_items: int, n_users: int, size: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.items = ItemTable(method, n_items, size)
+        self.users = nn.Parameter(torch.empty(n_users, DIM).uniform_(-math.sqrt(1 / n_users), math.sqrt(1 / n_users)))
+        layers: List[nn.Module] = [nn.Linear(2 * DIM, hidden), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.mlp = nn.Sequential(*layers)
+        self.output = nn.Linear(hidden, n_items)
+
+    def forward(self, user: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        mask = history >= 0
+        v = self.items(history.clamp(min=0).long()) * mask.unsqueeze(-1)
+        pooled = v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # empty bag -> 0 (TorchRec MEAN)
+        x = torch.cat([pooled, self.users[user.long()]], 1)
+        return self.output(self.mlp(x))
+
+
+class RowwiseAdagrad(torch.optim.Optimizer):
+    """FBGEMM's row-wise Adagrad (state: mean squared gradient per row; 1-d params: plain Adagrad)."""
+
+    def __init__(self, params, lr: float, eps: float = 1e-8) -> None:  # pyre-ignore
+        super().__init__(params, dict(lr=lr, eps=eps))
+
+    @torch.no_grad()
+    def step(self) -> None:  # pyre-ignore
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(p.shape[0], device=p.device)
+                g2 = g * g if g.dim() == 1 else (g * g).mean(1)
+                state["sum"].add_(g2)
+                scale = group["lr"] / (state["sum"].sqrt() + group["eps"])
+                touched = g2 != 0  # untouched rows: no update (as with sparse gradients)
+                scale = torch.where(touched, scale, torch.zeros_like(scale))
+                p.sub_(g * (scale if g.dim() == 1 else scale.unsqueeze(1)))
+
+
+@torch.no_grad()
+def evaluate(model: Replica, split: Dict[str, torch.Tensor], n_items: int, k: int = 10) -> Dict[str, float]:
+    model.eval()
+    dev = split["user"].device
+    offsets = torch.cumsum(split["exclude_lengths"].long(), 0) - split["exclude_lengths"].long()
+    ndcg = hit = 0.0
+    b = 2048
+    for s in range(0, split["user"].numel(), b):
+        e = min(s + b, split["user"].numel())
+        scores = model(split["user"][s:e], split["history"][s:e]).float()
+        lens = split["exclude_lengths"][s:e].long()
+        rows = torch.repeat_interleave(torch.arange(e - s, device=dev), lens)
+        starts = torch.repeat_interleave(offsets[s:e], lens)
+        pos = torch.arange(rows.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        vals = split["exclude_values"][starts + pos].long()
+        excluded = torch.zeros_like(scores, dtype=torch.bool)
+        excluded[rows, vals] = True
+        target = split["item"][s:e].long()
+        excluded[torch.arange(e - s, device=dev), target] = False
+        ts = scores.gather(1, target.unsqueeze(1))
+        rank = 1 + ((scores >= ts) & ~excluded).sum(1) - 1
+        rank = rank.double()
+        ok = rank <= k
+        ndcg += float(torch.where(ok, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank)).sum())
+        hit += float(ok.sum())
+    model.train()
+    n = split["user"].numel()
+    return {"ndcg": ndcg / n, "hr": hit / n}
+
+
+def train_one(cfg: Dict, packed: Dict, device: torch.device) -> Dict:
+    torch.manual_seed(cfg["seed"])
+    n_items, n_users = packed["num_items"], packed["num_users"]
+    size = n_items if cfg["method"] == "uncompressed" else packed["sizes"][f"{cfg['method']}@{cfg['ratio']}"]
+    model = Replica(cfg["method"], n_items, n_users, size, cfg["hidden"], cfg["dropout"]).to(device)
+    sparse = list(model.items.parameters()) + [model.users]
+    dense = list(model.mlp.parameters()) + list(model.output.parameters())
+    opt_s = RowwiseAdagrad(sparse, lr=cfg["lr"])
+    opt_d = torch.optim.Adam(dense, lr=1e-3)
+    tr = {k: v.to(device) for k, v in packed["train"].items()}
+    va = {k: v.to(device) for k, v in packed["valid"].items()}
+    te = {k: v.to(device) for k, v in packed["test"].items()}
+    n = tr["user"].numel()
+    g = torch.Generator(device="cpu").manual_seed(cfg["seed"])
+    best, best_epoch, bad, history = -1.0, 0, 0, []
+    best_test = None
+    t0 = time.time()
+    for epoch in range(1, cfg["epochs"] + 1):
+        perm = torch.randperm(n, generator=g).to(device)
+        for s in range(0, n, cfg["batch"]):
+            idx = perm[s : s + cfg["batch"]]
+            logits = model(tr["user"][idx], tr["history"][idx])
+            loss = nn.functional.cross_entropy(logits, tr["item"][idx].long())
+            opt_s.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_s.step()
+            opt_d.step()
+        v = evaluate(model, va, n_items)
+        history.append(round(v["ndcg"], 5))
+        if v["ndcg"] > best:
+            best, best_epoch, bad = v["ndcg"], epoch, 0
+            best_test = evaluate(model, te, n_items)
+        else:
+            bad += 1
+            if bad >= cfg["patience"]:
+                break
+    return dict(cfg, valid_ndcg=best, test_ndcg=best_test["ndcg"], test_hr=best_test["hr"], best_epoch=best_epoch,
+                epochs_run=epoch, valid_curve=history, item_params=model.items.num_params(),
+                item_ratio=n_items * DIM / model.items.num_params(), seconds=round(time.time() - t0, 1))
+
+
+def _worker(gpu_slot: int, queue, out: str, pack_path: str, deadline: float) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(1)
+    packed = torch.load(pack_path)
+    while time.time() < deadline:
+        try:
+            cfg = queue.get(timeout=5)  # get_nowait() can miss items still in the feeder thread
+        except Exception:
+            return
+        res = train_one(cfg, packed, device)
+        with open(out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+        print(json.dumps({k: res[k] for k in ("method", "ratio", "lr", "dropout", "seed", "valid_ndcg", "test_ndcg", "best_epoch", "seconds")}), flush=True)
+
+
+def grid(lrs: List[float], dropouts: List[float], seeds: List[int]) -> List[Dict]:
+    """Every method x ratio x lr x dropout (uncompressed first), then extra seeds at 16x."""
+    base = dict(hidden=256, batch=512, epochs=12, patience=2)
+    cfgs = [dict(base, method="uncompressed", ratio=1.0, lr=lr, dropout=dr, seed=0) for dr, lr in itertools.product(dropouts, lrs)]
+    for r in [16.0, 4.0, 40.0, 8.0, 2.0]:
+        for m in METHODS:
+            cfgs += [dict(base, method=m, ratio=r, lr=lr, dropout=dr, seed=0) for dr, lr in itertools.product(dropouts, lrs)]
+    for s in seeds:
+        for m in ["uncompressed"] + METHODS:
+            cfgs += [dict(base, method=m, ratio=1.0 if m == "uncompressed" else 16.0, lr=lr, dropout=dr, seed=s)
+                     for dr, lr in itertools.product(dropouts, lrs)]
+    return cfgs
+
+
+def run(args: argparse.Namespace) -> None:
+    packed = torch.load(args.pack)
+    cfgs = [c for c in grid(args.lrs, args.dropouts, args.seeds)
+            if c["method"] == "uncompressed" or f"{c['method']}@{c['ratio']}" in packed["sizes"]]
+    if args.cells:
+        cfgs = [c for c in cfgs if f"{c['method']}@{c['ratio']}" in args.cells]
+    if args.limit:
+        cfgs = cfgs[: args.limit]
+    for c in cfgs:
+        c["epochs"] = args.epochs
+    print(f"{len(cfgs)} runs, {args.procs} processes, {args.budget_s}s budget", flush=True)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for c in cfgs:
+        queue.put(c)
+    deadline = time.time() + args.budget_s
+    procs = [ctx.Process(target=_worker, args=(i, queue, args.out, args.pack, deadline)) for i in range(args.procs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+
+
+def report(results: str, out: str) -> None:
+    """Markdown: per (method, ratio) every tried config's valid nDCG@10, the choice on validation and its test."""
+    rows = [json.loads(line) for line in open(results) if line.strip()]
+    rows = [r for r in rows if r["seed"] == 0]
+    cells: Dict = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["ratio"]), []).append(r)
+    base = max(cells[("uncompressed", 1.0)], key=lambda r: r["valid_ndcg"])["test_ndcg"] if ("uncompressed", 1.0) in cells else None
+    order = {m: i for i, m in enumerate(["uncompressed"] + METHODS)}
+    lines = [
+        "| method | ratio | item-table ratio | configs tried (lr/dropout: valid nDCG@10) | chosen on valid | valid | test nDCG@10 | test HR@10 | rel. loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (m, ratio), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99))):
+        rs = sorted(rs, key=lambda r: (r["dropout"], r["lr"]))
+        best = max(rs, key=lambda r: r["valid_ndcg"])
+        tried = ", ".join(f"{r['lr']}/{r['dropout']}: {r['valid_ndcg']:.4f}" for r in rs)
+        loss = f"{(base - best['test_ndcg']) / base:+.1%}" if base else ""
+        lines.append(
+            f"| {m} | {ratio:g}x | {best['item_ratio']:.2f} | {tried} | lr {best['lr']}, dropout {best['dropout']} "
+            f"| {best['valid_ndcg']:.4f} | {best['test_ndcg']:.4f} | {best['test_hr']:.4f} | {loss} |"
+        )
+    text = "\n".join(lines) + "\n"
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--data", default="data/ml-1m")
+    p.add_argument("--out", default="sweep/ml1m.pt")
+    r = sub.add_parser("run")
+    r.add_argument("--pack", default="sweep/ml1m.pt")
+    r.add_argument("--out", default="sweep/results.jsonl")
+    r.add_argument("--procs", type=int, default=12)
+    r.add_argument("--budget-s", type=float, default=480, help="no new run starts after this")
+    r.add_argument("--lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    r.add_argument("--dropouts", type=float, nargs="+", default=[0.0])
+    r.add_argument("--seeds", type=int, nargs="*", default=[1, 2])
+    r.add_argument("--epochs", type=int, default=12)
+    r.add_argument("--limit", type=int, default=0)
+    r.add_argument("--cells", nargs="*", default=[], help="only these method@ratio cells, e.g. memcom@16.0")
+    q = sub.add_parser("report")
+    q.add_argument("--results", default="docs/reference_sweep.jsonl")
+    q.add_argument("--out", default="docs/reference_sweep_table.md")
+    args = ap.parse_args()
+    if args.cmd == "pack":
+        pack(args.data, args.out)
+    elif args.cmd == "run":
+        run(args)
+    else:
+        report(args.results, args.out)
+
+
+if __name__ == "__main__":
+    main()
