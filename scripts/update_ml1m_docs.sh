@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Redraws the ML-1M table and plot from runs/ml1m/results.csv into docs/ (what the README shows).
+# Redraws an ML-1M table and plot from RUN_DIR/results.csv into docs/NAME.{md,png,csv} and into the
+# README between its <!-- NAME-table --> markers.
+#   bash scripts/update_ml1m_docs.sh [RUN_DIR] [NAME]   (default: runs/ml1m_tuned ml1m_results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/memcom-experiment --data-dir data/ml-1m --out-dir runs/ml1m --report-only > /dev/null
+RUN_DIR=${1:-runs/ml1m_tuned}
+NAME=${2:-ml1m_results}
+.venv/bin/memcom-experiment --data-dir data/ml-1m --out-dir "$RUN_DIR" --report-only > /dev/null
 mkdir -p docs
-cp runs/ml1m/results.md docs/ml1m_results.md
-cp runs/ml1m/results.png docs/ml1m_results.png
-cp runs/ml1m/results.csv docs/ml1m_results.csv
-# ...and into the README, between its ml1m-table markers
-.venv/bin/python - <<'PY'
-import re
-table = open("docs/ml1m_results.md").read().split("\n", 2)[2].strip()  # drop the first paragraph
+cp "$RUN_DIR/results.md" "docs/$NAME.md"
+cp "$RUN_DIR/results.png" "docs/$NAME.png"
+cp "$RUN_DIR/results.csv" "docs/$NAME.csv"
+NAME=$NAME .venv/bin/python - <<'PY'
+import os, re
+name = os.environ["NAME"]
+table = open(f"docs/{name}.md").read().split("\n", 2)[2].strip()  # drop the first paragraph
 readme = open("README.md").read()
-readme = re.sub(r"<!-- ml1m-table -->.*<!-- /ml1m-table -->",
-                lambda _: "<!-- ml1m-table -->\n" + table + "\n<!-- /ml1m-table -->", readme, flags=re.S)
+readme = re.sub(rf"<!-- {name}-table -->.*<!-- /{name}-table -->",
+                lambda _: f"<!-- {name}-table -->\n" + table + f"\n<!-- /{name}-table -->", readme, flags=re.S)
 open("README.md", "w").write(readme)
 PY

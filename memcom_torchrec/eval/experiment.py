@@ -182,14 +182,15 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
         groups.setdefault((r["method"], float(r["compression_ratio"])), []).append(r)
     lines = [
         f"Dataset: {rows[0]['dataset']}, model: next-item classifier, metric: full-ranking test nDCG@10 / HR@10 "
-        "(leave-last-out, seen items excluded). Tuning budget per cell and method: the embedding learning "
-        f"rates {sorted({r['embedding_lr'] for r in rows})}, best on validation.",
+        "(leave-last-out, seen items excluded). Embedding lr: the cell's learning rate (with several "
+        "`--embedding-lrs`, the one best on validation).",
         "",
-        "| method | ratio (target) | item-table ratio | embedding params | embedding MB | nDCG@10 | HR@10 | rel. loss | seeds | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | ratio (target) | item-table ratio | embedding params | embedding MB | embedding lr | valid nDCG@10 "
+        "| nDCG@10 | HR@10 | rel. loss | seeds | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if pop is not None:
-        lines.append(f"| popularity | - | - | 0 | 0 | {pop.mean_ndcg:.4f} | {pop.mean_hr:.4f} | - | - | 0 |")
+        lines.append(f"| popularity | - | - | 0 | 0 | - | - | {pop.mean_ndcg:.4f} | {pop.mean_hr:.4f} | - | - | 0 |")
     order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3, "memcom_double": 4}
     for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], kv[0][1])):
         nd = [float(r["ndcg@10"]) for r in rs]
@@ -198,7 +199,8 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
         spread = f" ± {statistics.stdev(nd):.4f}" if len(nd) > 1 else ""
         lines.append(
             f"| {method} | {ratio:g} | {float(rs[0]['item_table_ratio']):.2f} | {int(rs[0]['embedding_params']):,} | "
-            f"{int(rs[0]['embedding_bytes']) / 1e6:.2f} | {statistics.mean(nd):.4f}{spread} | {statistics.mean(hr):.4f} | "
+            f"{int(rs[0]['embedding_bytes']) / 1e6:.2f} | {', '.join(sorted({r['embedding_lr'] for r in rs}))} | "
+            f"{statistics.mean(float(r['valid_ndcg@10']) for r in rs):.4f} | {statistics.mean(nd):.4f}{spread} | {statistics.mean(hr):.4f} | "
             f"{100 * statistics.mean(rl):.1f}% | {len(rs)} | {statistics.mean(float(r['train_seconds']) for r in rs):.0f} |"
         )
     lines += ["", f"Largest compression ratio within {100 * threshold:.0f}% relative nDCG@10 loss (mean over seeds):", ""]
