@@ -27,6 +27,7 @@ FIELDS = [
     "dataset", "model", "method", "compression_ratio", "embedding_params", "embedding_bytes",
     "ndcg@10", "hr@10", "relative_loss", "seed", "train_seconds",
     "valid_ndcg@10", "item_table_ratio", "embedding_lr", "epochs_run", "best_epoch", "world_size", "run_dir",
+    "train_args",
 ]
 DEFAULT_RATIOS = [4.0, 16.0, 40.0]
 
@@ -42,8 +43,31 @@ def read_results(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _check_columns(path: str) -> None:
+    """Raises on a results.csv this version cannot append to; upgrades one from an older version in place.
+
+    Older versions wrote a subset of ``FIELDS`` (no ``train_args``): their rows
+    are kept and the new columns left empty (unknown).
+    """
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if header == FIELDS:
+        return
+    if not header or not set(header) <= set(FIELDS):
+        raise ValueError(f"{path}: columns {header} do not match this version's {FIELDS}; use another --out-dir")
+    rows = read_results(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+    os.replace(tmp, path)
+
+
 def append_result(path: str, row: Dict[str, object]) -> None:
     new = not os.path.exists(path)
+    if not new:
+        _check_columns(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -83,7 +107,19 @@ def run_one(
     """Trains one cell (or reuses its finished metrics.json) and returns its row."""
     run_dir = os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr))
     metrics_path = os.path.join(run_dir, "metrics.json")
+    args_path = os.path.join(run_dir, "experiment_args.json")
+    extra = list(extra)
+    if os.path.exists(args_path):
+        with open(args_path) as f:
+            before = json.load(f)
+        if before != extra:
+            raise ValueError(
+                f"{run_dir} was trained with extra args {before}, this grid passes {extra}; use another --out-dir"
+            )
     if not os.path.exists(metrics_path):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(args_path, "w") as f:
+            json.dump(extra, f)
         args = ["--method", method, "--compression-ratio", str(ratio), "--seed", str(seed), "--embedding-lr", str(lr),
                 *extra]
         cmd = train_command(launcher, nproc, data_dir, run_dir, args)
@@ -116,6 +152,7 @@ def run_one(
         "best_epoch": m["best_epoch"],
         "world_size": m["world_size"],
         "run_dir": run_dir,
+        "train_args": " ".join(extra),
     }
 
 
@@ -136,13 +173,20 @@ def cells(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int],
 def run_grid(args: argparse.Namespace) -> None:
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
     csv_path = os.path.join(args.out_dir, "results.csv")
-    done = {(r["method"], float(r["compression_ratio"]), int(r["seed"])) for r in read_results(csv_path)}
+    done = {(r["method"], float(r["compression_ratio"]), int(r["seed"])): r for r in read_results(csv_path)}
+    wanted = " ".join(args.train_args)
     extra = {16.0: args.seeds_at_16} if args.seeds_at_16 else {}
     grid = cells(args.methods, args.ratios, args.seeds, extra)
     from tqdm import tqdm
 
     for method, ratio, seed in tqdm(grid, desc="grid"):
         if (method, ratio, seed) in done:
+            before = done[(method, ratio, seed)].get("train_args") or ""
+            if before and before != wanted:  # empty: a row from before train_args was recorded
+                raise ValueError(
+                    f"{csv_path}: {method} {ratio:g}x seed {seed} was trained with '{before}', this grid "
+                    f"passes '{wanted}'; use another --out-dir"
+                )
             continue
         # Same tuning budget for every method: each learning rate, best on validation.
         rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args, args.launcher)

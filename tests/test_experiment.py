@@ -1,0 +1,85 @@
+"""memcom-experiment: the grid writes every required column, resumes, and refuses mismatched runs."""
+
+import csv
+import os
+from typing import List
+
+import pytest
+
+from memcom_torchrec.eval import experiment
+from memcom_torchrec.eval.experiment import FIELDS, append_result, main, read_results
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = [
+    "dataset", "model", "method", "compression_ratio", "embedding_params", "embedding_bytes",
+    "ndcg@10", "hr@10", "relative_loss", "seed", "train_seconds",
+]
+TRAIN_ARGS = ["--epochs", "1", "--max-steps", "15", "--eval-batch-size", "2048"]
+
+
+def grid(ml100k_dir: str, out: str, train_args: List[str]) -> None:
+    main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "uncompressed", "memcom", "--ratios", "16",
+          "--launcher", "python", "--", *train_args])
+
+
+def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, monkeypatch) -> None:
+    out = str(tmp_path / "grid")
+    grid(ml100k_dir, out, TRAIN_ARGS)
+    rows = read_results(os.path.join(out, "results.csv"))
+    assert [(r["method"], float(r["compression_ratio"])) for r in rows] == [("uncompressed", 1.0), ("memcom", 16.0)]
+    for r in rows:
+        assert all(r[k] != "" for k in REQUIRED), r
+        assert r["train_args"] == " ".join(TRAIN_ARGS)
+        assert float(r["train_seconds"]) > 0
+    assert float(rows[0]["relative_loss"]) == 0.0
+    base, mem = float(rows[0]["ndcg@10"]), float(rows[1]["ndcg@10"])
+    assert float(rows[1]["relative_loss"]) == pytest.approx((base - mem) / base)
+    assert float(rows[1]["item_table_ratio"]) >= 16.0
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| memcom | 16 |" in table and "popularity" in table
+    assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+
+    # Resumed: nothing trains again.
+    def no_training(*args, **kwargs):  # pragma: no cover - must not run
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(experiment, "run_one", no_training)
+    grid(ml100k_dir, out, TRAIN_ARGS)
+    assert len(read_results(os.path.join(out, "results.csv"))) == 2
+
+    # Other training flags into the same directory: a clear error, not a silent mix.
+    with pytest.raises(ValueError, match="uncompressed 1x seed 0 was trained with"):
+        grid(ml100k_dir, out, TRAIN_ARGS + ["--dropout", "0.25"])
+
+
+def test_run_dir_with_other_args_is_not_reused(ml100k_dir: str, tmp_path) -> None:
+    out = str(tmp_path / "grid")
+    run_dir = os.path.join(out, "runs", experiment.run_key("memcom", 16.0, 0, 0.05))
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "experiment_args.json"), "w") as f:
+        f.write('["--epochs", "3"]')
+    with pytest.raises(ValueError, match="was trained with extra args"):
+        experiment.run_one(ml100k_dir, out, "memcom", 16.0, 0, 0.05, 1, ["--epochs", "1"], "python")
+
+
+def test_results_from_an_older_version_are_upgraded(tmp_path) -> None:
+    path = str(tmp_path / "results.csv")
+    old = [f for f in FIELDS if f != "train_args"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({k: "1" for k in old})
+    append_result(path, {k: "2" for k in FIELDS})
+    rows = read_results(path)
+    assert [r["train_args"] for r in rows] == ["", "2"]
+    assert all(r["ndcg@10"] == v for r, v in zip(rows, ["1", "2"]))
+
+
+def test_results_with_foreign_columns_are_refused(tmp_path) -> None:
+    path = str(tmp_path / "results.csv")
+    with open(path, "w") as f:
+        f.write("user,item\n1,2\n")
+    with pytest.raises(ValueError, match="do not match"):
+        append_result(path, {k: "2" for k in FIELDS})
+    assert open(path).read() == "user,item\n1,2\n"  # untouched
