@@ -248,7 +248,8 @@ def train_one(cfg: Dict, packed: Dict, device: torch.device) -> Dict:
                 item_ratio=n_items * DIM / model.items.num_params(), seconds=round(time.time() - t0, 1))
 
 
-def _worker(gpu_slot: int, queue, out: str, pack_path: str, deadline: float) -> None:
+def _worker(queue, out: str, pack_path: str, deadline: float) -> None:
+    """Takes runs off the queue until it is empty or the deadline passed; appends each result to ``out``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(1)
     packed = torch.load(pack_path)
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> None:
     for c in cfgs:
         queue.put(c)
     deadline = time.time() + args.budget_s
-    procs = [ctx.Process(target=_worker, args=(i, queue, args.out, args.pack, deadline)) for i in range(args.procs)]
+    procs = [ctx.Process(target=_worker, args=(queue, args.out, args.pack, deadline)) for _ in range(args.procs)]
     for p in procs:
         p.start()
     for p in procs:

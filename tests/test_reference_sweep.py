@@ -133,3 +133,23 @@ def test_replica_ranks_like_the_metric_code() -> None:
     totals = ranking_totals(target_ranks(scores, split["item"], lengths, values))
     assert got["ndcg"] == pytest.approx(totals.mean_ndcg)
     assert got["hr"] == pytest.approx(totals.mean_hr)
+
+
+@pytest.mark.slow
+def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
+    """The sweep's three steps end to end (one short run in a worker process), as used on the GPU."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(rs.__file__), "reference_sweep.py")
+    packed, results, table = str(tmp_path / "p.pt"), str(tmp_path / "r.jsonl"), str(tmp_path / "t.md")
+    subprocess.run([sys.executable, script, "pack", "--data", ml100k_dir, "--out", packed], check=True)
+    sizes = torch.load(packed)["sizes"]
+    assert sizes["memcom@16.0"] >= 1 and "qr@40.0" not in sizes  # 40x is beyond QR for 1,682 items
+    subprocess.run([sys.executable, script, "run", "--pack", packed, "--out", results, "--procs", "1", "--epochs", "1",
+                    "--lrs", "0.1", "--seeds", "--cells", "uncompressed@1.0", "memcom@16.0"], check=True)
+    rows = [json.loads(line) for line in open(results)]
+    assert sorted(r["method"] for r in rows) == ["memcom", "uncompressed"]
+    assert all(0.0 < r["test_ndcg"] < 1.0 for r in rows)
+    subprocess.run([sys.executable, script, "report", "--results", results, "--out", table], check=True)
+    assert "| memcom | 16x |" in open(table).read()
