@@ -9,7 +9,9 @@ user id -> 256 ReLU -> softmax over all items), the same initialisation, the
 same row-wise Adagrad for tables (Adam 1e-3 for dense layers), batch 512, the
 same splits, exclusion and nDCG@10. It is a *reference* used to choose
 hyperparameters and to see the whole grid; the README's headline table comes
-from ``memcom-experiment``.
+from ``memcom-experiment``. Known differences: it shuffles all training rows
+each epoch (the real reader shuffles row groups, then rows within 64k-row
+windows), and ``memcom_qr`` (``w[i] * Q[i // p] * R[i % p]``) exists only here.
 
 Two steps:
 
@@ -53,6 +55,8 @@ def pack(data: str, out: str) -> None:
 
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     n_items, n_users = manifest["num_items"], manifest["num_users"]
+    if max(n_items, n_users) > torch.iinfo(torch.int16).max:
+        raise ValueError(f"{data}: {n_items} items / {n_users} users do not fit the packed int16 ids")
 
     def split(name: str) -> Dict[str, torch.Tensor]:
         t = pq.read_table(sorted(glob.glob(os.path.join(data, name, "*.parquet"))))
@@ -170,19 +174,22 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                     state["sum"] = torch.zeros(p.shape[0], device=p.device)
                 g2 = g * g if g.dim() == 1 else (g * g).mean(1)
                 state["sum"].add_(g2)
+                # A row no id touched has a zero gradient: its state and value stay put, as with
+                # FBGEMM's sparse update.
                 scale = group["lr"] / (state["sum"].sqrt() + group["eps"])
-                touched = g2 != 0  # untouched rows: no update (as with sparse gradients)
-                scale = torch.where(touched, scale, torch.zeros_like(scale))
                 p.sub_(g * (scale if g.dim() == 1 else scale.unsqueeze(1)))
 
 
 @torch.no_grad()
-def evaluate(model: Replica, split: Dict[str, torch.Tensor], n_items: int, k: int = 10) -> Dict[str, float]:
+def evaluate(
+    model: Replica, split: Dict[str, torch.Tensor], n_items: int, k: int = 10, chunk: int = 2048
+) -> Dict[str, float]:
+    """Full-ranking nDCG@k / HR@k, ranks as ``memcom_torchrec.eval.metrics.target_ranks`` (ties and NaN included)."""
     model.eval()
     dev = split["user"].device
     offsets = torch.cumsum(split["exclude_lengths"].long(), 0) - split["exclude_lengths"].long()
     ndcg = hit = 0.0
-    b = 2048
+    b = chunk
     for s in range(0, split["user"].numel(), b):
         e = min(s + b, split["user"].numel())
         scores = model(split["user"][s:e], split["history"][s:e]).float()
@@ -196,7 +203,8 @@ def evaluate(model: Replica, split: Dict[str, torch.Tensor], n_items: int, k: in
         target = split["item"][s:e].long()
         excluded[torch.arange(e - s, device=dev), target] = False
         ts = scores.gather(1, target.unsqueeze(1))
-        rank = 1 + ((scores >= ts) & ~excluded).sum(1) - 1
+        above = ((scores >= ts) | scores.isnan() | ts.isnan()) & ~excluded  # the target counts itself once
+        rank = above.sum(1)
         rank = rank.double()
         ok = rank <= k
         ndcg += float(torch.where(ok, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank)).sum())
@@ -223,7 +231,7 @@ def train_one(cfg: Dict, packed: Dict, device: torch.device) -> Dict:
     best, best_epoch, bad, history = -1.0, 0, 0, []
     best_test = None
     t0 = time.time()
-    for epoch in range(1, cfg["epochs"] + 1):
+    for epoch in range(cfg["epochs"]):  # counted from 0, as the trainer does
         perm = torch.randperm(n, generator=g).to(device)
         for s in range(0, n, cfg["batch"]):
             idx = perm[s : s + cfg["batch"]]
@@ -244,7 +252,7 @@ def train_one(cfg: Dict, packed: Dict, device: torch.device) -> Dict:
             if bad >= cfg["patience"]:
                 break
     return dict(cfg, valid_ndcg=best, test_ndcg=best_test["ndcg"], test_hr=best_test["hr"], best_epoch=best_epoch,
-                epochs_run=epoch, valid_curve=history, item_params=model.items.num_params(),
+                epochs_run=epoch + 1, valid_curve=history, item_params=model.items.num_params(),
                 item_ratio=n_items * DIM / model.items.num_params(), seconds=round(time.time() - t0, 1))
 
 
@@ -258,7 +266,11 @@ def _worker(queue, out: str, pack_path: str, deadline: float) -> None:
             cfg = queue.get(timeout=5)  # get_nowait() can miss items still in the feeder thread
         except Exception:
             return
-        res = train_one(cfg, packed, device)
+        try:
+            res = train_one(cfg, packed, device)
+        except Exception as e:  # one failed run must not stop the worker
+            print(json.dumps({"failed": cfg, "error": repr(e)}), flush=True)
+            continue
         with open(out, "a") as f:
             f.write(json.dumps(res) + "\n")
         print(json.dumps({k: res[k] for k in ("method", "ratio", "lr", "dropout", "seed", "valid_ndcg", "test_ndcg", "best_epoch", "seconds")}), flush=True)
@@ -299,6 +311,15 @@ def run(args: argparse.Namespace) -> None:
         p.start()
     for p in procs:
         p.join()
+    left = 0
+    while True:
+        try:
+            queue.get(timeout=1)
+            left += 1
+        except Exception:
+            break
+    if left:
+        print(f"budget spent: {left} runs not started", flush=True)
 
 
 def report(results: str, out: str) -> None:

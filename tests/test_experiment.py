@@ -1,7 +1,9 @@
 """memcom-experiment: the grid writes every required column, resumes, and refuses mismatched runs."""
 
 import csv
+import json
 import os
+import shutil
 from typing import List
 
 import pytest
@@ -18,9 +20,12 @@ REQUIRED = [
 TRAIN_ARGS = ["--epochs", "1", "--max-steps", "15", "--eval-batch-size", "2048"]
 
 
-def grid(ml100k_dir: str, out: str, train_args: List[str]) -> None:
+LRS = ["0.05", "0.3"]
+
+
+def grid(ml100k_dir: str, out: str, train_args: List[str], lrs: List[str] = LRS) -> None:
     main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "uncompressed", "memcom", "--ratios", "16",
-          "--launcher", "python", "--", *train_args])
+          "--embedding-lrs", *lrs, "--launcher", "python", "--", *train_args])
 
 
 def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, monkeypatch) -> None:
@@ -36,8 +41,19 @@ def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, m
     base, mem = float(rows[0]["ndcg@10"]), float(rows[1]["ndcg@10"])
     assert float(rows[1]["relative_loss"]) == pytest.approx((base - mem) / base)
     assert float(rows[1]["item_table_ratio"]) >= 16.0
+    # Each cell keeps the learning rate best on validation, among runs that all exist.
+    for r in rows:
+        assert r["embedding_lrs"] == "0.05 0.3"
+        valid = {}
+        for lr in LRS:
+            run = os.path.join(out, "runs", experiment.run_key(r["method"], float(r["compression_ratio"]), 0, float(lr)))
+            valid[lr] = json.load(open(os.path.join(run, "metrics.json")))["valid_ndcg@10"]
+        assert float(r["valid_ndcg@10"]) == max(valid.values())
+        assert float(r["embedding_lr"]) == float(max(valid, key=valid.get))
     table = open(os.path.join(out, "results.md")).read()
     assert "| memcom | 16 |" in table and "popularity" in table
+    within = float(rows[1]["relative_loss"]) <= 0.04
+    assert ("- memcom: 16x" if within else "- memcom: none of the ratios tried") in table
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
 
     # Resumed: nothing trains again.
@@ -49,8 +65,19 @@ def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, m
     assert len(read_results(os.path.join(out, "results.csv"))) == 2
 
     # Other training flags into the same directory: a clear error, not a silent mix.
-    with pytest.raises(ValueError, match="uncompressed 1x seed 0 was trained with"):
+    with pytest.raises(ValueError, match="uncompressed 1x seed 0 has train_args"):
         grid(ml100k_dir, out, TRAIN_ARGS + ["--dropout", "0.25"])
+    with pytest.raises(ValueError, match="has embedding_lrs '0.05 0.3', this grid passes '0.1'"):
+        grid(ml100k_dir, out, TRAIN_ARGS, lrs=["0.1"])
+    other = str(tmp_path / "ml-100k-copy")
+    shutil.copytree(ml100k_dir, other)
+    with pytest.raises(ValueError, match="has dataset 'ml-100k'"):
+        grid(other, out, TRAIN_ARGS)
+
+
+def test_flags_the_grid_sets_are_refused(ml100k_dir: str, tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        grid(ml100k_dir, str(tmp_path / "g"), ["--seed=3"])
 
 
 def test_run_dir_with_other_args_is_not_reused(ml100k_dir: str, tmp_path) -> None:

@@ -42,6 +42,15 @@ def test_target_rank_matches_reference(scores, target, excluded) -> None:
     assert int(got[0]) == reference_rank(scores, target, set(excluded) - {target})
 
 
+def test_nan_scores_rank_last() -> None:
+    """A diverged model must not look perfect: NaN items rank above the target, a NaN target ranks last."""
+    nan = float("nan")
+    scores = torch.tensor([[0.9, nan, 0.1, 0.5], [nan, nan, nan, nan], [nan, 0.2, 0.3, 0.4]])
+    ranks = target_ranks(scores, torch.tensor([0, 2, 0]), torch.tensor([0, 1, 1]), torch.tensor([3, 3]))
+    assert ranks.tolist() == [2, 3, 3]
+    assert ranking_totals(ranks, k=1).hits == 0
+
+
 def test_batch_of_users_and_metric_values() -> None:
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(7, 30, generator=g).round(decimals=1)  # rounding creates ties

@@ -44,12 +44,20 @@ def replica_pooled(table: rs.ItemTable, h: torch.Tensor) -> torch.Tensor:
     return v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-@pytest.mark.parametrize("method,size", [("memcom", 7), ("hashing", 9), ("qr", 6)])
+@pytest.mark.parametrize("method,size", [("uncompressed", N), ("memcom", 7), ("hashing", 9), ("qr", 6)])
 def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     common = dict(name="item", num_embeddings=N, embedding_dim=D, feature_names=["history"], pooling=PoolingType.MEAN)
     torch.manual_seed(0)
     table = rs.ItemTable(method, N, size)
-    if method == "qr":
+    if method == "uncompressed":
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+        real = EmbeddingBagCollection([EmbeddingBagConfig(**common)])
+        u = real.embedding_bags["item"].weight
+        real_params, replica_params = [u], [table.table]
+        with torch.no_grad():
+            table.table.copy_(u)
+    elif method == "qr":
         real = QREmbeddingBagCollection([QREmbeddingBagConfig(num_collisions=size, **common)])
         q, r = real.qr_parameters("item")
         with torch.no_grad():
@@ -86,21 +94,42 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method,size", [("uncompressed", 1), ("memcom", 7), ("hashing", 9), ("qr", 6), ("memcom_qr", 6)])
+def test_replica_init_matches_collections(method: str, size: int) -> None:
+    """Tables start as the product's do: uniform +-sqrt(1/n) (n: entities, not rows), R = 1, w = 1."""
+    n = 5000  # enough draws that the largest |value| is within 1% of the bound
+    table = rs.ItemTable(method, n, size)
+    bound = (1.0 / n) ** 0.5
+    assert bound * 0.99 < float(table.table.abs().max()) <= bound
+    if method in ("qr", "memcom_qr"):
+        assert torch.all(table.remainder == 1.0)
+    if method.startswith("memcom"):
+        assert torch.all(table.w == 1.0)
+    if method in ("memcom", "hashing"):  # the product's bound for the same table, unsharded
+        cfg = MEmComEmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=D, feature_names=["f"],
+                                       num_buckets=size, train_entity_weights=method == "memcom")
+        u, _ = MEmComEmbeddingBagCollection([cfg]).memcom_parameters("t")
+        assert bound * 0.99 < float(u.abs().max()) <= bound
+
+
 def test_replica_optimizer_matches_reference() -> None:
     torch.manual_seed(0)
     table, vec = torch.randn(8, 4), torch.randn(8)
     p_table, p_vec = table.clone().requires_grad_(), vec.clone().requires_grad_()
     opt = rs.RowwiseAdagrad([p_table, p_vec], lr=0.1)
     s_table, s_vec = torch.zeros(8), torch.zeros(8)
+    before = p_table.detach().clone()
     for step in range(3):
         g_table, g_vec = torch.randn(8, 4), torch.randn(8)
-        g_table[step] = 0.0  # an untouched row stays put
+        g_table[step] = 0.0  # a row no id touched
         p_table.grad, p_vec.grad = g_table.clone(), g_vec.clone()
         opt.step()
         rowwise_adagrad_(table, g_table, s_table, 0.1, 1e-8)
         adagrad_(vec, g_vec, s_vec, 0.1, 1e-8)
         torch.testing.assert_close(p_table.detach(), table)
         torch.testing.assert_close(p_vec.detach(), vec)
+        assert torch.equal(p_table.detach()[step], before[step])  # no decay or momentum moves it
+        before = p_table.detach().clone()
 
 
 def test_replica_ranks_like_the_metric_code() -> None:
@@ -122,14 +151,16 @@ def test_replica_ranks_like_the_metric_code() -> None:
             return self
 
     g = torch.Generator().manual_seed(0)
-    b, n = 40, 30
+    b, n = 45, 30  # several evaluation chunks of 8 (and a short last one)
     scores = torch.randint(0, 5, (b, n), generator=g).float()  # many ties
     lengths = torch.randint(0, 6, (b,), generator=g)
     values = torch.randint(0, n, (int(lengths.sum()),), generator=g)
     split = {"user": torch.arange(b, dtype=torch.int32), "item": torch.randint(0, n, (b,), generator=g).int(),
              "history": torch.zeros(b, 1, dtype=torch.int16), "exclude_lengths": lengths.int(),
              "exclude_values": values.to(torch.int16)}
-    got = rs.evaluate(Fixed(scores), split, n)
+    scores[3] = float("nan")  # a diverged row ranks last
+    scores[5, 7] = float("nan")
+    got = rs.evaluate(Fixed(scores), split, n, chunk=8)
     totals = ranking_totals(target_ranks(scores, split["item"], lengths, values))
     assert got["ndcg"] == pytest.approx(totals.mean_ndcg)
     assert got["hr"] == pytest.approx(totals.mean_hr)

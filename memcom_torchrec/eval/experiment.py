@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -27,8 +28,10 @@ FIELDS = [
     "dataset", "model", "method", "compression_ratio", "embedding_params", "embedding_bytes",
     "ndcg@10", "hr@10", "relative_loss", "seed", "train_seconds",
     "valid_ndcg@10", "item_table_ratio", "embedding_lr", "epochs_run", "best_epoch", "world_size", "run_dir",
-    "train_args",
+    "train_args", "embedding_lrs",
 ]
+# Set by the grid for each run: passing them after `--` would mislabel the rows.
+GRID_FLAGS = ("--method", "--compression-ratio", "--seed", "--embedding-lr", "--data-dir", "--out-dir")
 DEFAULT_RATIOS = [4.0, 16.0, 40.0]
 
 
@@ -174,33 +177,44 @@ def run_grid(args: argparse.Namespace) -> None:
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
     csv_path = os.path.join(args.out_dir, "results.csv")
     done = {(r["method"], float(r["compression_ratio"]), int(r["seed"])): r for r in read_results(csv_path)}
-    wanted = " ".join(args.train_args)
+    wanted = {
+        "dataset": os.path.basename(os.path.normpath(args.data_dir)),
+        "train_args": " ".join(args.train_args),
+        "embedding_lrs": " ".join(f"{lr:g}" for lr in sorted(args.embedding_lrs)),
+    }
     extra = {16.0: args.seeds_at_16} if args.seeds_at_16 else {}
     grid = cells(args.methods, args.ratios, args.seeds, extra)
     from tqdm import tqdm
 
     for method, ratio, seed in tqdm(grid, desc="grid"):
         if (method, ratio, seed) in done:
-            before = done[(method, ratio, seed)].get("train_args") or ""
-            if before and before != wanted:  # empty: a row from before train_args was recorded
-                raise ValueError(
-                    f"{csv_path}: {method} {ratio:g}x seed {seed} was trained with '{before}', this grid "
-                    f"passes '{wanted}'; use another --out-dir"
-                )
+            for key, value in wanted.items():
+                before = done[(method, ratio, seed)].get(key) or ""
+                if before and before != value:  # empty: a row from a version that did not record it
+                    raise ValueError(
+                        f"{csv_path}: {method} {ratio:g}x seed {seed} has {key} '{before}', this grid "
+                        f"passes '{value}'; use another --out-dir"
+                    )
             continue
         # Same tuning budget for every method: each learning rate, best on validation.
         rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args, args.launcher)
                 for lr in args.embedding_lrs]
-        best = max(rows, key=lambda r: float(r["valid_ndcg@10"]))
-        append_result(csv_path, best)
+        best = max(rows, key=lambda r: _valid_score(r))
+        append_result(csv_path, dict(best, embedding_lrs=wanted["embedding_lrs"]))
     report(args.out_dir, args.data_dir)
+
+
+def _valid_score(row: Dict[str, object]) -> float:
+    """The selection key: validation nDCG@10, a NaN (diverged run) counting as the worst."""
+    v = float(row["valid_ndcg@10"])  # pyre-ignore
+    return float("-inf") if math.isnan(v) else v
 
 
 def _relative_loss(rows: List[Dict[str, str]]) -> None:
     base = [float(r["ndcg@10"]) for r in rows if r["method"] == "uncompressed"]
     ref = statistics.mean(base) if base else float("nan")
     for r in rows:
-        r["relative_loss"] = (ref - float(r["ndcg@10"])) / ref if base else float("nan")
+        r["relative_loss"] = (ref - float(r["ndcg@10"])) / ref if base and ref > 0 else float("nan")
 
 
 def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04) -> str:
@@ -248,6 +262,8 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
             f"{100 * statistics.mean(rl):.1f}% | {len(rs)} | {statistics.mean(float(r['train_seconds']) for r in rs):.0f} |"
         )
     lines += ["", f"Largest compression ratio within {100 * threshold:.0f}% relative nDCG@10 loss (mean over seeds):", ""]
+    if not any(m == "uncompressed" for m, _ in groups):
+        lines.append("- no uncompressed run in these results: relative losses are unknown")
     for method in sorted({m for m, _ in groups if m != "uncompressed"}, key=lambda m: order.get(m, 9)):
         ok = [r for (m, r), rs in groups.items() if m == method
               and statistics.mean(float(x["relative_loss"]) for x in rs) <= threshold]
@@ -306,6 +322,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.train_args and args.train_args[0] == "--":
         args.train_args = args.train_args[1:]
+    clash = [a for a in args.train_args if a.split("=")[0] in GRID_FLAGS]
+    if clash:
+        p.error(f"{clash} after '--': the grid sets {', '.join(GRID_FLAGS)} itself")
     read_manifest(args.data_dir)  # fail fast on a bad data dir
     return args
 

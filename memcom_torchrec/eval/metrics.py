@@ -76,9 +76,11 @@ def target_ranks(
         excluded[rows, exclude_values.long()] = True
     excluded[torch.arange(b, device=scores.device), targets] = False
     target_scores = scores.gather(1, targets.unsqueeze(1))
-    above = (scores > target_scores) & ~excluded
+    # A NaN target ranks last and a NaN item counts as above the target, so a
+    # diverged model scores 0, never a perfect rank.
+    above = ((scores > target_scores) | scores.isnan() | target_scores.isnan()) & ~excluded
     ties = (scores == target_scores) & ~excluded
-    return 1 + above.sum(1) + ties.sum(1) - 1  # the target ties with itself
+    return 1 + above.sum(1) + ties.sum(1) - 1  # the target ties with itself (a NaN target: counted in above)
 
 
 def ranking_totals(ranks: torch.Tensor, k: int = 10) -> RankingTotals:

@@ -352,8 +352,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     best = latest_checkpoint(best_root) if os.path.isdir(best_root) else None
     if best is not None:
         load_checkpoint(best, model)
+    if state["valid"]:
+        valid_best = max(v["ndcg"] for v in state["valid"])
+    else:  # stopped by max_steps before any validation: score the final model, the one tested below
+        valid_best = evaluate(cfg, model, "valid", rank, world, device).mean_ndcg
     test = evaluate(cfg, model, "test", rank, world, device)
-    valid_best = max((v["ndcg"] for v in state["valid"]), default=float("nan"))
     result = {
         "method": cfg.method,
         "target_compression_ratio": cfg.compression_ratio if cfg.method != "uncompressed" else 1.0,
