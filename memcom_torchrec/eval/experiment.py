@@ -33,6 +33,7 @@ FIELDS = [
 # Set by the grid for each run: passing them after `--` would mislabel the rows.
 GRID_FLAGS = ("--method", "--compression-ratio", "--seed", "--embedding-lr", "--data-dir", "--out-dir")
 DEFAULT_RATIOS = [4.0, 16.0, 40.0]
+MODEL_NAMES = {"next_item": "next-item classifier", "ranknet": "RankNet-style pairwise ranker"}
 
 
 def run_key(method: str, ratio: float, seed: int, lr: float) -> str:
@@ -239,7 +240,8 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
     for r in rows:
         groups.setdefault((r["method"], float(r["compression_ratio"])), []).append(r)
     lines = [
-        f"Dataset: {rows[0]['dataset']}, model: next-item classifier, metric: full-ranking test nDCG@10 / HR@10 "
+        f"Dataset: {rows[0]['dataset']}, model: {MODEL_NAMES.get(rows[0]['model'], rows[0]['model'])}, "
+        "metric: full-ranking test nDCG@10 / HR@10 "
         "(leave-last-out, seen items excluded). Embedding lr: the cell's learning rate (with several "
         "`--embedding-lrs`, the one best on validation).",
         "",
