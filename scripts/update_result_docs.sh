@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Redraws an ML-1M table and plot from RUN_DIR/results.csv into docs/NAME.{md,png,csv} and into the
-# README between its <!-- NAME-table --> markers.
-#   bash scripts/update_ml1m_docs.sh [RUN_DIR] [NAME]   (default: runs/ml1m_tuned ml1m_results)
+# Redraws a results table and plot from RUN_DIR/results.csv (popularity from DATA_DIR) into
+# docs/NAME.{md,png,csv} and into the README between its <!-- NAME-table --> markers.
+#   bash scripts/update_result_docs.sh [RUN_DIR] [NAME] [DATA_DIR]
+#   (default: runs/ml1m_tuned ml1m_results data/ml-1m)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/ml1m_tuned}
 NAME=${2:-ml1m_results}
-.venv/bin/memcom-experiment --data-dir data/ml-1m --out-dir "$RUN_DIR" --report-only > /dev/null
+DATA_DIR=${3:-data/ml-1m}
+.venv/bin/memcom-experiment --data-dir "$DATA_DIR" --out-dir "$RUN_DIR" --report-only > /dev/null
 mkdir -p docs
 cp "$RUN_DIR/results.md" "docs/$NAME.md"
 cp "$RUN_DIR/results.png" "docs/$NAME.png"
