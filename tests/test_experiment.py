@@ -110,3 +110,32 @@ def test_results_with_foreign_columns_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="do not match"):
         append_result(path, {k: "2" for k in FIELDS})
     assert open(path).read() == "user,item\n1,2\n"  # untouched
+
+
+def _append_many(path: str, tag: str) -> None:
+    for i in range(150):
+        append_result(path, {"method": tag, "seed": i})
+
+
+def _rewrite_many(path: str) -> None:
+    for _ in range(150):
+        with experiment._locked(path):
+            if os.path.exists(path):
+                experiment._rewrite(path, read_results(path))  # what report() does with the relative losses
+
+
+def test_concurrent_grids_lose_no_rows(tmp_path) -> None:
+    """Two grids appending to one results.csv while a report rewrites it: every row survives."""
+    import multiprocessing as mp
+
+    path = str(tmp_path / "results.csv")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, t)) for t in ("a", "b")]
+    procs.append(ctx.Process(target=_rewrite_many, args=(path,)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    rows = read_results(path)
+    assert sorted((r["method"], int(r["seed"])) for r in rows) == [(t, i) for t in ("a", "b") for i in range(150)]

@@ -9,7 +9,9 @@ once, and runs already there are skipped, so an interrupted grid resumes.
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import math
@@ -18,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from memcom_torchrec.data.manifest import read_manifest
 
@@ -47,6 +49,27 @@ def read_results(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (via ``path.lock``): grids sharing an out dir never lose a row."""
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _rewrite(path: str, rows: List[Dict[str, object]]) -> None:
+    """Replaces results.csv by ``rows`` (``FIELDS`` columns), atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+    os.replace(tmp, path)
+
+
 def _check_columns(path: str) -> None:
     """Raises on a results.csv this version cannot append to; upgrades one from an older version in place.
 
@@ -59,26 +82,21 @@ def _check_columns(path: str) -> None:
         return
     if not header or not set(header) <= set(FIELDS):
         raise ValueError(f"{path}: columns {header} do not match this version's {FIELDS}; use another --out-dir")
-    rows = read_results(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
-    os.replace(tmp, path)
+    _rewrite(path, read_results(path))
 
 
 def append_result(path: str, row: Dict[str, object]) -> None:
-    new = not os.path.exists(path)
-    if not new:
-        _check_columns(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in FIELDS})
-        f.flush()
-        os.fsync(f.fileno())
+    with _locked(path):
+        new = not os.path.exists(path)
+        if not new:
+            _check_columns(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def train_command(launcher: str, nproc: int, data_dir: str, run_dir: str, args: List[str]) -> List[str]:
@@ -221,16 +239,13 @@ def _relative_loss(rows: List[Dict[str, str]]) -> None:
 def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04) -> str:
     """Writes results.md (table) and results.png (nDCG@10 vs compression ratio per method)."""
     csv_path = os.path.join(out_dir, "results.csv")
-    rows = read_results(csv_path)
-    if not rows:
-        raise ValueError(f"no results in {csv_path}")
-    _relative_loss(rows)
-    tmp = csv_path + ".tmp"  # write the relative losses back, atomically
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
-    os.replace(tmp, csv_path)
+    with _locked(csv_path):  # another grid may append meanwhile
+        rows = read_results(csv_path)
+        if not rows:
+            raise ValueError(f"no results in {csv_path}")
+        _check_columns(csv_path)
+        _relative_loss(rows)
+        _rewrite(csv_path, rows)  # the relative losses, written back
     pop = None
     if data_dir is not None:
         from memcom_torchrec.eval.popularity import popularity_totals
