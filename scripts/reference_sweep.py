@@ -187,25 +187,21 @@ def evaluate(
     """Full-ranking nDCG@k / HR@k, ranks as ``memcom_torchrec.eval.metrics.target_ranks`` (ties and NaN included)."""
     model.eval()
     dev = split["user"].device
-    offsets = torch.cumsum(split["exclude_lengths"].long(), 0) - split["exclude_lengths"].long()
+    lengths = split["exclude_lengths"].long()
+    offsets = [0] + torch.cumsum(lengths, 0).tolist()  # row r's exclusions: values[offsets[r]:offsets[r + 1]]
     ndcg = hit = 0.0
-    b = chunk
-    for s in range(0, split["user"].numel(), b):
-        e = min(s + b, split["user"].numel())
+    for s in range(0, split["user"].numel(), chunk):
+        e = min(s + chunk, split["user"].numel())
         scores = model(split["user"][s:e], split["history"][s:e]).float()
-        lens = split["exclude_lengths"][s:e].long()
-        rows = torch.repeat_interleave(torch.arange(e - s, device=dev), lens)
-        starts = torch.repeat_interleave(offsets[s:e], lens)
-        pos = torch.arange(rows.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        vals = split["exclude_values"][starts + pos].long()
+        rows = torch.repeat_interleave(torch.arange(e - s, device=dev), lengths[s:e])
+        vals = split["exclude_values"][offsets[s] : offsets[e]].long()
         excluded = torch.zeros_like(scores, dtype=torch.bool)
         excluded[rows, vals] = True
         target = split["item"][s:e].long()
         excluded[torch.arange(e - s, device=dev), target] = False
         ts = scores.gather(1, target.unsqueeze(1))
         above = ((scores >= ts) | scores.isnan() | ts.isnan()) & ~excluded  # the target counts itself once
-        rank = above.sum(1)
-        rank = rank.double()
+        rank = above.sum(1).double()
         ok = rank <= k
         ndcg += float(torch.where(ok, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank)).sum())
         hit += float(ok.sum())

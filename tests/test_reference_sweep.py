@@ -13,6 +13,7 @@ import torch
 from torchrec import KeyedJaggedTensor, PoolingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_embedding_modules import entity_weights_to_dense
 from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection, QREmbeddingBagConfig
 from reference import adagrad_, rowwise_adagrad_
 
@@ -88,8 +89,6 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     g_real = torch.autograd.grad((expected * proj).sum(), real_params)
     for a, b in zip(g_replica, g_real):
         if a.shape != b.shape:  # w: the replica's dense vector vs the collection's (m, Q) grid
-            from memcom_torchrec.modules.memcom_embedding_modules import entity_weights_to_dense
-
             b = entity_weights_to_dense(b, N)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

@@ -38,6 +38,11 @@ DEFAULT_RATIOS = [4.0, 16.0, 40.0]
 MODEL_NAMES = {"next_item": "next-item classifier", "ranknet": "RankNet-style pairwise ranker"}
 
 
+def dataset_name(data_dir: str) -> str:
+    """The ``dataset`` column: the data directory's name."""
+    return os.path.basename(os.path.normpath(data_dir))
+
+
 def run_key(method: str, ratio: float, seed: int, lr: float) -> str:
     return f"{method}_r{ratio:g}_s{seed}_lr{lr:g}"
 
@@ -157,7 +162,7 @@ def run_one(
     with open(metrics_path) as f:
         m = json.load(f)
     return {
-        "dataset": os.path.basename(os.path.normpath(data_dir)),
+        "dataset": dataset_name(data_dir),
         "model": m["config"].get("model", "next_item"),
         "method": method,
         "compression_ratio": ratio if method != "uncompressed" else 1.0,
@@ -197,7 +202,7 @@ def run_grid(args: argparse.Namespace) -> None:
     csv_path = os.path.join(args.out_dir, "results.csv")
     done = {(r["method"], float(r["compression_ratio"]), int(r["seed"])): r for r in read_results(csv_path)}
     wanted = {
-        "dataset": os.path.basename(os.path.normpath(args.data_dir)),
+        "dataset": dataset_name(args.data_dir),
         "train_args": " ".join(args.train_args),
         "embedding_lrs": " ".join(f"{lr:g}" for lr in sorted(args.embedding_lrs)),
     }
@@ -218,7 +223,7 @@ def run_grid(args: argparse.Namespace) -> None:
         # Same tuning budget for every method: each learning rate, best on validation.
         rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args, args.launcher)
                 for lr in args.embedding_lrs]
-        best = max(rows, key=lambda r: _valid_score(r))
+        best = max(rows, key=_valid_score)
         append_result(csv_path, dict(best, embedding_lrs=wanted["embedding_lrs"]))
     report(args.out_dir, args.data_dir)
 
@@ -243,7 +248,7 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
         rows = read_results(csv_path)
         if not rows:
             raise ValueError(f"no results in {csv_path}")
-        _check_columns(csv_path)
+        _check_columns(csv_path)  # refuses a foreign file before it is rewritten below
         _relative_loss(rows)
         _rewrite(csv_path, rows)  # the relative losses, written back
     pop = None

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from memcom_torchrec.models.embeddings import SECOND_TABLE_SUFFIX
+
 USER_FEATURE, HISTORY_FEATURE = "user_id", "history"
 
 
@@ -62,7 +64,7 @@ class NextItemClassifier(nn.Module):
         pooled = self.embeddings(features).to_dict()
         history = pooled[HISTORY_FEATURE]
         if self.second_history_table:
-            history = history + pooled[HISTORY_FEATURE + "2"]
+            history = history + pooled[HISTORY_FEATURE + SECOND_TABLE_SUFFIX]
         x = torch.cat([history, pooled[USER_FEATURE]], dim=1)
         return self.output(self.mlp(x))
 

@@ -219,9 +219,10 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
         num_workers=cfg.num_workers,
     )
     totals = RankingTotals()
+    transform = batch_transform(cfg)
     for batch in tqdm(loader, desc=f"eval {split}", disable=rank != 0, leave=False, mininterval=5.0):
         real = len(batch)
-        batch = batch_transform(cfg)(pad_batch(batch, cfg.eval_batch_size)).to(device)  # equal sizes on all ranks
+        batch = transform(pad_batch(batch, cfg.eval_batch_size)).to(device)  # equal sizes on all ranks
         _, (_, scores, labels) = model(batch)
         ex = batch.exclude
         ranks = target_ranks(
