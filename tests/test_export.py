@@ -23,7 +23,7 @@ from memcom_torchrec.train.checkpoint import save_checkpoint, table_signature
 from memcom_torchrec.train.trainer import TrainConfig, build_model
 
 NUM_USERS, NUM_ITEMS = 50, 120
-METHODS = ["uncompressed", "hashing", "memcom", "qr"]
+METHODS = ["uncompressed", "hashing", "memcom", "qr", "memcom_qr"]
 BATCHES = [1, 4, 37, 256]
 
 
@@ -36,7 +36,7 @@ def tiny_model(method: str, seed: int = 0, **overrides):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "_entity_weights" in name:  # MEmCom w: around 1, but not 1
+            if "_entity_weights" in name or "__w." in name:  # MEmCom (and MEmCom-QR) w: around 1, but not 1
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
@@ -83,7 +83,7 @@ def test_slim_model_equals_torchrec_model(method):
     ids, lengths, users = make_inputs(5, seed=1)
     if method == "hashing":
         assert slim.history.info.kind == "hashing" and not hasattr(slim.history, "entity_weights")
-    if method == "memcom":
+    if method in ("memcom", "memcom_qr"):
         assert slim.history.entity_weights.weight.shape == (NUM_ITEMS, 1)
 
 
@@ -187,7 +187,7 @@ def test_bad_checkpoints(tmp_path):
     "method,backend,dtype",
     [("memcom", "portable", "fp32"), ("memcom", "xnnpack", "fp32"), ("uncompressed", "xnnpack", "fp32"),
      ("hashing", "xnnpack", "fp32"), ("qr", "portable", "fp32"), ("memcom", "xnnpack", "compact"),
-     ("qr", "xnnpack", "compact")],
+     ("qr", "xnnpack", "compact"), ("memcom_qr", "xnnpack", "compact")],
 )
 def test_pte_equals_eager(tmp_path, method, backend, dtype):
     pytest.importorskip("executorch")

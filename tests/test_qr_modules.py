@@ -36,10 +36,11 @@ KEYS = ["hist", "target", "user", "cat"]
 SIZES = {"hist": N_ITEM, "target": N_ITEM, "user": N_USER, "cat": N_CAT}
 
 
-def tables(mean_cat: bool = True, cat_dim: int = 4) -> List[EmbeddingBagConfig]:
+def tables(mean_cat: bool = True, cat_dim: int = 4, entity_weights: bool = False) -> List[EmbeddingBagConfig]:
     return [
         QREmbeddingBagConfig(
-            name="item", num_embeddings=N_ITEM, embedding_dim=8, feature_names=["hist", "target"], num_collisions=7
+            name="item", num_embeddings=N_ITEM, embedding_dim=8, feature_names=["hist", "target"], num_collisions=7,
+            entity_weights=entity_weights,
         ),
         EmbeddingBagConfig(name="user", num_embeddings=N_USER, embedding_dim=cat_dim, feature_names=["user"]),
         QREmbeddingBagConfig(
@@ -52,10 +53,12 @@ def tables(mean_cat: bool = True, cat_dim: int = 4) -> List[EmbeddingBagConfig]:
 def build(seed: int = 0, is_weighted: bool = False, **kw) -> QREmbeddingBagCollection:
     torch.manual_seed(seed)
     ebc = QREmbeddingBagCollection(tables(**kw), is_weighted=is_weighted)
-    with torch.no_grad():  # R starts at 1.0: randomise it so that a Q/R mix-up shows
+    with torch.no_grad():  # R and w start at 1.0: randomise them so that a mix-up shows
         for t in ebc.embedding_bag_configs():
             if isinstance(t, QREmbeddingBagConfig):
                 ebc.qr_parameters(t.name)[1].uniform_(0.5, 1.5)
+                if t.entity_weights:
+                    ebc.entity_weights(t.name).uniform_(0.5, 1.5)
     return ebc
 
 
@@ -68,8 +71,9 @@ def reference_qr_pool(
     lengths: torch.Tensor,
     mean: bool,
     input_weights: Optional[torch.Tensor] = None,
+    w: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``out[b] = sum_j c_j Q[i_j // p] * R[i_j % p]`` (or ``E[i_j]`` for a plain table), bag by bag."""
+    """``out[b] = sum_j c_j (w[i_j]) Q[i_j // p] * R[i_j % p]`` (or ``E[i_j]`` for a plain table), bag by bag."""
     dim = (Q if Q is not None else E).shape[1]
     rows, start = [], 0
     for length in lengths.tolist():
@@ -77,6 +81,8 @@ def reference_qr_pool(
         for j in range(start, start + length):
             i = int(ids[j])
             term = Q[i // p] * R[i % p] if Q is not None else E[i]
+            if w is not None:
+                term = w[i] * term
             if input_weights is not None:
                 term = input_weights[j] * term
             acc = acc + term
@@ -93,22 +99,24 @@ def reference_outputs(ebc: QREmbeddingBagCollection, values, lengths, batch, wei
     for t in ebc.embedding_bag_configs():
         if isinstance(t, QREmbeddingBagConfig):
             Q, R = (x.detach().clone().requires_grad_() for x in ebc.qr_parameters(t.name))
-            leaves[t.name] = (Q, R, None, t)
+            w = ebc.entity_weights(t.name).detach().clone().requires_grad_() if t.entity_weights else None
+            leaves[t.name] = (Q, R, w, None, t)
         else:
             child = getattr(ebc, ebc.feature_specs()[t.feature_names[0]].group)
             E = child.embeddings[t.name].weight.detach().clone().requires_grad_()
-            leaves[t.name] = (None, None, E, t)
+            leaves[t.name] = (None, None, None, E, t)
     table_of = {f: t.name for t in ebc.embedding_bag_configs() for f in t.feature_names}
     outs, start = {}, 0
     per_key = lengths.view(len(KEYS), batch)
     for k, key in enumerate(KEYS):
         ln = per_key[k]
         n = int(ln.sum())
-        Q, R, E, t = leaves[table_of[key]]
+        Q, R, w, E, t = leaves[table_of[key]]
         outs[key] = reference_qr_pool(
             Q, R, E, getattr(t, "num_collisions", 0), values[start : start + n], ln,
             mean=t.pooling == PoolingType.MEAN,
             input_weights=None if weights is None else weights[start : start + n],
+            w=w,
         )
         start += n
     return leaves, outs
@@ -119,6 +127,9 @@ def module_grads(ebc: QREmbeddingBagCollection) -> Dict[str, Tuple[torch.Tensor,
     for t in ebc.embedding_bag_configs():
         if isinstance(t, QREmbeddingBagConfig):
             grads[t.name] = tuple(x.grad for x in ebc.qr_parameters(t.name))
+            if t.entity_weights:
+                packed = getattr(ebc, "_embedding_collection_d4").embeddings[t.name + "__w"].weight
+                grads[t.name] += (None if packed.grad is None else packed.grad.view(-1)[: t.num_embeddings],)
         else:
             child = getattr(ebc, ebc.feature_specs()[t.feature_names[0]].group)
             grads[t.name] = (child.embeddings[t.name].weight.grad,)
@@ -138,9 +149,11 @@ def check_against_reference(ebc, kjt, values, lengths, batch, weights=None) -> N
     if ref_values.requires_grad:  # an empty batch looks nothing up
         (ref_values * proj).sum().backward()
     got = module_grads(ebc)
-    for name, (Q, R, E, _) in leaves.items():
-        expected = (Q.grad, R.grad) if Q is not None else (E.grad,)
-        for g, e, what in zip(got[name], expected, ("Q", "R") if Q is not None else ("E",)):
+    for name, (Q, R, w, E, _) in leaves.items():
+        expected = (Q.grad, R.grad) + ((w.grad,) if w is not None else ()) if Q is not None else (E.grad,)
+        whats = ("Q", "R", "w") if Q is not None else ("E",)
+        assert len(got[name]) == len(expected)
+        for g, e, what in zip(got[name], expected, whats):
             if e is None:  # table not looked up (empty batch)
                 assert g is None or torch.count_nonzero(g) == 0
                 continue
@@ -152,13 +165,14 @@ def check_against_reference(ebc, kjt, values, lengths, batch, weights=None) -> N
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [5, 1, 0])
 @pytest.mark.parametrize("mean_cat", [True, False])
-def test_forward_and_gradients_match_reference(batch: int, mean_cat: bool) -> None:
+@pytest.mark.parametrize("entity_weights", [False, True])
+def test_forward_and_gradients_match_reference(batch: int, mean_cat: bool, entity_weights: bool) -> None:
     g = torch.Generator().manual_seed(batch + 10 * mean_cat)
     values, lengths = make_kjt_inputs(KEYS, SIZES, batch, 6, g)
     if batch:
         lengths[0] = 0  # an empty bag for sure
         values, lengths = _rebuild(values, lengths, batch, g)
-    ebc = build(mean_cat=mean_cat)
+    ebc = build(mean_cat=mean_cat, entity_weights=entity_weights)
     kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, stride=batch)
     check_against_reference(ebc, kjt, values, lengths, batch)
 
@@ -180,12 +194,13 @@ def test_all_bags_empty_gives_zeros() -> None:
     assert torch.count_nonzero(kt.values()) == 0
 
 
-def test_weighted_input_matches_reference() -> None:
+@pytest.mark.parametrize("entity_weights", [False, True])
+def test_weighted_input_matches_reference(entity_weights: bool) -> None:
     g = torch.Generator().manual_seed(3)
     batch = 4
     values, lengths = make_kjt_inputs(KEYS, SIZES, batch, 5, g)
     weights = torch.rand(values.numel(), generator=g) * 2 - 0.5
-    ebc = build(is_weighted=True)
+    ebc = build(is_weighted=True, entity_weights=entity_weights)
     kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, weights=weights, stride=batch)
     check_against_reference(ebc, kjt, values, lengths, batch, weights)
 
@@ -219,6 +234,28 @@ def test_entity_embeddings_are_distinct_products() -> None:
     hist = ebc(kjt).to_dict()["hist"]
     torch.testing.assert_close(hist, Q[ids // 7] * R[ids % 7])
     assert torch.unique(hist.detach(), dim=0).shape[0] == n
+
+
+def test_entity_weights_scale_each_entity_and_live_in_a_packed_dim4_table() -> None:
+    """memcom_qr: entity i is w[i] * Q[i // p] * R[i % p]; w is packed 4 per row, init 1."""
+    torch.manual_seed(0)
+    fresh = QREmbeddingBagCollection(tables(entity_weights=True, cat_dim=8))
+    packed = fresh.state_dict()["_embedding_collection_d4.embeddings.item__w.weight"]
+    assert tuple(packed.shape) == (math.ceil(N_ITEM / 4), 4) and torch.all(packed == 1.0)
+    assert "_embedding_collection.embeddings.item__w.weight" not in fresh.state_dict()
+    ebc = build(mean_cat=False, entity_weights=True)
+    Q, R = ebc.qr_parameters("item")
+    w = ebc.entity_weights("item")
+    n = N_ITEM
+    ids = torch.arange(n)
+    lengths = torch.cat([torch.ones(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)]).long()
+    hist = ebc(KeyedJaggedTensor(keys=KEYS, values=ids, lengths=lengths, stride=n)).to_dict()["hist"]
+    torch.testing.assert_close(hist, w[ids].unsqueeze(1) * Q[ids // 7] * R[ids % 7])
+    with torch.no_grad():
+        w.fill_(1.0)
+        ebc.reset_parameters()
+    with pytest.raises(KeyError, match="not a QR table with entity_weights"):
+        build().entity_weights("item")
 
 
 def test_parameter_names_shapes_and_init() -> None:
@@ -300,6 +337,25 @@ def test_num_collisions_for_ratio_is_smallest_p_reaching_ratio(n: int) -> None:
         assert p == expected, (n, ratio)
         assert qr_compression_ratio(n, 16, p) >= ratio
         assert qr_num_rows(n, p) == math.ceil(n / p) + p
+
+
+@pytest.mark.parametrize("n, d", [(53, 8), (1000, 16), (3706, 64)])
+def test_ratio_rule_with_entity_weights_counts_n_more_parameters(n: int, d: int) -> None:
+    for ratio in [1.5, 2.0, 4.0, 8.0, 16.0, 30.0]:
+        fits = [p for p in range(1, n + 1) if n * d / ((math.ceil(n / p) + p) * d + n) >= ratio]
+        if not fits:
+            with pytest.raises(ValueError, match="unreachable with the quotient-remainder trick with per-entity"):
+                num_collisions_for_ratio(n, ratio, d, n)
+            continue
+        p = num_collisions_for_ratio(n, ratio, d, n)
+        assert p == min(fits), (n, d, ratio)
+        t = QREmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=d, feature_names=["f"],
+                                 compression_ratio=ratio, entity_weights=True)
+        assert t.num_collisions == p
+        assert t.num_parameters == (math.ceil(n / p) + p) * d + n
+        assert t.achieved_compression_ratio() >= ratio
+    # ML-1M's item table at 16x: w (3,706 scalars) leaves fewer rows than plain QR gets.
+    assert num_collisions_for_ratio(3706, 16.0, 64, 3706) > num_collisions_for_ratio(3706, 16.0)
 
 
 def test_ratio_rule_examples() -> None:
@@ -408,6 +464,19 @@ def test_table_memory_of_qr_table() -> None:
     assert table_memory(t, EmbOptimType.EXACT_SGD).optimizer_state_bytes == 0
 
 
+def test_table_memory_of_qr_table_with_entity_weights() -> None:
+    t = QREmbeddingBagConfig(name="t", num_embeddings=1001, embedding_dim=16, feature_names=["f"], num_collisions=30,
+                             entity_weights=True)
+    rows, w_rows = math.ceil(1001 / 30) + 30, math.ceil(1001 / 4)
+    mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+    assert mem.num_rows == rows
+    assert mem.num_parameters == rows * 16 + 1001
+    assert mem.param_bytes == (rows * 16 + w_rows * 4) * 4  # w packed 4 per row, padding included
+    assert mem.optimizer_state_bytes == (rows + w_rows) * 4  # one row-wise state per row of Q, R and packed w
+    assert mem.compression_ratio == pytest.approx(1001 * 16 / (rows * 16 + 1001))
+    assert mem.compression_ratio == pytest.approx(t.achieved_compression_ratio())
+
+
 # ---------------------------------------------------------------------------
 # Sharded (2-process gloo DMP) against the unsharded twin
 # ---------------------------------------------------------------------------
@@ -416,10 +485,11 @@ DIST_SIZES = {"hist": 101, "target": 101, "user": 12, "cat": 30}
 OPT = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 
 
-def dist_tables() -> List[EmbeddingBagConfig]:
+def dist_tables(entity_weights: bool = False) -> List[EmbeddingBagConfig]:
     return [
         QREmbeddingBagConfig(
-            name="item", num_embeddings=101, embedding_dim=8, feature_names=["hist", "target"], num_collisions=10
+            name="item", num_embeddings=101, embedding_dim=8, feature_names=["hist", "target"], num_collisions=10,
+            entity_weights=entity_weights,
         ),
         EmbeddingBagConfig(name="user", num_embeddings=12, embedding_dim=8, feature_names=["user"]),
         QREmbeddingBagConfig(
@@ -429,12 +499,14 @@ def dist_tables() -> List[EmbeddingBagConfig]:
     ]
 
 
-def dist_reference(seed: int = 0) -> QREmbeddingBagCollection:
+def dist_reference(seed: int = 0, entity_weights: bool = False) -> QREmbeddingBagCollection:
     torch.manual_seed(seed)
-    ref = QREmbeddingBagCollection(dist_tables())
+    ref = QREmbeddingBagCollection(dist_tables(entity_weights))
     with torch.no_grad():
         for name in ("item", "cat"):
             ref.qr_parameters(name)[1].uniform_(0.5, 1.5)
+        if entity_weights:
+            ref.entity_weights("item").uniform_(0.5, 1.5)
     return ref
 
 
@@ -449,19 +521,22 @@ def dist_batches(step: int, world_size: int, weighted: bool, batch: int = 4):
     return out
 
 
-def _dist_body(rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int, weighted: bool) -> None:
+def _dist_body(
+    rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int, weighted: bool,
+    entity_weights: bool = False,
+) -> None:
     lr = 0.1
-    ref = dist_reference()
+    ref = dist_reference(entity_weights=entity_weights)
     ref_sd = ref.state_dict()
-    ref = QREmbeddingBagCollection(dist_tables(), is_weighted=weighted)
+    ref = QREmbeddingBagCollection(dist_tables(entity_weights), is_weighted=weighted)
     ref.load_state_dict(ref_sd)
 
-    model = QREmbeddingBagCollection(dist_tables(), is_weighted=weighted, device=torch.device("meta"))
+    model = QREmbeddingBagCollection(dist_tables(entity_weights), is_weighted=weighted, device=torch.device("meta"))
     sharder = EmbeddingCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
     assert sharding_type in sharder.sharding_types("cpu")
     constraints = {
         name: ParameterConstraints(sharding_types=[sharding_type])
-        for name in ("item__q", "item__r", "user", "cat__q", "cat__r")
+        for name in ("item__q", "item__r", "user", "cat__q", "cat__r") + (("item__w",) if entity_weights else ())
     }
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints
@@ -502,6 +577,9 @@ def _dist_body(rank: int, world_size: int, sharding_type: str, optimizer: str, s
         if step == 0:  # the comparison must not be vacuous: Q and R moved
             assert not torch.allclose(got["_embedding_collection.embeddings.item__r.weight"],
                                       ref_sd["_embedding_collection.embeddings.item__r.weight"])
+            if entity_weights:
+                assert not torch.allclose(got["_embedding_collection_d4.embeddings.item__w.weight"],
+                                          ref_sd["_embedding_collection_d4.embeddings.item__w.weight"])
 
     # A bad id on one rank raises on every rank (no hang in the all-to-all).
     bad = KeyedJaggedTensor.from_lengths_sync(
@@ -520,6 +598,16 @@ def test_sharded_matches_unsharded(sharding_type: str, optimizer: str) -> None:
     steps = 1 if optimizer == "sgd" else 2
     run_multiprocess(
         _dist_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=steps, weighted=False
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
+def test_sharded_entity_weights_match_unsharded(sharding_type: str) -> None:
+    # memcom_qr: the packed w table is sharded and trained like Q and R (row-wise Adagrad, 2 steps).
+    run_multiprocess(
+        _dist_body, world_size=2, sharding_type=sharding_type, optimizer="rowwise_adagrad", steps=2, weighted=False,
+        entity_weights=True,
     )
 
 

@@ -19,7 +19,8 @@ def _train_body(rank: int, world_size: int, cfg: TrainConfig) -> None:
 @pytest.mark.parametrize(
     "model,method,world_size",
     [("next_item", "uncompressed", 1), ("next_item", "hashing", 1), ("next_item", "qr", 1),
-     ("next_item", "memcom", 2), ("next_item", "memcom_double", 1), ("ranknet", "memcom", 2)],
+     ("next_item", "memcom", 2), ("next_item", "memcom_double", 1), ("next_item", "memcom_qr", 2),
+     ("ranknet", "memcom", 2)],
 )
 def test_method_trains_and_beats_popularity(ml100k_dir: str, tmp_path, model: str, method: str, world_size: int) -> None:
     cfg = TrainConfig(

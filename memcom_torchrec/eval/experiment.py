@@ -271,7 +271,7 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
     ]
     if pop is not None:
         lines.append(f"| popularity | - | - | 0 | 0 | - | - | {pop.mean_ndcg:.4f} | {pop.mean_hr:.4f} | - | - | 0 |")
-    order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3, "memcom_double": 4}
+    order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3, "memcom_double": 4, "memcom_qr": 5}
     for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], kv[0][1])):
         nd = [float(r["ndcg@10"]) for r in rs]
         hr = [float(r["hr@10"]) for r in rs]

@@ -45,8 +45,8 @@ FP32, COMPACT = "fp32", "compact"
 DTYPES = (FP32, COMPACT)
 HISTORY_FEATURE, USER_FEATURE = "history", "user_id"
 
-PLAIN, MEMCOM, HASHING, QR = "plain", "memcom", "hashing", "qr"
-KINDS = (PLAIN, MEMCOM, HASHING, QR)
+PLAIN, MEMCOM, HASHING, QR, MEMCOM_QR = "plain", "memcom", "hashing", "qr", "memcom_qr"
+KINDS = (PLAIN, MEMCOM, HASHING, QR, MEMCOM_QR)
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class TableInfo:
         num_embeddings (int): valid ids are ``[0, num_embeddings)``.
         embedding_dim (int): ``d``.
         mean_pooling (bool): divide bag sums by their lengths.
-        num_buckets (int): ``m`` (MEmCom, hashing) or ``p`` (QR); 0 for plain.
+        num_buckets (int): ``m`` (MEmCom, hashing) or ``p`` (QR, MEmCom-QR); 0 for plain.
     """
 
     name: str
@@ -176,7 +176,7 @@ class SlimLookup(nn.Module):
         info (TableInfo): the table.
         tables (Dict[str, torch.Tensor]): float tensors by role: ``weight``
             (plain), ``U`` and optionally ``w`` (MEmCom / hashing), ``Q`` and
-            ``R`` (QR).
+            ``R`` (QR), ``Q``, ``R`` and ``w`` (MEmCom-QR).
         compact (bool): store tables quantised (see ``RowTable``/``ScalarTable``).
     """
 
@@ -186,7 +186,8 @@ class SlimLookup(nn.Module):
             raise ValueError(f"table '{info.name}': unknown kind '{info.kind}', expected one of {list(KINDS)}")
         self.info = info
         self.compact = compact
-        need = {PLAIN: ["weight"], MEMCOM: ["U", "w"], HASHING: ["U"], QR: ["Q", "R"]}[info.kind]
+        need = {PLAIN: ["weight"], MEMCOM: ["U", "w"], HASHING: ["U"], QR: ["Q", "R"],
+                MEMCOM_QR: ["Q", "R", "w"]}[info.kind]
         missing = [k for k in need if k not in tables]
         if missing:
             raise ValueError(f"table '{info.name}' ({info.kind}) lacks tensor(s) {missing}")
@@ -213,6 +214,8 @@ class SlimLookup(nn.Module):
         else:
             self.quotient = RowTable(tables["Q"], compact)
             self.remainder = RowTable(tables["R"], compact)
+            if info.kind == MEMCOM_QR:
+                self.entity_weights = ScalarTable(tables["w"], compact)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
@@ -228,7 +231,10 @@ class SlimLookup(nn.Module):
             return self.entity_weights(checked) * self.rows(torch.remainder(checked, m))
         quotient_rows = -(-n // m)
         q = self.quotient(torch.where(valid, torch.div(ids, m, rounding_mode="floor"), quotient_rows))
-        return q * self.remainder(torch.remainder(ids, m))
+        qr = q * self.remainder(torch.remainder(ids, m))
+        if kind == MEMCOM_QR:
+            return self.entity_weights(torch.where(valid, ids, n)) * qr
+        return qr
 
     def check_ids(self, feature: str, ids: torch.Tensor) -> None:
         """Eager validation: raises ``ValueError`` naming the feature, id and table."""
@@ -254,7 +260,10 @@ class SlimLookup(nn.Module):
             return {"U": self.rows.dequantized()}
         if self.info.kind == MEMCOM:
             return {"U": self.rows.dequantized(), "w": self.entity_weights.dequantized()}
-        return {"Q": self.quotient.dequantized(), "R": self.remainder.dequantized()}
+        out = {"Q": self.quotient.dequantized(), "R": self.remainder.dequantized()}
+        if self.info.kind == MEMCOM_QR:
+            out["w"] = self.entity_weights.dequantized()
+        return out
 
 
 def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -370,6 +379,9 @@ def _kind_and_tensors(collection: nn.Module, config) -> Tuple[str, int, Dict[str
         return HASHING, config.num_buckets, {"U": U}
     if kind_name == "QREmbeddingBagConfig":
         Q, R = collection.qr_parameters(config.name)
+        if config.entity_weights:
+            w = collection.entity_weights(config.name)
+            return MEMCOM_QR, config.num_collisions, {"Q": Q, "R": R, "w": w}
         return QR, config.num_collisions, {"Q": Q, "R": R}
     if hasattr(collection, "_embedding_bag_collection"):  # plain table inside a MEmCom collection
         return PLAIN, 0, {"weight": collection._embedding_bag_collection.embedding_bags[config.name].weight}

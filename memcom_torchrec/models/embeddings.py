@@ -7,6 +7,8 @@ once sharded):
 - ``hashing``: the hashing trick, ``U[i mod m]`` (MEmCom with ``w`` frozen, none stored);
 - ``memcom``: ``w[i] * U[i mod m]``;
 - ``qr``: quotient-remainder, ``Q[i // p] * R[i mod p]`` (element-wise);
+- ``memcom_qr`` (a variant beyond the paper): ``w[i] * Q[i // p] * R[i mod p]``, MEmCom's
+  per-entity scalar on top of a quotient-remainder pair (``n`` scalars counted in the ratio);
 - ``memcom_double`` (a variant beyond the paper): ``w[i] * U[i mod m1] + V[i mod m2]``, a MEmCom
   table plus a hashing-trick table of coprime size ``m2 = m1 - 1``. Two entities share both rows
   only if ``i = j mod m1*m2``: with ``m1*m2 > n`` every entity gets its own pair of rows, for the
@@ -26,7 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
 
-METHODS = ("uncompressed", "hashing", "memcom", "qr", "memcom_double")
+METHODS = ("uncompressed", "hashing", "memcom", "qr", "memcom_double", "memcom_qr")
 SECOND_TABLE_SUFFIX = "2"
 
 
@@ -122,10 +124,12 @@ def table_configs(specs: List[TableSpec], cfg: EmbeddingMethodConfig) -> List[Em
             out.append(
                 MEmComEmbeddingBagConfig(compression_ratio=cfg.compression_ratio, train_entity_weights=False, **common)
             )
-        elif cfg.method == "qr":
+        elif cfg.method in ("qr", "memcom_qr"):
             from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagConfig
 
-            out.append(QREmbeddingBagConfig(compression_ratio=cfg.compression_ratio, **common))
+            out.append(QREmbeddingBagConfig(
+                compression_ratio=cfg.compression_ratio, entity_weights=cfg.method == "memcom_qr", **common
+            ))
         elif cfg.method == "memcom_double":
             m1, m2 = double_hashing_buckets(s.num_embeddings, cfg.embedding_dim, cfg.compression_ratio)
             out.append(MEmComEmbeddingBagConfig(num_buckets=m1, **common))

@@ -11,7 +11,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
-from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagConfig
+from memcom_torchrec.modules.qr_embedding_modules import ENTITY_WEIGHTS_PER_ROW, QREmbeddingBagConfig
 
 
 def _state_floats(optimizer: EmbOptimType, rows: int, dim: int) -> int:
@@ -46,8 +46,8 @@ class TableMemory:
         table (str): table name.
         num_embeddings (int): entities ``n``.
         embedding_dim (int): ``d``.
-        num_rows (int): rows actually stored (``m`` for MEmCom, ``n`` otherwise).
-        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom.
+        num_rows (int): rows of ``d`` actually stored (``m`` for MEmCom, ``ceil(n/p) + p`` for QR).
+        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom (and QR with ``w``).
         param_bytes (int): bytes of stored parameters (``w``'s grid padding included).
         optimizer_state_bytes (int): bytes of optimizer state.
         uncompressed_param_bytes (int): ``n*d`` parameters' bytes.
@@ -82,7 +82,8 @@ def table_memory(
     elem = 4 if config.data_type == DataType.FP32 else 2
     n, d = config.num_embeddings, config.embedding_dim
     rows = n
-    stored_w = 0
+    stored_w = 0  # MEmCom's w grid (fp32, its own optimizer state)
+    packed_w_rows = 0  # memcom_qr's w, a packed ceil(n/4) x 4 TBE table
     params = n * d
     if isinstance(config, MEmComEmbeddingBagConfig):
         rows = config.num_buckets
@@ -94,17 +95,19 @@ def table_memory(
             params = rows * d
     elif isinstance(config, QREmbeddingBagConfig):
         rows = config.num_rows  # ceil(n/p) quotient rows + p remainder rows
-        params = rows * d
+        params = config.num_parameters
+        packed_w_rows = config.num_entity_weight_rows
     state = _state_floats(optimizer, rows, d) * 4
     if stored_w:
         state += _entity_state_floats(optimizer, stored_w) * 4
+    state += _state_floats(optimizer, packed_w_rows, ENTITY_WEIGHTS_PER_ROW) * 4
     return TableMemory(
         table=config.name,
         num_embeddings=n,
         embedding_dim=d,
         num_rows=rows,
         num_parameters=params,
-        param_bytes=rows * d * elem + stored_w * 4,
+        param_bytes=(rows * d + packed_w_rows * ENTITY_WEIGHTS_PER_ROW) * elem + stored_w * 4,
         optimizer_state_bytes=state,
         uncompressed_param_bytes=n * d * elem,
         uncompressed_optimizer_state_bytes=_state_floats(optimizer, n, d) * 4,

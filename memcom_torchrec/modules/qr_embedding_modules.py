@@ -18,6 +18,16 @@ wraps TorchRec's unpooled ``EmbeddingCollection`` (child
 per bag. ``DistributedModelParallel`` with ``get_default_sharders()`` shards
 that child with TorchRec's stock ``EmbeddingCollectionSharder`` onto fused
 FBGEMM TBE kernels: no custom sharder is needed.
+
+``entity_weights=True`` (method ``memcom_qr``, a MEmCom variant beyond the
+paper) adds a trainable scalar per entity on top of the pair:
+``w[i] * Q[i // p] * R[i % p]``. ``w`` is a third inner table ``<table>__w``
+packed 4 scalars per row (FBGEMM TBE dims are multiples of 4: ``w[i]`` is row
+``i // 4``, column ``i % 4``, initialised to 1), looked up unpooled by the
+derived feature ``<feature>__w`` from the child ``_embedding_collection_d4``.
+So ``w`` is sharded, checkpointed and trained by the same fused FBGEMM kernels
+and optimizer as ``Q`` and ``R`` (a row-wise optimizer shares one state over
+the 4 scalars of a row).
 """
 
 import math
@@ -35,6 +45,8 @@ from memcom_torchrec.modules.validation import check_table_config, raise_on_any_
 
 QUOTIENT_SUFFIX: str = "__q"
 REMAINDER_SUFFIX: str = "__r"
+ENTITY_WEIGHT_SUFFIX: str = "__w"
+ENTITY_WEIGHTS_PER_ROW: int = 4  # FBGEMM TBE: embedding dims are multiples of 4
 EMBEDDING_COLLECTION: str = "_embedding_collection"
 
 
@@ -89,7 +101,7 @@ def _smallest_p_within_rows(num_embeddings: int, max_rows: int) -> Optional[int]
     return p
 
 
-def max_qr_compression_ratio(num_embeddings: int) -> Tuple[int, float]:
+def max_qr_compression_ratio(num_embeddings: int, embedding_dim: int = 1, extra_params: int = 0) -> Tuple[int, float]:
     """The most compressing ``p`` and its ratio.
 
     ``ceil(n/p) + p`` is smallest (``ceil(2 * sqrt(n))`` rows) near
@@ -98,19 +110,25 @@ def max_qr_compression_ratio(num_embeddings: int) -> Tuple[int, float]:
 
     Args:
         num_embeddings (int): entities ``n``.
+        embedding_dim (int): ``d`` (only matters with ``extra_params``).
+        extra_params (int): parameters stored besides ``Q`` and ``R`` (``n``
+            for ``memcom_qr``'s per-entity weights).
 
     Returns:
-        Tuple[int, float]: the smallest ``p`` with the fewest rows, and ``n / rows``.
+        Tuple[int, float]: the smallest ``p`` with the fewest rows, and
+        ``n*d / (rows*d + extra_params)``.
     """
     n = num_embeddings
     r = math.isqrt(n)
     min_rows = min(qr_num_rows(n, p) for p in range(max(1, r - 1), min(n, r + 2) + 1))
     p = _smallest_p_within_rows(n, min_rows)
     assert p is not None
-    return p, n / min_rows
+    return p, n * embedding_dim / (min_rows * embedding_dim + extra_params)
 
 
-def num_collisions_for_ratio(num_embeddings: int, ratio: float) -> int:
+def num_collisions_for_ratio(
+    num_embeddings: int, ratio: float, embedding_dim: int = 1, extra_params: int = 0
+) -> int:
     """The ``p`` a target compression ratio selects.
 
     Rule: the *smallest* ``p`` whose ratio reaches the target, i.e. the smallest
@@ -119,11 +137,15 @@ def num_collisions_for_ratio(num_embeddings: int, ratio: float) -> int:
     sharing a row of ``Q``). Integer form: with ``L = floor(n / ratio)`` the
     largest admissible row count, ``ceil(n/p) + p <= L`` iff
     ``p * (L - p) >= n``, so ``p`` is the smaller root of ``p^2 - L p + n``,
-    rounded up. (The embedding dimension cancels out of the ratio.)
+    rounded up. (The embedding dimension cancels out of the ratio, unless
+    ``extra_params`` are stored too: then ``L`` is the largest row count with
+    ``n*d / (L*d + extra_params) >= ratio``.)
 
     Args:
         num_embeddings (int): entities ``n``.
         ratio (float): target ratio, ``1 <= ratio <= max_qr_compression_ratio(n)``.
+        embedding_dim (int): ``d`` (only matters with ``extra_params``).
+        extra_params (int): parameters stored besides ``Q`` and ``R``.
 
     Returns:
         int: ``p``.
@@ -135,19 +157,25 @@ def num_collisions_for_ratio(num_embeddings: int, ratio: float) -> int:
 
         num_collisions_for_ratio(1_000_000, 16.0)  # -> 17: 58_824 + 17 rows <= 62_500
     """
-    n = num_embeddings
+    n, d, extra = num_embeddings, embedding_dim, extra_params
     if not ratio >= 1.0:
         raise ValueError(f"compression_ratio must be >= 1, got {ratio}")
-    limit = math.floor(n / ratio)
-    while limit > 0 and n / limit < ratio:  # guard float rounding: n / L >= ratio exactly
+
+    def reaches(rows: int) -> bool:
+        total = rows * d + extra
+        return total > 0 and n * d / total >= ratio
+
+    limit = max(0, math.floor((n * d / ratio - extra) / d))
+    while limit > 0 and not reaches(limit):  # guard float rounding: the ratio holds exactly
         limit -= 1
-    while n / (limit + 1) >= ratio:
+    while reaches(limit + 1):
         limit += 1
-    p = _smallest_p_within_rows(n, limit)
+    p = _smallest_p_within_rows(n, limit) if limit > 0 else None
     if p is None:
-        best_p, best = max_qr_compression_ratio(n)
+        best_p, best = max_qr_compression_ratio(n, d, extra)
+        what = " with per-entity weights" if extra else ""
         raise ValueError(
-            f"compression_ratio {ratio} is unreachable with the quotient-remainder trick for "
+            f"compression_ratio {ratio} is unreachable with the quotient-remainder trick{what} for "
             f"num_embeddings={n}: at most {best:.4g} (num_collisions={best_p}, "
             f"{qr_num_rows(n, best_p)} rows)"
         )
@@ -164,7 +192,8 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
     ``num_embeddings`` is the number of entities ``n``; give either
     ``num_collisions`` (``p``) or ``compression_ratio`` (``p`` derived by
     ``num_collisions_for_ratio``: the smallest ``p`` reaching the ratio).
-    Entity ``i`` is ``Q[i // p] * R[i % p]``.
+    Entity ``i`` is ``Q[i // p] * R[i % p]``, or ``w[i] * Q[i // p] * R[i % p]``
+    with ``entity_weights`` (``n`` more parameters, counted in the ratio).
 
     ``Q`` is initialised like a plain table of ``n`` rows (``init_fn``, default
     uniform ``+-sqrt(1/n)``), ``R`` to the constant ``remainder_init``, so that
@@ -176,6 +205,7 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
             from ``compression_ratio``).
         compression_ratio (Optional[float]): target ``n*d / ((ceil(n/p) + p) * d)``.
         remainder_init (float): initial value of every entry of ``R``.
+        entity_weights (bool): add MEmCom's per-entity scalar ``w`` (init 1).
 
     Example::
 
@@ -188,6 +218,7 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
     num_collisions: int = 0
     compression_ratio: Optional[float] = None
     remainder_init: float = 1.0
+    entity_weights: bool = False
 
     def __post_init__(self) -> None:
         where = check_table_config(self, "QR")
@@ -197,7 +228,9 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
             if self.compression_ratio is None:
                 raise ValueError(f"{where}: give num_collisions or compression_ratio")
             try:
-                self.num_collisions = num_collisions_for_ratio(self.num_embeddings, self.compression_ratio)
+                self.num_collisions = num_collisions_for_ratio(
+                    self.num_embeddings, self.compression_ratio, self.embedding_dim, self.num_entity_weights
+                )
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
         if not 0 < self.num_collisions <= self.num_embeddings:
@@ -222,9 +255,24 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
         """``ceil(n / p) + p``: rows stored."""
         return qr_num_rows(self.num_embeddings, self.num_collisions)
 
+    @property
+    def num_entity_weights(self) -> int:
+        """Per-entity scalars ``w``: ``n`` with ``entity_weights``, else 0."""
+        return self.num_embeddings if self.entity_weights else 0
+
+    @property
+    def num_entity_weight_rows(self) -> int:
+        """Rows of the packed ``w`` table (``ceil(n / 4)``), 0 without ``entity_weights``."""
+        return -(-self.num_entity_weights // ENTITY_WEIGHTS_PER_ROW)
+
+    @property
+    def num_parameters(self) -> int:
+        """``(ceil(n/p) + p) * d`` plus ``n`` with ``entity_weights``."""
+        return self.num_rows * self.embedding_dim + self.num_entity_weights
+
     def achieved_compression_ratio(self) -> float:
         """Compression ratio of this table against the uncompressed ``n x d`` table."""
-        return qr_compression_ratio(self.num_embeddings, self.embedding_dim, self.num_collisions)
+        return self.num_embeddings * self.embedding_dim / self.num_parameters
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +290,7 @@ class QRFeatureSpec:
         embedding_dim (int): ``d``.
         mean_pooling (bool): whether the pooled sum is divided by the bag length.
         group (str): name of the ``EmbeddingCollection`` child holding its tables.
+        entity_weight_group (str): child holding its packed ``w`` table ("" if none).
     """
 
     feature: str
@@ -251,15 +300,21 @@ class QRFeatureSpec:
     embedding_dim: int
     mean_pooling: bool
     group: str
+    entity_weight_group: str = ""
 
     @property
     def is_qr(self) -> bool:
         return self.num_collisions > 0
 
+    @property
+    def has_entity_weights(self) -> bool:
+        return bool(self.entity_weight_group)
+
     def lookup_features(self) -> List[str]:
-        """Features of the inner ``EmbeddingCollection`` this feature feeds."""
+        """Features of the inner ``EmbeddingCollection``s this feature feeds."""
         if self.is_qr:
-            return [self.feature + QUOTIENT_SUFFIX, self.feature + REMAINDER_SUFFIX]
+            weights = [self.feature + ENTITY_WEIGHT_SUFFIX] if self.has_entity_weights else []
+            return [self.feature + QUOTIENT_SUFFIX, self.feature + REMAINDER_SUFFIX, *weights]
         return [self.feature]
 
 
@@ -289,6 +344,11 @@ def qr_feature_specs(tables: List[EmbeddingBagConfig]) -> Dict[str, QRFeatureSpe
                 embedding_dim=t.embedding_dim,
                 mean_pooling=t.pooling == PoolingType.MEAN,
                 group=_group_name(t.embedding_dim, first_dim),
+                entity_weight_group=(
+                    _group_name(ENTITY_WEIGHTS_PER_ROW, first_dim)
+                    if isinstance(t, QREmbeddingBagConfig) and t.entity_weights
+                    else ""
+                ),
             )
     return specs
 
@@ -297,8 +357,9 @@ def inner_table_configs(tables: List[EmbeddingBagConfig]) -> Dict[str, List[Embe
     """Unpooled table configs of every ``EmbeddingCollection`` child.
 
     A QR table ``t`` becomes ``t__q`` (``ceil(n/p)`` rows, features
-    ``<f>__q``) and ``t__r`` (``p`` rows, features ``<f>__r``); a plain table is
-    kept under its own name and features.
+    ``<f>__q``) and ``t__r`` (``p`` rows, features ``<f>__r``), plus ``t__w``
+    (``ceil(n/4)`` rows of dim 4, features ``<f>__w``, in the dim-4 child) with
+    ``entity_weights``; a plain table is kept under its own name and features.
 
     Returns:
         Dict[str, List[EmbeddingConfig]]: child name -> its tables.
@@ -308,6 +369,7 @@ def inner_table_configs(tables: List[EmbeddingBagConfig]) -> Dict[str, List[Embe
     for t in tables:
         features = list(t.feature_names or [t.name])
         common = dict(embedding_dim=t.embedding_dim, data_type=t.data_type)
+        weights: List[EmbeddingConfig] = []
         if isinstance(t, QREmbeddingBagConfig):
             inner = [
                 EmbeddingConfig(
@@ -328,6 +390,18 @@ def inner_table_configs(tables: List[EmbeddingBagConfig]) -> Dict[str, List[Embe
                     **common,
                 ),
             ]
+            if t.entity_weights:
+                weights = [
+                    EmbeddingConfig(
+                        name=t.name + ENTITY_WEIGHT_SUFFIX,
+                        num_embeddings=t.num_entity_weight_rows,
+                        embedding_dim=ENTITY_WEIGHTS_PER_ROW,
+                        feature_names=[f + ENTITY_WEIGHT_SUFFIX for f in features],
+                        weight_init_min=1.0,
+                        weight_init_max=1.0,
+                        data_type=t.data_type,
+                    )
+                ]
         else:
             inner = [
                 EmbeddingConfig(
@@ -341,16 +415,20 @@ def inner_table_configs(tables: List[EmbeddingBagConfig]) -> Dict[str, List[Embe
                 )
             ]
         groups.setdefault(_group_name(t.embedding_dim, first_dim), []).extend(inner)
+        if weights:
+            groups.setdefault(_group_name(ENTITY_WEIGHTS_PER_ROW, first_dim), []).extend(weights)
     names = [c.name for g in groups.values() for c in g]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
-        raise ValueError(f"inner table name(s) {clash} are not unique: rename the table(s) ending in '__q'/'__r'")
+        raise ValueError(
+            f"inner table name(s) {clash} are not unique: rename the table(s) ending in '__q'/'__r'/'__w'"
+        )
     inner_features = [f for g in groups.values() for c in g for f in c.feature_names]
     clash = sorted({f for f in inner_features if inner_features.count(f) > 1})
     if clash:
         raise ValueError(
             f"derived feature name(s) {clash} collide with other features: rename the feature(s) "
-            "ending in '__q'/'__r'"
+            "ending in '__q'/'__r'/'__w'"
         )
     return groups
 
@@ -366,7 +444,9 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``is_weighted``), divided by the bag length for MEAN pooling; empty bags
     give zeros. Plain ``EmbeddingBagConfig`` tables pool as in TorchRec.
     Parameters: ``_embedding_collection.embeddings.<table>__q.weight`` (``Q``),
-    ``...<table>__r.weight`` (``R``), ``...<table>.weight`` (plain tables).
+    ``...<table>__r.weight`` (``R``), ``...<table>.weight`` (plain tables), and
+    with ``entity_weights`` ``_embedding_collection_d4.embeddings.<table>__w.weight``
+    (``w`` packed 4 per row; entity ``i`` is then ``w[i] * Q[i // p] * R[i % p]``).
     Tables whose ``embedding_dim`` differs from the first table's live in a child
     ``_embedding_collection_d<dim>`` (TorchRec's ``EmbeddingCollection`` holds a
     single dim). Sharded with ``DistributedModelParallel`` and
@@ -481,6 +561,28 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             child.embeddings[table_name + REMAINDER_SUFFIX].weight,
         )
 
+    def entity_weights(self, table_name: str) -> torch.Tensor:
+        """The per-entity weights ``w`` of a QR table built with ``entity_weights`` (unsharded module).
+
+        Args:
+            table_name (str): a QR table with ``entity_weights``.
+
+        Returns:
+            torch.Tensor: ``w`` (``n`` values), a view of the packed
+            ``ceil(n/4) x 4`` table ``<table>__w``.
+
+        Raises:
+            KeyError: not a QR table with per-entity weights.
+            RuntimeError: the collection is sharded (use its state_dict).
+        """
+        config = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
+        if not isinstance(config, QREmbeddingBagConfig) or not config.entity_weights:
+            raise KeyError(f"'{table_name}' is not a QR table with entity_weights in this collection")
+        child = getattr(self, self._feature_specs[config.feature_names[0]].entity_weight_group)
+        if not isinstance(child, EmbeddingCollection):
+            raise RuntimeError(f"QR table '{table_name}' is sharded: read its w from the state_dict")
+        return child.embeddings[table_name + ENTITY_WEIGHT_SUFFIX].weight.view(-1)[: config.num_embeddings]
+
     # -------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools the embeddings of every feature.
@@ -507,20 +609,21 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ids = features.values().long()
         weights = features.weights() if self._is_weighted else None
 
-        pooled: Dict[str, torch.Tensor] = {}
+        # Derived ids of every inner feature.
+        by_feature: Dict[str, torch.Tensor] = {}
+        for f, spec in self._feature_specs.items():
+            k = key_index[f]
+            seg = ids[offsets[k] : offsets[k + 1]]
+            if spec.is_qr:
+                by_feature[f + QUOTIENT_SUFFIX] = torch.div(seg, spec.num_collisions, rounding_mode="floor")
+                by_feature[f + REMAINDER_SUFFIX] = torch.remainder(seg, spec.num_collisions)
+                if spec.has_entity_weights:
+                    by_feature[f + ENTITY_WEIGHT_SUFFIX] = torch.div(seg, ENTITY_WEIGHTS_PER_ROW, rounding_mode="floor")
+            else:
+                by_feature[f] = seg
+        sequences: Dict[str, JaggedTensor] = {}
         for group in self._group_names:
-            # Derived ids in the child's own feature order (no permute when sharded).
-            by_feature: Dict[str, torch.Tensor] = {}
-            for f in self._group_features[group]:
-                spec = self._feature_specs[f]
-                k = key_index[f]
-                seg = ids[offsets[k] : offsets[k + 1]]
-                if spec.is_qr:
-                    by_feature[f + QUOTIENT_SUFFIX] = torch.div(seg, spec.num_collisions, rounding_mode="floor")
-                    by_feature[f + REMAINDER_SUFFIX] = torch.remainder(seg, spec.num_collisions)
-                else:
-                    by_feature[f] = seg
-            inner_keys = self._group_inner_features[group]
+            inner_keys = self._group_inner_features[group]  # the child's own order: no permute when sharded
             inner_lengths = [lengths[key_index[self._outer_feature[g]]] for g in inner_keys]
             inner_kjt = KeyedJaggedTensor(
                 keys=inner_keys,
@@ -531,7 +634,11 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             out = getattr(self, group)(inner_kjt)
             if isinstance(out, Awaitable):  # sharded child: LazyAwaitable[Dict[str, JaggedTensor]]
                 out = out.wait()
-            pooled.update(self._pool_group(group, out, lengths, offsets, key_index, weights, batch))
+            sequences.update(out)
+        pooled: Dict[str, torch.Tensor] = {}
+        for group in self._group_names:
+            if self._group_features[group]:  # a child may hold only packed w tables
+                pooled.update(self._pool_group(group, sequences, ids, lengths, offsets, key_index, weights, batch))
         values = torch.cat([pooled[f] for f in self._embedding_names], dim=1)
         return KeyedTensor(
             keys=self._embedding_names, length_per_key=self._lengths_per_embedding, values=values
@@ -555,24 +662,28 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self,
         group: str,
         sequences: Dict[str, JaggedTensor],
+        ids: torch.Tensor,
         lengths: torch.Tensor,
         offsets: List[int],
         key_index: Dict[str, int],
         weights: Optional[torch.Tensor],
         batch: int,
     ) -> Dict[str, torch.Tensor]:
-        """Multiplies Q and R rows per id and segment-sums them into ``B x d`` bags."""
+        """Multiplies Q and R rows (and ``w``) per id and segment-sums them into ``B x d`` bags."""
         feats = self._group_features[group]
         dim = self._feature_specs[feats[0]].embedding_dim
         per_id = []
         for f in feats:
             spec = self._feature_specs[f]
+            k = key_index[f]
             if spec.is_qr:
                 emb = sequences[f + QUOTIENT_SUFFIX].values() * sequences[f + REMAINDER_SUFFIX].values()
+                if spec.has_entity_weights:  # w[i] is column i % 4 of packed row i // 4
+                    column = torch.remainder(ids[offsets[k] : offsets[k + 1]], ENTITY_WEIGHTS_PER_ROW)
+                    emb = emb * sequences[f + ENTITY_WEIGHT_SUFFIX].values().gather(1, column.unsqueeze(1))
             else:
                 emb = sequences[f].values()
             if weights is not None:
-                k = key_index[f]
                 emb = emb * weights[offsets[k] : offsets[k + 1]].to(emb.dtype).unsqueeze(1)
             per_id.append(emb)
         flat = torch.cat(per_id)

@@ -204,7 +204,7 @@ def make_pipeline(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Opt
     from sampled negatives, so TorchRec cannot start those input dists early:
     they run with the plain pipeline (forward, backward, step).
     """
-    if cfg.method == "qr" or cfg.model == "ranknet":
+    if cfg.method in ("qr", "memcom_qr") or cfg.model == "ranknet":
         return TrainPipelineBase(model, optimizer, device)
     return TrainPipelineSparseDist(model, optimizer, device)
 
