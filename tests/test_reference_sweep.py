@@ -45,7 +45,9 @@ def replica_pooled(table: rs.ItemTable, h: torch.Tensor) -> torch.Tensor:
     return v.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-@pytest.mark.parametrize("method,size", [("uncompressed", N), ("memcom", 7), ("hashing", 9), ("qr", 6)])
+@pytest.mark.parametrize(
+    "method,size", [("uncompressed", N), ("memcom", 7), ("hashing", 9), ("qr", 6), ("memcom_qr", 6)]
+)
 def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     common = dict(name="item", num_embeddings=N, embedding_dim=D, feature_names=["history"], pooling=PoolingType.MEAN)
     torch.manual_seed(0)
@@ -58,14 +60,22 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
         real_params, replica_params = [u], [table.table]
         with torch.no_grad():
             table.table.copy_(u)
-    elif method == "qr":
-        real = QREmbeddingBagCollection([QREmbeddingBagConfig(num_collisions=size, **common)])
+    elif method in ("qr", "memcom_qr"):
+        weighted = method == "memcom_qr"
+        real = QREmbeddingBagCollection([QREmbeddingBagConfig(num_collisions=size, entity_weights=weighted, **common)])
         q, r = real.qr_parameters("item")
         with torch.no_grad():
             r.uniform_(0.5, 1.5)
             table.table.copy_(q)
             table.remainder.copy_(r)
         real_params, replica_params = [q, r], [table.table, table.remainder]
+        if weighted:
+            packed = real._embedding_collection_d4.embeddings["item__w"].weight
+            with torch.no_grad():
+                real.entity_weights("item").uniform_(0.5, 1.5)
+                table.w.copy_(real.entity_weights("item"))
+            real_params.append(packed)
+            replica_params.append(table.w)
     else:
         cfg = MEmComEmbeddingBagConfig(num_buckets=size, train_entity_weights=method == "memcom", **common)
         real = MEmComEmbeddingBagCollection([cfg])
@@ -88,7 +98,9 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     g_replica = torch.autograd.grad((got * proj).sum(), replica_params)
     g_real = torch.autograd.grad((expected * proj).sum(), real_params)
     for a, b in zip(g_replica, g_real):
-        if a.shape != b.shape:  # w: the replica's dense vector vs the collection's (m, Q) grid
+        if a.shape != b.shape and method == "memcom_qr":  # its w: packed 4 per row
+            b = b.reshape(-1)[:N]
+        elif a.shape != b.shape:  # MEmCom's w: the replica's dense vector vs the collection's (m, Q) grid
             b = entity_weights_to_dense(b, N)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
