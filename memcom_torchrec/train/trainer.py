@@ -66,7 +66,8 @@ class TrainConfig:
         out_dir (str): run directory (checkpoints, metrics.json).
         model (str): ``next_item`` (softmax classifier) or ``ranknet`` (pairwise ranking).
         num_negatives (int): sampled negatives per positive (``ranknet``).
-        method (str): uncompressed | hashing | memcom | qr.
+        method (str): one of ``models.embeddings.METHODS`` (uncompressed | hashing | memcom | qr,
+            and the variants memcom_double | memcom_qr).
         compression_ratio (float): target ratio of the compressed tables.
         compressed_tables (List[str]): which of ``item``/``user`` are compressed.
         embedding_dim (int): ``d``.
@@ -240,18 +241,23 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
     """Parameters, bytes and compression ratio of the input embedding tables."""
     mems = [table_memory(t, OPTIMIZERS[optimizer]) for t in tables]
     params = sum(m.num_parameters for m in mems)
-    # memcom_double's second table ("item2") counts towards its entity's table ("item")
+    # memcom_double's second table ("item2") counts towards its entity's table ("item").
     names = {m.table for m in mems}
-    group = {m.table: m.table[: -len(SECOND_TABLE_SUFFIX)] if m.table.endswith(SECOND_TABLE_SUFFIX)
-             and m.table[: -len(SECOND_TABLE_SUFFIX)] in names else m.table for m in mems}
-    group_params = {g: sum(m.num_parameters for m in mems if group[m.table] == g) for g in set(group.values())}
-    uncompressed = sum(m.num_embeddings * m.embedding_dim for m in mems if group[m.table] == m.table)
+    owner: Dict[str, str] = {}
+    for m in mems:
+        base = m.table[: -len(SECOND_TABLE_SUFFIX)]
+        owner[m.table] = base if m.table.endswith(SECOND_TABLE_SUFFIX) and base in names else m.table
+    group_params: Dict[str, int] = {}
+    for m in mems:
+        group_params[owner[m.table]] = group_params.get(owner[m.table], 0) + m.num_parameters
+    entities = [m for m in mems if owner[m.table] == m.table]
+    uncompressed = sum(m.num_embeddings * m.embedding_dim for m in entities)
     return {
         "embedding_params": params,
         "embedding_bytes": sum(m.param_bytes for m in mems),
         "compression_ratio": uncompressed / params,
         "table_compression_ratios": {
-            m.table: m.num_embeddings * m.embedding_dim / group_params[m.table] for m in mems if group[m.table] == m.table
+            m.table: m.num_embeddings * m.embedding_dim / group_params[m.table] for m in entities
         },
         "tables": {m.table: asdict(m) for m in mems},
     }
