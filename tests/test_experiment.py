@@ -80,6 +80,21 @@ def test_flags_the_grid_sets_are_refused(ml100k_dir: str, tmp_path) -> None:
         grid(ml100k_dir, str(tmp_path / "g"), ["--seed=3"])
 
 
+def test_cells_a_method_cannot_reach_are_named_and_skipped(ml100k_dir: str, tmp_path, capsys) -> None:
+    # ML-100K: 1,682 items (QR: at most ~20x), 943 users (QR: at most ~15x).
+    assert "unreachable with the quotient-remainder trick" in experiment.unreachable(ml100k_dir, "qr", 40.0, [])
+    assert "with per-entity weights" in experiment.unreachable(ml100k_dir, "memcom_qr", 16.0, [])
+    assert experiment.unreachable(ml100k_dir, "qr", 16.0, []) is None
+    assert experiment.unreachable(ml100k_dir, "qr", 16.0, ["--compressed-tables", "user"]) is not None
+    assert experiment.unreachable(ml100k_dir, "memcom", 40.0, []) is None
+    assert experiment.unreachable(ml100k_dir, "uncompressed", 40.0, []) is None
+    out = str(tmp_path / "skipped")
+    main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "qr", "--ratios", "40", "--launcher", "python"])
+    printed = capsys.readouterr().out
+    assert "skipping qr at 40x" in printed and "every cell was skipped" in printed
+    assert not os.listdir(os.path.join(out, "runs"))
+
+
 def test_run_dir_with_other_args_is_not_reused(ml100k_dir: str, tmp_path) -> None:
     out = str(tmp_path / "grid")
     run_dir = os.path.join(out, "runs", experiment.run_key("memcom", 16.0, 0, 0.05))
