@@ -214,15 +214,13 @@ def unreachable(data_dir: str, method: str, ratio: float, train_args: Sequence[s
     """
     if method == "uncompressed":
         return None
-    from memcom_torchrec.models.embeddings import EmbeddingMethodConfig, TableSpec, table_configs
     from memcom_torchrec.train.cli import parse_config
+    from memcom_torchrec.train.trainer import embedding_tables
 
     cfg = parse_config([*train_args, "--data-dir", data_dir, "--method", method, "--compression-ratio", str(ratio)])
     manifest = read_manifest(data_dir)
-    specs = [TableSpec("item", int(manifest["num_items"]), ["item"]),
-             TableSpec("user", int(manifest["num_users"]), ["user"])]
     try:
-        table_configs(specs, EmbeddingMethodConfig(method, ratio, tuple(cfg.compressed_tables), cfg.embedding_dim))
+        embedding_tables(cfg, int(manifest["num_users"]), int(manifest["num_items"]))
     except ValueError as e:
         return str(e)
     return None
@@ -262,7 +260,7 @@ def run_grid(args: argparse.Namespace) -> None:
                 for lr in args.embedding_lrs]
         best = max(rows, key=_valid_score)
         append_result(csv_path, dict(best, embedding_lrs=wanted["embedding_lrs"]))
-    if not read_results(csv_path):
+    if not grid and not done:
         print(f"no results in {csv_path}: every cell was skipped")
         return
     report(args.out_dir, args.data_dir)

@@ -119,10 +119,12 @@ class TrainConfig:
     k: int = 10
 
 
-def build_model(cfg: TrainConfig, num_users: int, num_items: int, device: torch.device) -> Tuple[nn.Module, List[EmbeddingBagConfig]]:
-    """The unsharded training model (embeddings on ``meta``: DMP materialises them sharded)."""
-    if cfg.model not in MODELS:
-        raise ValueError(f"unknown model '{cfg.model}'; choose one of {list(MODELS)}")
+def embedding_tables(cfg: TrainConfig, num_users: int, num_items: int) -> List[EmbeddingBagConfig]:
+    """The model's item and user table configs under ``cfg``'s method and ratio.
+
+    Raises:
+        ValueError: the method cannot build a table at the ratio (e.g. QR above its maximum).
+    """
     item_features = [HISTORY_FEATURE] + ([CANDIDATE_FEATURE] if cfg.model == "ranknet" else [])
     specs = [
         TableSpec("item", num_items, item_features, PoolingType.MEAN),
@@ -134,7 +136,14 @@ def build_model(cfg: TrainConfig, num_users: int, num_items: int, device: torch.
         compressed_tables=tuple(cfg.compressed_tables),
         embedding_dim=cfg.embedding_dim,
     )
-    tables = table_configs(specs, method)
+    return table_configs(specs, method)
+
+
+def build_model(cfg: TrainConfig, num_users: int, num_items: int, device: torch.device) -> Tuple[nn.Module, List[EmbeddingBagConfig]]:
+    """The unsharded training model (embeddings on ``meta``: DMP materialises them sharded)."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model '{cfg.model}'; choose one of {list(MODELS)}")
+    tables = embedding_tables(cfg, num_users, num_items)
     embeddings = build_collection(tables, device=torch.device("meta"))
     torch.manual_seed(cfg.seed)
     double = cfg.method == "memcom_double"
