@@ -1,35 +1,142 @@
-"""Runs a test body in several gloo processes (CPU), like TorchRec's MultiProcessTestBase."""
+"""Runs a test body in several gloo processes (CPU), like TorchRec's MultiProcessTestBase.
+
+Each rank is a spawned process that joins a process group through a ``file://``
+store in a fresh temporary directory (no port to pick, so no port race). A rank
+writes its stdout/stderr to a log file of its own and, when its body raises, its
+traceback to an error file. The parent joins every rank with a deadline and, on
+any failure, raises one ``MultiProcessFailure`` that names every rank's outcome:
+its exception, or the signal that killed it, plus the last lines of its log.
+
+A rank whose body succeeded waits at a barrier for its peers, then destroys the
+process group: no rank tears down gloo while a peer still talks to it.
+"""
 
 import datetime
+import faulthandler
+import multiprocessing
 import os
-import socket
-from typing import Any, Callable
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+# A rank that gets no answer from its peers fails after this many seconds (gloo timeout).
+COLLECTIVE_TIMEOUT_S = 120
+# The whole multi-process run, start to join. pytest-timeout (pyproject.toml) is the outer guard.
+JOIN_TIMEOUT_S = 480
+# After one rank fails, its peers get this long to finish or fail on their own before they are killed.
+GRACE_S = 15
+LOG_TAIL_LINES = 25
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class MultiProcessFailure(AssertionError):
+    """One or more ranks of a multi-process test failed, died or hung."""
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict) -> None:
+def _worker(rank: int, world_size: int, root: str, fn: Callable[..., Any], kwargs: Dict[str, Any]) -> None:
+    log = open(os.path.join(root, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 1)  # C++ output (gloo, "terminate called ...") lands here too
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    faulthandler.enable(file=log, all_threads=True)  # a fatal signal prints every thread's Python stack
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=120),
-    )
     try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.path.join(root, 'store')}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
         fn(rank=rank, world_size=world_size, **kwargs)
-    finally:
+        dist.barrier()  # every rank is done with its peers before anyone tears down
         dist.destroy_process_group()
+    except BaseException:  # noqa: B902 -- report anything, including KeyboardInterrupt and SystemExit
+        with open(os.path.join(root, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        log.flush()
+        # No teardown after a failure: a peer may still be inside a collective with us, and
+        # gloo's destructor would abort this process and hide the error. The parent reports it.
+        os._exit(1)
+    log.flush()
 
 
-def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> None:
-    """Runs ``fn(rank=, world_size=, **kwargs)`` on ``world_size`` gloo ranks; re-raises failures."""
-    mp.spawn(_worker, args=(world_size, free_port(), fn, kwargs), nprocs=world_size, join=True)
+def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    if not os.path.exists(path):
+        return "(no log)"
+    with open(path, errors="replace") as f:
+        text = f.read().rstrip().splitlines()
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+def _outcome(rank: int, exitcode: Optional[int], killed: Optional[str], root: str) -> Optional[str]:
+    """One rank's failure, in words, or None if it succeeded."""
+    error = os.path.join(root, f"rank{rank}.error")
+    if exitcode == 0 and not os.path.exists(error):
+        return None
+    if killed is not None:
+        what = f"rank {rank}: {killed} (killed)"
+    elif exitcode is not None and exitcode < 0:
+        what = f"rank {rank}: died on signal {signal.Signals(-exitcode).name}"
+    else:
+        what = f"rank {rank}: exited with code {exitcode}"
+    if os.path.exists(error):
+        with open(error) as f:
+            what += "\n" + f.read().rstrip()
+    return what + f"\n--- last lines of rank {rank}'s log ---\n" + _tail(os.path.join(root, f"rank{rank}.log"))
+
+
+def run_multiprocess(
+    fn: Callable[..., Any], world_size: int = 2, timeout_s: float = JOIN_TIMEOUT_S, **kwargs: Any
+) -> None:
+    """Runs ``fn(rank=, world_size=, **kwargs)`` on ``world_size`` gloo ranks.
+
+    Args:
+        fn (Callable[..., Any]): a module-level (picklable) test body.
+        world_size (int): number of processes.
+        timeout_s (float): deadline for the whole run; ranks still alive then are killed.
+        **kwargs: passed on to ``fn``.
+
+    Raises:
+        MultiProcessFailure: if any rank raised, died on a signal or missed the deadline,
+            with every failed rank's traceback or signal and the tail of its log.
+    """
+    __tracebackhide__ = True  # pytest shows the ranks' failures, not this loop
+    ctx = multiprocessing.get_context("spawn")
+    root = tempfile.mkdtemp(prefix="memcom-mp-")
+    procs: List[multiprocessing.process.BaseProcess] = [
+        ctx.Process(target=_worker, args=(rank, world_size, root, fn, kwargs), name=f"rank{rank}")
+        for rank in range(world_size)
+    ]
+    killed: Dict[int, str] = {}
+    try:
+        for p in procs:
+            p.start()
+        deadline, why = time.monotonic() + timeout_s, f"still running after the {timeout_s:.0f} s deadline"
+        peer_failed = False
+        while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+            if not peer_failed and any(p.exitcode not in (None, 0) for p in procs):
+                # one rank failed: its peers may be stuck in a collective with it
+                peer_failed, why = True, f"still running {GRACE_S} s after a peer failed"
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            time.sleep(0.05)
+        for rank, p in enumerate(procs):
+            if p.is_alive():
+                killed[rank] = why
+                p.kill()
+            p.join()
+        failures = [f for rank, p in enumerate(procs) if (f := _outcome(rank, p.exitcode, killed.get(rank), root))]
+        if failures:
+            raise MultiProcessFailure(
+                f"{len(failures)} of {world_size} ranks failed running {fn.__name__}:\n\n" + "\n\n".join(failures)
+            )
+    finally:
+        for p in procs:
+            if p.is_alive():  # the parent itself was interrupted (pytest-timeout, Ctrl-C)
+                p.kill()
+        shutil.rmtree(root, ignore_errors=True)

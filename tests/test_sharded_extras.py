@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow
 
 # ----------------------------------------------------------------- bad input
 def _bad_input_body(rank: int, world_size: int) -> None:
+    ref = make_reference()
     dmp = shard(world_size, ShardingType.ROW_WISE.value, "sgd", 0.1)
+    load_unsharded_state_dict(dmp, ref.state_dict())
     kjt, _ = batches(0, world_size)[rank]
     if rank == 0:
         values = kjt.values().clone()
@@ -38,9 +40,9 @@ def _bad_input_body(rank: int, world_size: int) -> None:
         expected = r"bad input on rank 0: feature 'hist': id 101 is out of range"
     with pytest.raises(ValueError, match=expected):
         dmp(kjt).wait()
-    # Both ranks are still in step: a good batch goes through afterwards.
+    # Both ranks are still in step: a good batch afterwards gives the unsharded twin's values.
     good, _ = batches(1, world_size)[rank]
-    assert dmp(good).wait().values().shape[0] == 4
+    torch.testing.assert_close(dmp(good).wait().values(), ref(good).values(), atol=1e-6, rtol=1e-6)
 
 
 def test_bad_input_raises_on_every_rank_without_hanging() -> None:
@@ -169,57 +171,71 @@ def _cat_kjt(kjts):
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
-def _save_body(rank: int, world_size: int, root: str) -> None:
+def _save_body(rank: int, world_size: int, root: str, optimizer: str) -> None:
     ref = make_reference()
-    dmp = shard(world_size, ShardingType.ROW_WISE.value, "adagrad", 0.1)
+    dmp = shard(world_size, ShardingType.ROW_WISE.value, optimizer, 0.1)
     load_unsharded_state_dict(dmp, ref.state_dict())
     _steps(dmp, rank, world_size, 0, 2)
     save_checkpoint(root, 2, dmp, {"fused": dmp.fused_optimizer})
     full = gather_unsharded_state_dict(dmp, dst=None)
-    outs = _steps(dmp, rank, world_size, 2, 1)
+    outs = [None] * world_size
+    dist.all_gather_object(outs, _steps(dmp, rank, world_size, 2, 1)[0])
     after = gather_unsharded_state_dict(dmp, dst=None)
-    torch.save({"params": full, "after": after, f"out{rank}": outs[0]}, os.path.join(root, f"expected{rank}.pt"))
+    if rank == 0:  # the global batch's output of step 2, whatever the world size that saved
+        torch.save({"params": full, "after": after, "out": torch.cat(outs)}, os.path.join(root, "expected.pt"))
 
 
-def _load_body(rank: int, world_size: int, root: str, sharding_type: str) -> None:
-    dmp = shard(world_size, sharding_type, "adagrad", 0.1)
+def _load_body(rank: int, world_size: int, root: str, sharding_type: str, optimizer: str) -> None:
+    dmp = shard(world_size, sharding_type, optimizer, 0.1)
     load_checkpoint(root, dmp, {"fused": dmp.fused_optimizer})
-    exp = [torch.load(os.path.join(root, f"expected{r}.pt")) for r in range(2)]
+    exp = torch.load(os.path.join(root, "expected.pt"))
     got = gather_unsharded_state_dict(dmp, dst=None)
-    for name, value in exp[0]["params"].items():
+    for name, value in exp["params"].items():
         torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
     outs = _steps(dmp, rank, world_size, 2, 1)
-    if world_size == 2:
-        torch.testing.assert_close(outs[0], exp[rank][f"out{rank}"], atol=1e-5, rtol=1e-5)
-    else:
-        torch.testing.assert_close(outs[0], torch.cat([exp[0]["out0"], exp[1]["out1"]]), atol=1e-5, rtol=1e-5)
+    per_rank = exp["out"].shape[0] // world_size
+    torch.testing.assert_close(outs[0], exp["out"][rank * per_rank:(rank + 1) * per_rank], atol=1e-5, rtol=1e-5)
     after = gather_unsharded_state_dict(dmp, dst=None)
-    for name, value in exp[0]["after"].items():  # the optimizer state came back too
+    for name, value in exp["after"].items():  # the optimizer state came back too: the next step matches
         torch.testing.assert_close(after[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"after step, {name}: {m}")
 
 
 def test_checkpoint_round_trips(tmp_path) -> None:
     root = str(tmp_path / "ckpt")
-    run_multiprocess(_save_body, world_size=2, root=root)
+    run_multiprocess(_save_body, world_size=2, root=root, optimizer="adagrad")
     # 2 ranks -> 2 ranks, re-sharded from row-wise to table-wise
-    run_multiprocess(_load_body, world_size=2, root=root, sharding_type=ShardingType.TABLE_WISE.value)
+    run_multiprocess(_load_body, world_size=2, root=root, sharding_type=ShardingType.TABLE_WISE.value, optimizer="adagrad")
     # 2 ranks -> 1 rank
-    run_multiprocess(_load_body, world_size=1, root=root, sharding_type=ShardingType.ROW_WISE.value)
+    run_multiprocess(_load_body, world_size=1, root=root, sharding_type=ShardingType.ROW_WISE.value, optimizer="adagrad")
     # 2 ranks -> the unsharded module, in this process
     unsharded = MEmComEmbeddingBagCollection(make_tables())
     load_checkpoint(root, unsharded)
-    expected = torch.load(os.path.join(root, "expected0.pt"))["params"]
+    expected = torch.load(os.path.join(root, "expected.pt"))["params"]
     for name, value in unsharded.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-6)
 
 
+def test_checkpoint_one_rank_to_two_with_rowwise_adagrad_state(tmp_path) -> None:
+    # Row-wise Adagrad keeps one accumulator per row of U (and one per entity of w): a 1-rank
+    # checkpoint re-sharded onto 2 ranks must bring every slice of it back.
+    root = str(tmp_path / "ckpt")
+    run_multiprocess(_save_body, world_size=1, root=root, optimizer="rowwise_adagrad")
+    for sharding_type in (ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value):
+        run_multiprocess(_load_body, world_size=2, root=root, sharding_type=sharding_type, optimizer="rowwise_adagrad")
+
+
 def test_checkpoint_mismatch_and_partial_save(tmp_path) -> None:
     root = str(tmp_path / "ckpt")
-    model = MEmComEmbeddingBagCollection(make_tables())
+    model = make_reference(seed=0)
     save_checkpoint(root, 1, model)
     # A crash mid-save leaves a .tmp directory; LATEST still points to the complete one.
     os.makedirs(os.path.join(root, "step_00000002.tmp"))
-    load_checkpoint(root, MEmComEmbeddingBagCollection(make_tables()))
+    fresh = make_reference(seed=1)
+    saved = model.state_dict()
+    assert all(not torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    load_checkpoint(root, fresh)
+    for name, value in fresh.state_dict().items():  # every tensor, w included, came back
+        torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
     other = make_tables()
     other[0].num_buckets = 11
     other[0].__post_init__()
@@ -231,21 +247,29 @@ def test_checkpoint_mismatch_and_partial_save(tmp_path) -> None:
 
 # ------------------------------------------------------ uneven batch sizes
 def _uneven_body(rank: int, world_size: int, sharding_type: str) -> None:
+    ref = make_reference()
     dmp = shard(world_size, sharding_type, "sgd", 0.1)
-    # the fused optimizer is keyed like the parameters it updates
-    assert set(dmp.fused_optimizer.params) <= set(dmp.state_dict()), sorted(dmp.fused_optimizer.params)
+    load_unsharded_state_dict(dmp, ref.state_dict())
+    # The fused optimizers of all ranks together update exactly the trainable tensors: every U and w.
+    keys = [None] * world_size
+    dist.all_gather_object(keys, sorted(dmp.fused_optimizer.params))
+    assert set().union(*keys) == set(ref.state_dict()), keys
     kjt, _ = batches(0, world_size, batch=3 + rank)[rank]
     if sharding_type == ShardingType.ROW_WISE.value:
         with pytest.raises(ValueError, match=r"batch sizes differ across ranks \(3 to 4"):
             dmp(kjt).wait()
-    else:  # table-wise exchanges whole pooled rows: uneven batches are fine
-        assert dmp(kjt).wait().values().shape[0] == 3 + rank
+        return
+    # table-wise exchanges whole pooled rows: uneven batches are fine
+    torch.testing.assert_close(dmp(kjt).wait().values(), ref(kjt).values(), atol=1e-6, rtol=1e-6)
+    # an empty batch on one rank
     empty = KeyedJaggedTensor.from_lengths_sync(
         keys=KEYS, values=torch.zeros(0, dtype=torch.long), lengths=torch.zeros(0, dtype=torch.long), stride=0
     )
-    if sharding_type == ShardingType.TABLE_WISE.value:  # an empty batch on one rank
-        out = dmp(empty if rank == 0 else kjt).wait()
-        assert out.values().shape[0] == (0 if rank == 0 else 4)
+    mine = empty if rank == 0 else batches(1, world_size)[rank][0]
+    out = dmp(mine).wait().values()
+    expected = ref(mine).values()
+    assert out.shape == expected.shape == (0 if rank == 0 else 4, 8 + 8 + 8 + 4), out.shape
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])

@@ -1,6 +1,7 @@
 """ShardedMEmComEmbeddingBagCollection against its unsharded twin on 2-process gloo runs."""
 
-from typing import List
+import os
+from typing import List, Optional
 
 import pytest
 import torch
@@ -44,11 +45,15 @@ def make_reference(seed: int = 0) -> MEmComEmbeddingBagCollection:
     return ref
 
 
-def shard(world_size: int, sharding_type: str, optimizer: str, lr: float) -> DistributedModelParallel:
+def shard(
+    world_size: int, sharding_type: str, optimizer: str, lr: float, local_world_size: Optional[int] = None
+) -> DistributedModelParallel:
+    """Plans and shards the test collection; ``local_world_size`` < ``world_size`` simulates several nodes."""
     model = MEmComEmbeddingBagCollection(make_tables(), device=torch.device("meta"))
     sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
     constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type]) for t in make_tables()}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cpu")
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
     return DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan, sharders=[sharder]
@@ -78,10 +83,14 @@ def reference_step(ref: MEmComEmbeddingBagCollection, opt: ReferenceOptimizer, d
     return [kt.values().detach() for kt in outs]
 
 
-def _compare_body(rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int) -> None:
+def _compare_body(
+    rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int, local_world_size: Optional[int] = None
+) -> None:
     lr = 0.1
     ref = make_reference()
-    dmp = shard(world_size, sharding_type, optimizer, lr)
+    if local_world_size is not None:  # TorchRec's TWRW groups ranks into nodes by LOCAL_WORLD_SIZE
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
+    dmp = shard(world_size, sharding_type, optimizer, lr, local_world_size)
     load_unsharded_state_dict(dmp, ref.state_dict())
     ref_opt = ReferenceOptimizer(optimizer, lr)
     for step in range(steps):
@@ -97,9 +106,7 @@ def _compare_body(rank: int, world_size: int, sharding_type: str, optimizer: str
             torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
 
 
-@pytest.mark.parametrize(
-    "sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
-)
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
 def test_sharded_matches_unsharded_sgd(sharding_type: str) -> None:
     # One SGD step: (before - after) / lr is the gradient, so this checks the gradients of U and w.
     run_multiprocess(_compare_body, world_size=2, sharding_type=sharding_type, optimizer="sgd", steps=1)
@@ -109,6 +116,27 @@ def test_sharded_matches_unsharded_sgd(sharding_type: str) -> None:
 @pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
 def test_sharded_matches_unsharded_several_steps(sharding_type: str, optimizer: str) -> None:
     run_multiprocess(_compare_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=3)
+
+
+def _assert_table_row_wise_over_nodes(dmp: DistributedModelParallel, world_size: int, local_world_size: int) -> None:
+    """Each table's rows sit on the ranks of one node only, split across that node's ranks."""
+    for table, ps in dmp.plan.plan[""].items():
+        ranks = sorted(ps.ranks)
+        assert ps.sharding_type == ShardingType.TABLE_ROW_WISE.value and len(ranks) == local_world_size, (table, ranks)
+        assert len({r // local_world_size for r in ranks}) == 1, f"table {table} spans nodes: {ranks}"
+
+
+def _twrw_body(rank: int, world_size: int, optimizer: str, steps: int) -> None:
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    _assert_table_row_wise_over_nodes(shard(world_size, ShardingType.TABLE_ROW_WISE.value, optimizer, 0.1, 2), world_size, 2)
+    _compare_body(rank, world_size, ShardingType.TABLE_ROW_WISE.value, optimizer, steps, local_world_size=2)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_table_row_wise_over_two_nodes_matches_unsharded(optimizer: str) -> None:
+    # 2 nodes x 2 ranks: TWRW places each table on one node and splits its rows over that node's
+    # ranks. On one node (Topology's default local_world_size = world_size) it would be row-wise.
+    run_multiprocess(_twrw_body, world_size=4, optimizer=optimizer, steps=3)
 
 
 def test_world_of_one_fused_step_matches_reference() -> None:
