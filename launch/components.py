@@ -24,12 +24,11 @@ to the trainer, otherwise checkpoints are written at epoch ends only.
 
 Only TorchX is imported here (no torch, no torchrec), so jobs can be submitted
 from a machine without them. The trainer's flags are checked against
-``TrainConfig`` (read from its source) before anything is launched.
+``TrainConfig`` (``memcom_torchrec.train.config``, a torch-free dataclass) before
+anything is launched.
 """
 
-import ast
 import difflib
-import importlib.util
 import json
 import os
 import shutil
@@ -53,37 +52,18 @@ class LaunchError(ValueError):
     """A launch argument is wrong; raised before anything is submitted."""
 
 
-def _package_file(*parts: str) -> Optional[str]:
-    """A file of the memcom_torchrec package (this checkout first, else the installed one); no import."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "memcom_torchrec", *parts)
-    if os.path.exists(here):
-        return here
-    spec = importlib.util.find_spec("memcom_torchrec")
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), *parts)
-    return path if os.path.exists(path) else None
-
-
 def train_flags() -> Optional[Dict[str, str]]:
-    """``--flag`` -> annotation (as written) of every ``TrainConfig`` field, read from the trainer's source.
+    """``--flag`` -> type (``int``, ``float``, ``str``, ``bool``, ``list``) of every ``TrainConfig`` field.
 
-    Returns None when the source is not found (then pass-through flags are not checked here;
-    the trainer's own parser still checks them when the job starts).
+    ``memcom_torchrec.train.config`` imports without torch. Returns None where the package is
+    not installed (then pass-through flags are not checked here; the trainer's own parser
+    still checks them when the job starts).
     """
-    path = _package_file("train", "trainer.py")
-    if path is None:
+    try:
+        from memcom_torchrec.train.config import train_flags as flags
+    except ImportError:
         return None
-    with open(path) as f:
-        tree = ast.parse(f.read(), filename=path)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
-            return {
-                "--" + stmt.target.id.replace("_", "-"): ast.unparse(stmt.annotation)
-                for stmt in node.body
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-            }
-    return None
+    return flags()
 
 
 def check_train_args(train_args: Sequence[str]) -> Dict[str, List[str]]:

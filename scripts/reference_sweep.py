@@ -51,7 +51,7 @@ def pack(data: str, out: str) -> None:
     import pyarrow.parquet as pq
 
     from memcom_torchrec.modules.memcom_configs import num_buckets_for_ratio
-    from memcom_torchrec.modules.qr_embedding_modules import num_collisions_for_ratio, qr_num_rows
+    from memcom_torchrec.modules.qr_configs import num_collisions_for_ratio, qr_num_rows
 
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     n_items, n_users = manifest["num_items"], manifest["num_users"]

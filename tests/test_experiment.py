@@ -8,14 +8,14 @@ from typing import List
 
 import pytest
 
-from memcom_torchrec.eval import experiment
-from memcom_torchrec.eval.experiment import FIELDS, append_result, main, read_results
+from memcom_torchrec.experiment import grid as experiment
+from memcom_torchrec.experiment.grid import FIELDS, append_result, main, read_results
 
 pytestmark = pytest.mark.slow
 
 REQUIRED = [
     "dataset", "model", "method", "compression_ratio", "embedding_params", "embedding_bytes",
-    "ndcg@10", "hr@10", "relative_loss", "seed", "train_seconds",
+    "ndcg@k", "hr@k", "relative_loss", "seed", "train_seconds", "k",
 ]
 TRAIN_ARGS = ["--epochs", "1", "--max-steps", "15", "--eval-batch-size", "2048"]
 
@@ -38,7 +38,8 @@ def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, m
         assert r["train_args"] == " ".join(TRAIN_ARGS)
         assert float(r["train_seconds"]) > 0
     assert float(rows[0]["relative_loss"]) == 0.0
-    base, mem = float(rows[0]["ndcg@10"]), float(rows[1]["ndcg@10"])
+    assert all(r["k"] == "10" for r in rows)
+    base, mem = float(rows[0]["ndcg@k"]), float(rows[1]["ndcg@k"])
     assert float(rows[1]["relative_loss"]) == pytest.approx((base - mem) / base)
     assert float(rows[1]["item_table_ratio"]) >= 16.0
     # Each cell keeps the learning rate best on validation, among runs that all exist.
@@ -47,8 +48,8 @@ def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, m
         valid = {}
         for lr in LRS:
             run = os.path.join(out, "runs", experiment.run_key(r["method"], float(r["compression_ratio"]), 0, float(lr)))
-            valid[lr] = json.load(open(os.path.join(run, "metrics.json")))["valid_ndcg@10"]
-        assert float(r["valid_ndcg@10"]) == max(valid.values())
+            valid[lr] = json.load(open(os.path.join(run, "metrics.json")))["valid_ndcg"]
+        assert float(r["valid_ndcg@k"]) == max(valid.values())
         assert float(r["embedding_lr"]) == float(max(valid, key=valid.get))
     table = open(os.path.join(out, "results.md")).read()
     assert "| memcom | 16 |" in table and "popularity" in table
@@ -75,15 +76,25 @@ def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, m
         grid(other, out, TRAIN_ARGS)
 
 
-def test_flags_the_grid_sets_are_refused(ml100k_dir: str, tmp_path) -> None:
-    with pytest.raises(SystemExit):
-        grid(ml100k_dir, str(tmp_path / "g"), ["--seed=3"])
+@pytest.mark.parametrize("train_args,refused", [(["--seed=3"], "['--seed=3']"),
+                                                (["--epochs", "1", "--embedding-lr", "0.1"], "['--embedding-lr']")],
+                         ids=["seed=3", "embedding-lr 0.1"])
+def test_flags_the_grid_sets_are_refused(ml100k_dir: str, tmp_path, capsys, train_args: List[str],
+                                         refused: str) -> None:
+    """A flag the grid sets itself, after '--': argparse's usage error (exit 2) naming it, before any run."""
+    out = tmp_path / "g"
+    with pytest.raises(SystemExit) as exited:
+        grid(ml100k_dir, str(out), train_args)
+    assert exited.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert f"error: {refused} after '--': the grid sets --method, --compression-ratio, --seed" in err
+    assert not out.exists()  # refused before anything ran
 
 
 def test_cells_a_method_cannot_reach_are_named_and_skipped(ml100k_dir: str, tmp_path, capsys) -> None:
     # ML-100K: 1,682 items (QR: at most ~20x), 943 users (QR: at most ~15x).
-    assert "unreachable with the quotient-remainder trick" in experiment.unreachable(ml100k_dir, "qr", 40.0, [])
-    assert "with per-entity weights" in experiment.unreachable(ml100k_dir, "memcom_qr", 16.0, [])
+    assert "is unreachable with method 'qr' for num_embeddings=1682" in experiment.unreachable(ml100k_dir, "qr", 40.0, [])
+    assert "unreachable with method 'memcom_qr'" in experiment.unreachable(ml100k_dir, "memcom_qr", 16.0, [])
     assert experiment.unreachable(ml100k_dir, "qr", 16.0, []) is None
     assert experiment.unreachable(ml100k_dir, "qr", 16.0, ["--compressed-tables", "user"]) is not None
     assert experiment.unreachable(ml100k_dir, "memcom", 40.0, []) is None
@@ -107,15 +118,33 @@ def test_run_dir_with_other_args_is_not_reused(ml100k_dir: str, tmp_path) -> Non
 
 def test_results_from_an_older_version_are_upgraded(tmp_path) -> None:
     path = str(tmp_path / "results.csv")
-    old = [f for f in FIELDS if f != "train_args"]
+    # no train_args, no k, and the cut-off fixed in the column names
+    legacy = {"ndcg@k": "ndcg@10", "hr@k": "hr@10", "valid_ndcg@k": "valid_ndcg@10"}
+    old = [legacy.get(f, f) for f in FIELDS if f not in ("train_args", "k")]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old)
         w.writeheader()
         w.writerow({k: "1" for k in old})
     append_result(path, {k: "2" for k in FIELDS})
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == FIELDS  # rewritten in this version's columns
     rows = read_results(path)
     assert [r["train_args"] for r in rows] == ["", "2"]
-    assert all(r["ndcg@10"] == v for r, v in zip(rows, ["1", "2"]))
+    assert [r["k"] for r in rows] == ["10", "2"]
+    assert [(r["ndcg@k"], r["hr@k"], r["valid_ndcg@k"]) for r in rows] == [("1", "1", "1"), ("2", "2", "2")]
+
+
+def test_grid_with_another_cut_off(ml100k_dir: str, tmp_path) -> None:
+    """``-- --k 5``: the trainer reports nDCG@5, the grid records k = 5 and says @5 in its report."""
+    out = str(tmp_path / "k5")
+    grid(ml100k_dir, out, TRAIN_ARGS + ["--k", "5"], lrs=["0.05"])
+    rows = read_results(os.path.join(out, "results.csv"))
+    assert [r["k"] for r in rows] == ["5", "5"]
+    for r in rows:
+        m = json.load(open(os.path.join(r["run_dir"], "metrics.json")))
+        assert m["k"] == 5 and float(r["ndcg@k"]) == m["test_ndcg"] and float(r["hr@k"]) == m["test_hr"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| nDCG@5 | HR@5 |" in table and "nDCG@10" not in table
 
 
 def test_results_with_foreign_columns_are_refused(tmp_path) -> None:

@@ -1,10 +1,13 @@
 """Export: slim model == TorchRec model, .pte == eager, operators, compact variant, bad input."""
 
+import glob
 import json
 import os
 import shutil
 from dataclasses import asdict
+from typing import Callable, Dict, List, Tuple
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -18,11 +21,13 @@ from memcom_torchrec.export import (
     segment_sum,
     write_programs,
 )
+from memcom_torchrec.models.builder import build_model
+from memcom_torchrec.models.checkpoint import save_checkpoint, table_signature
 from memcom_torchrec.models.embeddings import build_collection
-from memcom_torchrec.train.checkpoint import save_checkpoint, table_signature
-from memcom_torchrec.train.trainer import TrainConfig, build_model
+from memcom_torchrec.models.next_item import NextItemTrain
+from memcom_torchrec.train.config import TrainConfig
 
-NUM_USERS, NUM_ITEMS = 50, 120
+NUM_USERS, NUM_ITEMS, DIM = 50, 120, 16
 METHODS = ["uncompressed", "hashing", "memcom", "qr", "memcom_qr"]
 BATCHES = [1, 4, 37, 256]
 
@@ -30,8 +35,8 @@ BATCHES = [1, 4, 37, 256]
 def tiny_model(method: str, seed: int = 0, **overrides):
     """A NextItemTrain with random (non-trivial) weights on CPU, and its config."""
     cfg = TrainConfig(method=method, compression_ratio=4.0 if method != "uncompressed" else 1.0,
-                      embedding_dim=16, hidden=[32], **overrides)
-    model, tables = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("cpu"))
+                      embedding_dim=DIM, hidden=[32], **overrides)
+    model, tables = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("cpu"), seed=cfg.seed)
     model.model.embeddings = build_collection(tables, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -106,6 +111,170 @@ def test_compact_tables_are_smaller_and_close():
     torch.testing.assert_close(compact(*x), dequantized_twin(compact)(*x), atol=1e-5, rtol=1e-5)
 
 
+# Roles of a lookup's tensors -> the compact module storing them (see SlimLookup).
+ROW_MODULES = {"weight": "rows", "U": "rows", "Q": "quotient", "R": "remainder"}
+
+
+def quantize_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The documented compact row format, recomputed here: ``(q, scale, bias)`` of a float table.
+
+    Per row: ``scale = fp16((max - min) / 255)``, ``bias = fp16(min)``, and
+    ``q = clamp(round((x - bias) / scale), 0, 255)`` (uint8) against the rounded
+    scale and bias; a constant row (scale 0) stores ``q = 0``.
+    """
+    lo, hi = x.min(dim=1).values, x.max(dim=1).values
+    scale, bias = ((hi - lo) / 255.0).half(), lo.half()
+    s, b = scale.float().unsqueeze(1), bias.float().unsqueeze(1)
+    q = torch.round((x - b) / torch.where(s > 0, s, torch.ones_like(s))).clamp(0, 255)
+    return torch.where(s > 0, q, torch.zeros_like(q)).to(torch.uint8), scale, bias
+
+
+def fp16_rounding_bound(v: torch.Tensor) -> torch.Tensor:
+    """``|float16(v) - v|`` is at most ``2^-11 |v|`` (round to nearest, 10-bit mantissa) plus ``2^-25`` (subnormals)."""
+    return 2.0 ** -11 * v.abs() + 2.0 ** -25
+
+
+def row_error_bound(x: torch.Tensor) -> torch.Tensor:
+    """Per-row bound on ``|dequantised - x|`` of the documented format, from the table alone.
+
+    With ``s = (max - min) / 255``, float16 stores ``scale`` within ``r(s)`` of ``s`` and
+    ``bias`` within ``r(min)`` of ``min`` (``r = fp16_rounding_bound``). The grid
+    ``bias + k * scale`` (k = 0..255) then has spacing at most ``s + r(s)`` and leaves
+    ``[min, max]`` uncovered by at most ``r(min) + 255 r(s)`` at either end. Rounding
+    to the nearest k lands within half a spacing inside the grid's span; clamping lands
+    within the uncovered part outside it. So ``|error| <= (s + r(s)) / 2 + r(min) + 255 r(s)``,
+    plus float32 rounding (``4e-6 * max|x|``).
+    """
+    x = x.double()
+    lo, hi = x.min(dim=1).values, x.max(dim=1).values
+    s = (hi - lo) / 255
+    bound = (s + fp16_rounding_bound(s)) / 2 + fp16_rounding_bound(lo) + 255 * fp16_rounding_bound(s)
+    return (bound + 4e-6 * x.abs().amax(dim=1)).float()
+
+
+def embedding_factors(tables: Dict[str, torch.Tensor], ids: torch.Tensor) -> List[torch.Tensor]:
+    """Per-id factors whose product is the embedding.
+
+    Plain ``T[i]``; hashing ``U[i mod m]``; QR ``Q[i // m]``, ``R[i mod m]``; MEmCom(-QR) also ``w[i]``.
+    """
+    out = [tables["w"][ids].unsqueeze(1)] if "w" in tables else []
+    if "weight" in tables:
+        return out + [tables["weight"][ids]]
+    if "U" in tables:
+        return out + [tables["U"][ids % tables["U"].shape[0]]]
+    m = tables["R"].shape[0]
+    return out + [tables["Q"][ids // m], tables["R"][ids % m]]
+
+
+def embed(tables: Dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """``len(ids) x d`` embeddings computed from float tables."""
+    return torch.stack(torch.broadcast_tensors(*embedding_factors(tables, ids))).prod(dim=0)
+
+
+def embed_error_bound(
+    tables: Dict[str, torch.Tensor], bounds: Dict[str, torch.Tensor], ids: torch.Tensor
+) -> torch.Tensor:
+    """Bound on ``|embed(approx, ids) - embed(tables, ids)|`` when ``|approx - tables| <= bounds`` entry-wise.
+
+    For factors ``f`` and errors ``|e| <= d``: ``|prod(f + e) - prod(f)| <= prod(|f| + d) - prod(|f|)``.
+    """
+    f = torch.stack(torch.broadcast_tensors(*embedding_factors(tables, ids))).abs()
+    d = torch.stack(torch.broadcast_tensors(*embedding_factors(bounds, ids)))
+    return (f + d).prod(dim=0) - f.prod(dim=0)
+
+
+def mlp_input(
+    embed_fn: Callable[[str, torch.Tensor], torch.Tensor], ids: torch.Tensor, lengths: torch.Tensor, users: torch.Tensor
+) -> torch.Tensor:
+    """``[mean of the history's embeddings, the user's embedding]`` per row (the item table pools by mean)."""
+    bag = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    history = torch.zeros(len(lengths), DIM).index_add_(0, bag, embed_fn("history", ids))
+    return torch.cat([history / lengths.clamp(min=1).unsqueeze(1), embed_fn("user", users)], dim=1)
+
+
+def dense_error_bound(model: torch.nn.Module, features: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Bound on the logits' error when every MLP input entry (``features``) is off by at most ``bound``.
+
+    Linear: an input error ``e`` becomes ``W e`` and ``|W e| <= |W| |e|`` entry-wise. ReLU at a
+    pre-activation ``h`` off by at most ``e``: ``|relu(h') - relu(h)| <= min(e, max(h + e, 0))``
+    (1-Lipschitz, and both outputs are 0 when ``h + e <= 0``). Dropout (eval) is the identity.
+    Computed in float64 from the float32 model's activations.
+    """
+    h, e = features.double(), bound.double()
+    for layer in [*model.model.mlp, model.model.output]:
+        if isinstance(layer, torch.nn.Linear):
+            h = torch.nn.functional.linear(h, layer.weight.double(), layer.bias.double())
+            e = e @ layer.weight.double().abs().T
+        elif isinstance(layer, torch.nn.ReLU):
+            e = torch.minimum(e, (h + e).clamp(min=0))
+            h = h.clamp(min=0)
+        else:
+            assert isinstance(layer, torch.nn.Dropout), f"no error bound for {layer}"
+    return e.float()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compact_export_equals_independent_quantization(method):
+    """Compact tables == the documented format recomputed here; logits within the error it implies."""
+    model, _ = tiny_model(method)
+    fp32, compact = build_slim_model(model), build_slim_model(model, "compact")
+    exact: Dict[str, Dict[str, torch.Tensor]] = {}
+    dequant: Dict[str, Dict[str, torch.Tensor]] = {}
+    bounds: Dict[str, Dict[str, torch.Tensor]] = {}
+    for feature in ("history", "user"):
+        exact[feature], dequant[feature], bounds[feature] = getattr(fp32, feature).dequantized_tables(), {}, {}
+        stored = getattr(compact, feature)
+        for role, x in exact[feature].items():
+            where = f"{method} {feature} {role}"
+            if role == "w":  # float16, rounded to nearest
+                w16 = stored.entity_weights.weight
+                assert w16.dtype == torch.float16, f"{where}: {w16.dtype}"
+                assert torch.equal(w16.reshape(-1), x.half()), f"{where}: not w rounded to float16"
+                dequant[feature][role] = x.half().float()
+                bounds[feature][role] = fp16_rounding_bound(x)
+                continue
+            table = getattr(stored, ROW_MODULES[role])
+            # the stored rows, dequantised here, are within the error the row's quantisation step allows
+            sb = table.scale_bias.float()
+            row_bound = row_error_bound(x)[:, None].expand_as(x)
+            err = (table.q.float() * sb[:, :1] + sb[:, 1:] - x).abs()
+            assert table.q.dtype == torch.uint8, f"{where}: {table.q.dtype}"
+            assert (err <= row_bound).all(), (
+                f"{where}: dequantised error {err.max():.3g} above its bound {row_bound.flatten()[err.argmax()]:.3g}"
+            )
+            bounds[feature][role] = row_bound
+            # and they are exactly the documented format
+            q, scale, bias = quantize_reference(x)
+            assert table.scale_bias.dtype == torch.float16, f"{where}: scale/bias {table.scale_bias.dtype}"
+            assert torch.equal(table.scale_bias, torch.stack([scale, bias], dim=1)), f"{where}: scale/bias differ"
+            assert torch.equal(table.q, q), f"{where}: {int((table.q != q).sum())} of {q.numel()} q differ"
+            dequant[feature][role] = q.float() * scale.float()[:, None] + bias.float()[:, None]
+
+    def dense(features: torch.Tensor) -> torch.Tensor:
+        return model.model.output(model.model.mlp(features))
+
+    with torch.no_grad():
+        for b in BATCHES:
+            x = make_inputs(b, seed=20 + b)
+            want, got = torchrec_logits(model, *x), compact(*x)
+            # the forward written here computes the TorchRec model from its float tables
+            features = mlp_input(lambda f, i: embed(exact[f], i), *x)
+            torch.testing.assert_close(dense(features), want, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{method} batch {b}: the forward written here vs TorchRec: {m}")
+            # the compact model's error versus fp32 is within the bound the quantisation implies (+ float32 rounding)
+            input_bound = mlp_input(lambda f, i: embed_error_bound(exact[f], bounds[f], i), *x)
+            bound = dense_error_bound(model, features, input_bound)
+            err = (got - want).abs()
+            assert (err <= bound + 1e-5).all(), (
+                f"{method} batch {b}: compact vs fp32 error {err.max():.3g} above the derived bound "
+                f"{bound.flatten()[err.argmax()]:.3g} at that logit"
+            )
+            # and it computes with the tables dequantised here (up to float32 rounding)
+            computed_here = dense(mlp_input(lambda f, i: embed(dequant[f], i), *x))
+            torch.testing.assert_close(got, computed_here, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{method} batch {b}: compact vs the tables dequantised here: {m}")
+
+
 def test_eager_bad_ids_name_the_feature():
     model, _ = tiny_model("memcom")
     slim = build_slim_model(model)
@@ -154,12 +323,17 @@ def test_bad_checkpoints(tmp_path):
     # the config says hashing, the checkpoint holds a MEmCom table
     with pytest.raises(ValueError, match="table 'model.embeddings:item' differs"):
         load_trained_model(broken("mismatch", lambda m: m["config"].update(method="hashing")))
-    # tensors of the wrong shape in the checkpoint (config edited to a bigger dim everywhere)
+    # tensors of the wrong shape in the checkpoint: config and table signatures claim dim 32 (and its
+    # bucket count), so the checks of meta.json pass and loading the dim-16 tensors fails
+    wide, _ = build_model(TrainConfig(method="memcom", compression_ratio=4.0, embedding_dim=32, hidden=[32]),
+                          NUM_USERS, NUM_ITEMS, torch.device("cpu"))
+
     def bigger(m):
         m["config"]["embedding_dim"] = 32
-        for sig in m["tables"].values():
-            sig["embedding_dim"] = 32
-    with pytest.raises(ValueError):
+        m["tables"] = table_signature(wide)
+    with pytest.raises(ValueError, match=r"does not match its config: .*Size mismatch between saved "
+                                         r"torch\.Size\(\[22, 16\]\) and current: torch\.Size\(\[26, 32\]\) "
+                                         r"for .*embedding_bags\.item\.weight"):
         load_trained_model(broken("shapes", bigger))
     # tensors missing from the checkpoint: a hashing checkpoint (no w) whose meta claims MEmCom
     memcom_model, _ = tiny_model("memcom")
@@ -173,8 +347,12 @@ def test_bad_checkpoints(tmp_path):
     _edit_meta(path, claim_memcom)
     with pytest.raises(ValueError, match="does not match its config"):
         load_trained_model(path)
-    with pytest.raises(ValueError, match="does not know"):
-        load_trained_model(broken("unknown", lambda m: m["config"].update(colour="red")))
+    # The model is rebuilt from its own fields (models.config.ModelConfig): a training flag it does
+    # not depend on (here one this version lacks) is ignored, a bad model field is refused.
+    model, _ = load_trained_model(broken("unknown", lambda m: m["config"].update(colour="red")))
+    assert isinstance(model, NextItemTrain)
+    with pytest.raises(ValueError, match="incompatible config: unknown model 'deep'"):
+        load_trained_model(broken("kind", lambda m: m["config"].update(model="deep")))
     with pytest.raises(ValueError, match="incompatible config"):
         load_trained_model(broken("ratio", lambda m: m["config"].update(compression_ratio=1.0)))
     with pytest.raises(ValueError, match="no 'config'"):
@@ -285,7 +463,8 @@ def test_compact_ndcg_within_one_percent_on_ml100k(tmp_path_factory):
     data = _ml100k(tmp_path_factory)
     manifest = read_manifest(data)
     cfg = TrainConfig(method="memcom", compression_ratio=16.0, embedding_dim=32, hidden=[128])
-    model, tables = build_model(cfg, int(manifest["num_users"]), int(manifest["num_items"]), torch.device("cpu"))
+    model, tables = build_model(cfg, int(manifest["num_users"]), int(manifest["num_items"]), torch.device("cpu"),
+                                seed=cfg.seed)
     model.model.embeddings = build_collection(tables, device=torch.device("cpu"))
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -299,13 +478,17 @@ def test_compact_ndcg_within_one_percent_on_ml100k(tmp_path_factory):
     fp32, compact = build_slim_model(model), build_slim_model(model, "compact")
     totals = {"fp32": RankingTotals(), "compact": RankingTotals()}
     with torch.no_grad():
-        for batch in make_dataloader(data, "test", 1024, history_len=cfg.history_len, num_workers=0):
+        for batch in make_dataloader(data, "test", 256, history_len=cfg.history_len, num_workers=0):
             x = kjt_to_inputs(batch.sparse_features)
             ex = batch.exclude
             for name, slim in (("fp32", fp32), ("compact", compact)):
                 ranks = target_ranks(slim(*x), batch.labels, ex.lengths(), ex.values())
                 totals[name] = totals[name].add(ranking_totals(ranks, 10))
     a, b = totals["fp32"].mean_ndcg, totals["compact"].mean_ndcg
-    assert totals["fp32"].count == int(manifest.get("num_users", totals["fp32"].count)) or totals["fp32"].count > 0
+    # every row of the test split (one per user: leave-last-out), counted in its files, not by the loader
+    test_rows = sum(pq.read_metadata(f).num_rows for f in glob.glob(os.path.join(data, "test", "*.parquet")))
+    assert test_rows == int(manifest["num_users"]) > 0
+    counts = {name: t.count for name, t in totals.items()}
+    assert counts == {"fp32": test_rows, "compact": test_rows}, f"evaluated {counts}; the test split has {test_rows}"
     assert a > 0.02, f"the tiny model did not learn (nDCG@10 {a:.4f})"
     assert abs(b - a) <= 0.01 * a, f"compact nDCG@10 {b:.5f} vs fp32 {a:.5f}"

@@ -156,12 +156,16 @@ def test_kubernetes_dryrun_renders() -> None:
 
 
 def test_torchx_fails_fast_on_bad_arguments(tmp_path) -> None:
+    """Bad arguments are refused before anything is scheduled: no torchx log dir, no run dir."""
     missing = str(tmp_path / "no-data")
-    t = time.time()
-    r = _run(TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":train", "--data_dir", missing], timeout=60)
+    logs, run_dir = tmp_path / "torchx-logs", tmp_path / "run"
+    local = TORCHX + ["run", "-s", "local_cwd", "-cfg", f"log_dir={logs}", COMPONENTS + ":train",
+                      "--data_dir", missing, "--out_dir", str(run_dir)]
+    r = _run(local)
     assert r.returncode != 0 and "does not exist on this machine" in r.stderr
-    r = _run(TORCHX + ["run", "-s", "local_cwd", COMPONENTS + ":train", "--data_dir", missing, "--nosuch", "1"])
+    r = _run(local + ["--nosuch", "1"])
     assert r.returncode != 0 and "unrecognized arguments: --nosuch" in r.stderr
+    assert not logs.exists() and not run_dir.exists()  # torchx makes <log_dir>/<session>/<app> on submit
     r = _run(TORCHX + ["run", "-s", "nosuch", COMPONENTS + ":train", "--data_dir", missing])
     assert r.returncode != 0 and "invalid choice: 'nosuch'" in r.stderr
     r = _run(TORCHX + ["run", "-s", "slurm", "--dryrun", COMPONENTS + ":train", "--data_dir", missing,
@@ -175,7 +179,6 @@ def test_torchx_fails_fast_on_bad_arguments(tmp_path) -> None:
     r = _run(submit + ["-s", "slurm", "--dryrun", "-cfg", "partition=gpu,time=1:00:00", COMPONENTS + ":train",
                        "--data_dir", missing, "--check_paths", "False"])
     assert r.returncode == 0 and "--partition=gpu --time=1:00:00" in r.stdout
-    assert time.time() - t < 60  # nothing was launched
 
 
 # ---------------------------------------------------------------- real jobs: torchrun, torchx, SIGKILL + resume
@@ -308,7 +311,7 @@ def test_sigkill_resumes_from_checkpoint_and_matches_uninterrupted_run(
                             os.path.join(out, "checkpoints", f"step_{MAX_STEPS:08d}"))
     with open(os.path.join(reference_run, "metrics.json")) as f:
         ref = json.load(f)
-    assert m["test_ndcg@10"] == ref["test_ndcg@10"] and m["test_hr@10"] == ref["test_hr@10"]
+    assert m["test_ndcg"] == ref["test_ndcg"] and m["test_hr"] == ref["test_hr"]
 
 
 @pytest.mark.slow
@@ -326,7 +329,7 @@ def test_evaluate_component(resumed_run: Dict[str, object], reference_run: str, 
     with open(os.path.join(reference_run, "metrics.json")) as f:
         ref = json.load(f)
     assert e["steps"] == MAX_STEPS and e["world_size"] == 1 and e["resumed_from_steps"][-1] == MAX_STEPS
-    assert e["test_ndcg@10"] == pytest.approx(ref["test_ndcg@10"], abs=1e-6)
+    assert e["test_ndcg"] == pytest.approx(ref["test_ndcg"], abs=1e-6)
 
 
 @pytest.mark.slow

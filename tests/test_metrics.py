@@ -86,25 +86,3 @@ def test_compression_accounting_is_exact() -> None:
     assert fp["table_compression_ratios"]["item"] >= 16
     q = -(-n_items // m)
     assert fp["embedding_bytes"] == 4 * (m * d + m * q + n_users * d)
-
-
-def test_memcom_double_tables_and_accounting() -> None:
-    from memcom_torchrec.models.embeddings import (
-        EmbeddingMethodConfig, TableSpec, double_hashing_buckets, duplicate_features, table_configs,
-    )
-    from torchrec import KeyedJaggedTensor
-
-    n, d = 3706, 64
-    m1, m2 = double_hashing_buckets(n, d, 16.0)
-    assert m2 == m1 - 1 and m1 * m2 > n  # coprime, and every entity gets its own pair of rows
-    tables = table_configs([TableSpec("item", n, ["history"])], EmbeddingMethodConfig("memcom_double", 16.0))
-    assert [t.name for t in tables] == ["item", "item2"] and tables[1].feature_names == ["history2"]
-    assert tables[0].train_entity_weights and not tables[1].train_entity_weights
-    fp = embedding_footprint(tables, "rowwise_adagrad")
-    assert fp["embedding_params"] == (m1 + m2) * d + n
-    assert fp["table_compression_ratios"] == {"item": pytest.approx(n * d / ((m1 + m2) * d + n))}
-    assert fp["table_compression_ratios"]["item"] >= 16
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user_id", "history"], values=torch.tensor([0, 5, 6]),
-                                              lengths=torch.tensor([1, 2]))
-    dup = duplicate_features(kjt, ["history"]).to_dict()
-    assert dup["history2"].values().tolist() == [5, 6] and dup["history"].lengths().tolist() == [2]

@@ -1,8 +1,8 @@
 """QREmbeddingBagCollection (quotient-remainder baseline) against plain-PyTorch references.
 
-Unsharded forward/gradients, the ratio -> num_collisions rule, input errors,
-memory accounting, and (slow) 2-process gloo DMP runs on TorchRec's stock
-EmbeddingCollectionSharder against the unsharded twin.
+Unsharded forward/gradients, the ratio -> num_collisions rule, input errors and
+memory accounting. The sharded twin (2-process gloo DMP runs) is tested in
+tests/test_sharded_qr.py.
 """
 
 import math
@@ -10,26 +10,19 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
-import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingEnv, ShardingType
 
-from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.modules.memory import table_memory
-from memcom_torchrec.modules.qr_embedding_modules import (
-    QREmbeddingBagCollection,
+from memcom_torchrec.modules.qr_configs import (
     QREmbeddingBagConfig,
     max_qr_compression_ratio,
     num_collisions_for_ratio,
     qr_compression_ratio,
     qr_num_rows,
 )
-from dist_utils import run_multiprocess
-from reference import ReferenceOptimizer, make_kjt_inputs
+from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection
+from reference import make_kjt_inputs
 
 N_ITEM, N_USER, N_CAT = 53, 10, 20
 KEYS = ["hist", "target", "user", "cat"]
@@ -128,8 +121,7 @@ def module_grads(ebc: QREmbeddingBagCollection) -> Dict[str, Tuple[torch.Tensor,
         if isinstance(t, QREmbeddingBagConfig):
             grads[t.name] = tuple(x.grad for x in ebc.qr_parameters(t.name))
             if t.entity_weights:
-                packed = getattr(ebc, "_embedding_collection_d4").embeddings[t.name + "__w"].weight
-                grads[t.name] += (None if packed.grad is None else packed.grad.view(-1)[: t.num_embeddings],)
+                grads[t.name] += (ebc.entity_weights(t.name).grad,)
         else:
             child = getattr(ebc, ebc.feature_specs()[t.feature_names[0]].group)
             grads[t.name] = (child.embeddings[t.name].weight.grad,)
@@ -236,13 +228,17 @@ def test_entity_embeddings_are_distinct_products() -> None:
     assert torch.unique(hist.detach(), dim=0).shape[0] == n
 
 
-def test_entity_weights_scale_each_entity_and_live_in_a_packed_dim4_table() -> None:
-    """memcom_qr: entity i is w[i] * Q[i // p] * R[i % p]; w is packed 4 per row, init 1."""
+def test_entity_weights_scale_each_entity_and_live_in_a_flat_parameter() -> None:
+    """memcom_qr: entity i is w[i] * Q[i // p] * R[i % p]; w is one scalar per entity, init 1, named as MEmCom's."""
     torch.manual_seed(0)
     fresh = QREmbeddingBagCollection(tables(entity_weights=True, cat_dim=8))
-    packed = fresh.state_dict()["_embedding_collection_d4.embeddings.item__w.weight"]
-    assert tuple(packed.shape) == (math.ceil(N_ITEM / 4), 4) and torch.all(packed == 1.0)
-    assert "_embedding_collection.embeddings.item__w.weight" not in fresh.state_dict()
+    flat = fresh.state_dict()["_entity_weights.item"]
+    assert tuple(flat.shape) == (N_ITEM,) and torch.all(flat == 1.0)
+    assert {k for k in fresh.state_dict() if "item" in k} == {
+        "_embedding_collection.embeddings.item__q.weight", "_embedding_collection.embeddings.item__r.weight",
+        "_entity_weights.item",
+    }
+    assert "_entity_weights.cat" not in fresh.state_dict()
     ebc = build(mean_cat=False, entity_weights=True)
     Q, R = ebc.qr_parameters("item")
     w = ebc.entity_weights("item")
@@ -251,9 +247,15 @@ def test_entity_weights_scale_each_entity_and_live_in_a_packed_dim4_table() -> N
     lengths = torch.cat([torch.ones(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)]).long()
     hist = ebc(KeyedJaggedTensor(keys=KEYS, values=ids, lengths=lengths, stride=n)).to_dict()["hist"]
     torch.testing.assert_close(hist, w[ids].unsqueeze(1) * Q[ids // 7] * R[ids % 7])
-    with torch.no_grad():
-        w.fill_(1.0)
-        ebc.reset_parameters()
+    assert w is ebc._entity_weights["item"]  # the parameter itself, not a copy
+    with torch.no_grad():  # spoil all three, then reset: w back to 1, R to 1, Q re-drawn
+        w.fill_(3.0)
+        R.fill_(3.0)
+        Q.fill_(3.0)
+    ebc.reset_parameters()
+    assert torch.all(w == 1.0)
+    assert torch.all(R == 1.0)
+    assert Q.abs().max() <= math.sqrt(1 / N_ITEM) and torch.unique(Q).numel() == Q.numel()
     with pytest.raises(KeyError, match="not a QR table with entity_weights"):
         build().entity_weights("item")
 
@@ -467,172 +469,13 @@ def test_table_memory_of_qr_table() -> None:
 def test_table_memory_of_qr_table_with_entity_weights() -> None:
     t = QREmbeddingBagConfig(name="t", num_embeddings=1001, embedding_dim=16, feature_names=["f"], num_collisions=30,
                              entity_weights=True)
-    rows, w_rows = math.ceil(1001 / 30) + 30, math.ceil(1001 / 4)
+    rows = math.ceil(1001 / 30) + 30
     mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
     assert mem.num_rows == rows
     assert mem.num_parameters == rows * 16 + 1001
-    assert mem.param_bytes == (rows * 16 + w_rows * 4) * 4  # w packed 4 per row, padding included
-    assert mem.optimizer_state_bytes == (rows + w_rows) * 4  # one row-wise state per row of Q, R and packed w
+    assert mem.param_bytes == (rows * 16 + 1001) * 4  # w: one fp32 scalar per entity, no padding
+    assert mem.optimizer_state_bytes == (rows + 1001) * 4  # one row-wise state per row of Q and R, one per w
+    assert table_memory(t, EmbOptimType.EXACT_SGD).optimizer_state_bytes == 0
+    assert table_memory(t, EmbOptimType.EXACT_ADAGRAD).optimizer_state_bytes == (rows * 16 + 1001) * 4
     assert mem.compression_ratio == pytest.approx(1001 * 16 / (rows * 16 + 1001))
     assert mem.compression_ratio == pytest.approx(t.achieved_compression_ratio())
-
-
-# ---------------------------------------------------------------------------
-# Sharded (2-process gloo DMP) against the unsharded twin
-# ---------------------------------------------------------------------------
-DIST_KEYS = ["hist", "target", "user", "cat"]
-DIST_SIZES = {"hist": 101, "target": 101, "user": 12, "cat": 30}
-OPT = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
-
-
-def dist_tables(entity_weights: bool = False) -> List[EmbeddingBagConfig]:
-    return [
-        QREmbeddingBagConfig(
-            name="item", num_embeddings=101, embedding_dim=8, feature_names=["hist", "target"], num_collisions=10,
-            entity_weights=entity_weights,
-        ),
-        EmbeddingBagConfig(name="user", num_embeddings=12, embedding_dim=8, feature_names=["user"]),
-        QREmbeddingBagConfig(
-            name="cat", num_embeddings=30, embedding_dim=4, feature_names=["cat"], num_collisions=4,
-            pooling=PoolingType.MEAN,
-        ),
-    ]
-
-
-def dist_reference(seed: int = 0, entity_weights: bool = False) -> QREmbeddingBagCollection:
-    torch.manual_seed(seed)
-    ref = QREmbeddingBagCollection(dist_tables(entity_weights))
-    with torch.no_grad():
-        for name in ("item", "cat"):
-            ref.qr_parameters(name)[1].uniform_(0.5, 1.5)
-        if entity_weights:
-            ref.entity_weights("item").uniform_(0.5, 1.5)
-    return ref
-
-
-def dist_batches(step: int, world_size: int, weighted: bool, batch: int = 4):
-    out = []
-    for r in range(world_size):
-        g = torch.Generator().manual_seed(1000 * step + r)
-        values, lengths = make_kjt_inputs(DIST_KEYS, DIST_SIZES, batch, 5, g)
-        weights = torch.rand(values.numel(), generator=g) + 0.5 if weighted else None
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=DIST_KEYS, values=values, lengths=lengths, weights=weights)
-        out.append((kjt, torch.randn(batch, 8 + 8 + 8 + 4, generator=g)))
-    return out
-
-
-def _dist_body(
-    rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int, weighted: bool,
-    entity_weights: bool = False,
-) -> None:
-    lr = 0.1
-    ref = dist_reference(entity_weights=entity_weights)
-    ref_sd = ref.state_dict()
-    ref = QREmbeddingBagCollection(dist_tables(entity_weights), is_weighted=weighted)
-    ref.load_state_dict(ref_sd)
-
-    model = QREmbeddingBagCollection(dist_tables(entity_weights), is_weighted=weighted, device=torch.device("meta"))
-    sharder = EmbeddingCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
-    assert sharding_type in sharder.sharding_types("cpu")
-    constraints = {
-        name: ParameterConstraints(sharding_types=[sharding_type])
-        for name in ("item__q", "item__r", "user", "cat__q", "cat__r") + (("item__w",) if entity_weights else ())
-    }
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints
-    )
-    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-    dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan,
-        sharders=[sharder],
-    )
-    # The stock sharder took both EmbeddingCollection children.
-    assert isinstance(dmp.module._embedding_collection, ShardedEmbeddingCollection)
-    assert isinstance(dmp.module._embedding_collection_d4, ShardedEmbeddingCollection)
-    assert set(gather_unsharded_state_dict(dmp, dst=None)) == set(ref_sd)
-    load_unsharded_state_dict(dmp, ref.state_dict())
-
-    ref_opt = ReferenceOptimizer(optimizer, lr)
-    for step in range(steps):
-        data = dist_batches(step, world_size, weighted)
-        kjt, proj = data[rank]
-        out = dmp(kjt)
-        # Unsharded twin on the global batch; TorchRec averages embedding gradients over ranks.
-        outs = [ref(k) for k, _ in data]
-        loss = sum((kt.values() * p).sum() for kt, (_, p) in zip(outs, data)) / world_size
-        ref.zero_grad()
-        loss.backward()
-        for name, param in ref.named_parameters():
-            if param.grad is not None:
-                ref_opt.step(name, param.data, param.grad)
-        assert out.keys() == outs[rank].keys()
-        torch.testing.assert_close(out.values(), outs[rank].values().detach(), atol=1e-5, rtol=1e-5)
-        (out.values() * proj).sum().backward()
-        dmp.fused_optimizer.step()
-        got = gather_unsharded_state_dict(dmp, dst=None)
-        for name, value in ref.state_dict().items():
-            torch.testing.assert_close(
-                got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"rank {rank} step {step} {name}: {m}"
-            )
-        if step == 0:  # the comparison must not be vacuous: Q and R moved
-            assert not torch.allclose(got["_embedding_collection.embeddings.item__r.weight"],
-                                      ref_sd["_embedding_collection.embeddings.item__r.weight"])
-            if entity_weights:
-                assert not torch.allclose(got["_embedding_collection_d4.embeddings.item__w.weight"],
-                                          ref_sd["_embedding_collection_d4.embeddings.item__w.weight"])
-
-    # A bad id on one rank raises on every rank (no hang in the all-to-all).
-    bad = KeyedJaggedTensor.from_lengths_sync(
-        keys=DIST_KEYS, values=torch.tensor([0, 101 if rank == 1 else 0, 0, 0]), lengths=torch.ones(4, dtype=torch.long),
-        weights=torch.ones(4) if weighted else None,
-    )
-    with pytest.raises(ValueError, match="id 101 is out of range for table 'item'"):
-        dmp(bad)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
-@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
-def test_sharded_matches_unsharded(sharding_type: str, optimizer: str) -> None:
-    # SGD, one step: (before - after) / lr is the gradient of Q and R. Row-wise Adagrad: 2 steps.
-    steps = 1 if optimizer == "sgd" else 2
-    run_multiprocess(
-        _dist_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=steps, weighted=False
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
-def test_sharded_entity_weights_match_unsharded(sharding_type: str) -> None:
-    # memcom_qr: the packed w table is sharded and trained like Q and R (row-wise Adagrad, 2 steps).
-    run_multiprocess(
-        _dist_body, world_size=2, sharding_type=sharding_type, optimizer="rowwise_adagrad", steps=2, weighted=False,
-        entity_weights=True,
-    )
-
-
-@pytest.mark.slow
-def test_sharded_weighted_matches_unsharded() -> None:
-    run_multiprocess(
-        _dist_body, world_size=2, sharding_type=ShardingType.TABLE_WISE.value, optimizer="sgd", steps=1, weighted=True
-    )
-
-
-def _default_sharders_body(rank: int, world_size: int) -> None:
-    from torchrec.distributed.sharding_plan import get_default_sharders
-
-    ref = dist_reference()
-    model = QREmbeddingBagCollection(dist_tables(), device=torch.device("meta"))
-    dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
-        sharders=get_default_sharders(),
-    )
-    assert isinstance(dmp.module._embedding_collection, ShardedEmbeddingCollection)
-    load_unsharded_state_dict(dmp, ref.state_dict())
-    kjt, _ = dist_batches(0, world_size, weighted=False)[rank]
-    torch.testing.assert_close(dmp(kjt).values(), ref(kjt).values().detach(), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_default_sharders_and_planner_shard_the_collection() -> None:
-    run_multiprocess(_default_sharders_body, world_size=2)

@@ -14,7 +14,7 @@ from torchrec import KeyedJaggedTensor, PoolingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import entity_weights_to_dense
-from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection, QREmbeddingBagConfig
+from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig
 from reference import adagrad_, rowwise_adagrad_
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -70,11 +70,11 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
             table.remainder.copy_(r)
         real_params, replica_params = [q, r], [table.table, table.remainder]
         if weighted:
-            packed = real._embedding_collection_d4.embeddings["item__w"].weight
+            w = real.entity_weights("item")  # one scalar per entity, as the replica's
             with torch.no_grad():
-                real.entity_weights("item").uniform_(0.5, 1.5)
-                table.w.copy_(real.entity_weights("item"))
-            real_params.append(packed)
+                w.uniform_(0.5, 1.5)
+                table.w.copy_(w)
+            real_params.append(w)
             replica_params.append(table.w)
     else:
         cfg = MEmComEmbeddingBagConfig(num_buckets=size, train_entity_weights=method == "memcom", **common)
@@ -98,9 +98,7 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     g_replica = torch.autograd.grad((got * proj).sum(), replica_params)
     g_real = torch.autograd.grad((expected * proj).sum(), real_params)
     for a, b in zip(g_replica, g_real):
-        if a.shape != b.shape and method == "memcom_qr":  # its w: packed 4 per row
-            b = b.reshape(-1)[:N]
-        elif a.shape != b.shape:  # MEmCom's w: the replica's dense vector vs the collection's (m, Q) grid
+        if a.shape != b.shape:  # MEmCom's w: the replica's dense vector vs the collection's (m, Q) grid
             b = entity_weights_to_dense(b, N)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -108,7 +106,9 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
 @pytest.mark.parametrize("method,size", [("uncompressed", 1), ("memcom", 7), ("hashing", 9), ("qr", 6), ("memcom_qr", 6)])
 def test_replica_init_matches_collections(method: str, size: int) -> None:
     """Tables start as the product's do: uniform +-sqrt(1/n) (n: entities, not rows), R = 1, w = 1."""
-    n = 5000  # enough draws that the largest |value| is within 1% of the bound
+    n = 5000
+    # Seeded: the largest |value| of a 7 x 64 table misses the top 1% below the bound for ~1.5% of seeds.
+    torch.manual_seed(0)
     table = rs.ItemTable(method, n, size)
     bound = (1.0 / n) ** 0.5
     assert bound * 0.99 < float(table.table.detach().abs().max()) <= bound
@@ -119,6 +119,7 @@ def test_replica_init_matches_collections(method: str, size: int) -> None:
     if method in ("memcom", "hashing"):  # the product's bound for the same table, unsharded
         cfg = MEmComEmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=D, feature_names=["f"],
                                        num_buckets=size, train_entity_weights=method == "memcom")
+        torch.manual_seed(0)
         u, _ = MEmComEmbeddingBagCollection([cfg]).memcom_parameters("t")
         assert bound * 0.99 < float(u.detach().abs().max()) <= bound
 

@@ -18,7 +18,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
-from memcom_torchrec.train.checkpoint import load_checkpoint, save_checkpoint
+from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
 from dist_utils import run_multiprocess
 from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
 

@@ -73,6 +73,7 @@ from memcom_torchrec.optim.entity_weight_optimizer import (
     EntityWeightOptimizerConfig,
     entity_weight_lookup,
 )
+from memcom_torchrec.optim.fused import EntityWeightFusedOptimizer
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -106,49 +107,6 @@ class _LocalEntityWeights:
     config: EntityWeightOptimizerConfig
     sharded: ShardedTensor = field(repr=False, default=None)  # pyre-ignore[8]
     sharded_states: Dict[str, ShardedTensor] = field(repr=False, default_factory=dict)
-
-
-class EntityWeightFusedOptimizer(KeyedOptimizer):
-    """KeyedOptimizer view of the fused per-entity weight updates.
-
-    ``step()`` and ``zero_grad()`` do nothing: updates happen in the backward
-    pass. ``param_groups`` carry the hyper-parameters read at every update, so
-    LR schedulers and ``load_state_dict`` work as for FBGEMM's fused tables.
-    """
-
-    def __init__(self, params: Dict[str, ShardedTensor], locals_: Dict[str, _LocalEntityWeights]) -> None:
-        state: Dict[Any, Any] = {}
-        param_groups = []
-        for key, local in locals_.items():
-            param = params[key]
-            state[param] = dict(local.sharded_states)
-            if "step" in local.states:  # Adam's step counter (bias correction) is checkpointed too
-                state[param]["step"] = local.states["step"]
-            cfg = local.config
-            param_groups.append(
-                {
-                    "params": [param],
-                    "lr": cfg.learning_rate,
-                    "eps": cfg.eps,
-                    "beta1": cfg.beta1,
-                    "beta2": cfg.beta2,
-                    "weight_decay": cfg.weight_decay,
-                    "optimizer": cfg.optimizer.value,
-                }
-            )
-        super().__init__(params, state, param_groups)
-        self._groups_by_table: Dict[str, Dict[str, Any]] = {
-            local.table: group for local, group in zip(locals_.values(), self.param_groups)
-        }
-
-    def group_of(self, table: str) -> Dict[str, Any]:
-        return self._groups_by_table[table]
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        pass
-
-    def step(self, closure: Any = None) -> None:  # pyre-ignore[14]
-        pass
 
 
 def entity_weight_metadata(config: MEmComEmbeddingBagConfig, ps: ParameterSharding) -> ShardedTensorMetadata:

@@ -1,6 +1,6 @@
 """Export for phones and servers: a slim single-device module, ``torch.export`` and ExecuTorch programs.
 
-Depends on ``memcom_torchrec.modules``/``models``/``train`` (never the reverse).
+Depends on ``memcom_torchrec.models`` and ``modules`` only (never on ``train``; nothing depends on it).
 ExecuTorch is an optional extra: ``pip install 'memcom_torchrec[export]'``.
 """
 
@@ -10,14 +10,13 @@ from memcom_torchrec.export.lowering import (
     export_checkpoint,
     export_program,
     load_pte,
-    load_trained_model,
     lower,
     program_operators,
-    resolve_checkpoint,
     run_pte,
     unsupported_operators,
     write_programs,
 )
+from memcom_torchrec.models.builder import load_trained_model, resolve_checkpoint
 from memcom_torchrec.export.slim import (
     DTYPES,
     SlimLookup,

@@ -4,13 +4,11 @@ ExecuTorch is imported lazily: loading checkpoints, building slim models and
 ``torch.export`` work without it (``pip install 'memcom_torchrec[export]'``).
 """
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from memcom_torchrec.export.slim import (
@@ -21,113 +19,13 @@ from memcom_torchrec.export.slim import (
     example_inputs,
     state_bytes,
 )
+from memcom_torchrec.models.builder import load_trained_model
 
 PORTABLE, XNNPACK = "portable", "xnnpack"
 BACKENDS = (PORTABLE, XNNPACK)
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_HISTORY = 64
 INPUT_NAMES = ("history_ids", "history_lengths", "user_ids")
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory from a run directory, a checkpoint root or a checkpoint.
-
-    Order: ``path`` itself (has ``.metadata``), ``path/LATEST``, ``path/best/LATEST``,
-    ``path/checkpoints/LATEST``.
-
-    Raises:
-        ValueError: nothing loadable there.
-    """
-    from memcom_torchrec.train.checkpoint import latest_checkpoint
-
-    if os.path.exists(os.path.join(path, ".metadata")):
-        return path
-    for root in (path, os.path.join(path, "best"), os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(root, "LATEST")):
-            found = latest_checkpoint(root)
-            if found is not None:
-                return found
-    raise ValueError(
-        f"no checkpoint at {path}: expected a checkpoint directory (with .metadata), a root with LATEST, "
-        "or a run directory with best/ or checkpoints/"
-    )
-
-
-def _train_config(meta: Dict[str, Any], path: str):  # pyre-ignore
-    from memcom_torchrec.train.trainer import TrainConfig
-
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"checkpoint {path}: meta.json has no 'config' (not written by memcom_torchrec.train?)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"checkpoint {path}: config has fields {unknown} that TrainConfig does not know")
-    try:
-        config = TrainConfig(**cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
-    if config.method == "memcom_double":
-        raise ValueError(f"checkpoint {path}: method 'memcom_double' cannot be exported yet (two item tables)")
-    if config.model != "next_item":
-        raise ValueError(
-            f"checkpoint {path}: model '{config.model}' cannot be exported yet; "
-            "the phone module covers the next-item classifier"
-        )
-    return config
-
-
-def _table_size(meta: Dict[str, Any], table: str, path: str) -> int:
-    tables = meta.get("tables", {})
-    for key, sig in tables.items():
-        if key.split(":")[-1] == table:
-            return int(sig["num_embeddings"])
-    raise ValueError(f"checkpoint {path}: meta.json lists no table '{table}' (it has {sorted(tables)})")
-
-
-def load_trained_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuilds the unsharded training model of a checkpoint and loads its weights.
-
-    The model is rebuilt from ``meta.json``'s ``config`` with ``trainer.build_model``
-    (table sizes from its ``tables``); its embedding collection, built there on
-    ``meta``, is rebuilt on CPU; the DCP checkpoint (saved by any number of
-    ranks, any sharding) is loaded into it in this process.
-
-    Args:
-        checkpoint (str): run directory, checkpoint root or checkpoint directory.
-
-    Returns:
-        Tuple[nn.Module, Dict[str, Any]]: ``NextItemTrain`` in eval mode, and ``meta.json``.
-
-    Raises:
-        ValueError: no checkpoint, incompatible config, missing or mismatched tables.
-    """
-    from memcom_torchrec.models.embeddings import build_collection
-    from memcom_torchrec.train.checkpoint import load_checkpoint, read_meta
-    from memcom_torchrec.train.trainer import build_model
-
-    path = resolve_checkpoint(checkpoint)
-    meta = read_meta(path)
-    cfg = _train_config(meta, path)
-    num_items, num_users = _table_size(meta, "item", path), _table_size(meta, "user", path)
-    try:
-        model, tables = build_model(cfg, num_users, num_items, torch.device("cpu"))
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
-    model.model.embeddings = build_collection(tables, device=torch.device("cpu"))
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        load_checkpoint(path, model)
-    except ValueError:
-        raise
-    except (RuntimeError, KeyError, CheckpointException) as e:  # DCP: tensors missing or misshapen
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ValueError(f"checkpoint {path} does not match its config: {(lines or [''])[-1][:500]}") from e
-    return model.eval(), meta
 
 
 # ---------------------------------------------------------------------------
@@ -343,6 +241,12 @@ def export_checkpoint(
         print(r.pte_bytes, r.operators)
     """
     model, meta = load_trained_model(checkpoint)
+    kind = meta["config"].get("model", "next_item")
+    if kind != "next_item":
+        raise ValueError(
+            f"checkpoint {checkpoint}: model '{kind}' cannot be exported yet; the phone module covers the "
+            "next-item classifier"
+        )
     slim = build_slim_model(model, dtype)
     return write_programs(
         slim, out, backend, pt2, max_batch, max_history, dtype=dtype, method=str(meta["config"].get("method", ""))

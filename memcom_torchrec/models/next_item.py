@@ -6,8 +6,6 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.models.embeddings import SECOND_TABLE_SUFFIX
-
 USER_FEATURE, HISTORY_FEATURE = "user_id", "history"
 
 
@@ -35,8 +33,6 @@ class NextItemClassifier(nn.Module):
         num_items (int): catalogue size (logits).
         hidden (Sequence[int]): MLP widths.
         dropout (float): MLP dropout.
-        second_history_table (bool): add the pooled ``history2`` feature (the
-            second table of ``memcom_double``) to ``history``.
 
     Example::
 
@@ -50,22 +46,17 @@ class NextItemClassifier(nn.Module):
         num_items: int,
         hidden: Sequence[int] = (256,),
         dropout: float = 0.0,
-        second_history_table: bool = False,
     ) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.features = [HISTORY_FEATURE, USER_FEATURE]
-        self.second_history_table = second_history_table
         self.mlp, out = mlp(embedding_dim * len(self.features), hidden, dropout)
         self.output = nn.Linear(out, num_items)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features (KJT with the model's features). Returns: ``B x num_items`` logits."""
         pooled = self.embeddings(features).to_dict()
-        history = pooled[HISTORY_FEATURE]
-        if self.second_history_table:
-            history = history + pooled[HISTORY_FEATURE + SECOND_TABLE_SUFFIX]
-        x = torch.cat([history, pooled[USER_FEATURE]], dim=1)
+        x = torch.cat([pooled[HISTORY_FEATURE], pooled[USER_FEATURE]], dim=1)
         return self.output(self.mlp(x))
 
 

@@ -8,10 +8,10 @@ from memcom_torchrec.modules.memcom_configs import (  # noqa: F401
 from memcom_torchrec.modules.memcom_embedding_modules import (  # noqa: F401
     MEmComEmbeddingBagCollection,
 )
-from memcom_torchrec.modules.qr_embedding_modules import (  # noqa: F401
-    QREmbeddingBagCollection,
+from memcom_torchrec.modules.qr_configs import (  # noqa: F401
     QREmbeddingBagConfig,
     max_qr_compression_ratio,
     num_collisions_for_ratio,
     qr_compression_ratio,
 )
+from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection  # noqa: F401

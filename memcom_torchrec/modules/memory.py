@@ -11,7 +11,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
-from memcom_torchrec.modules.qr_embedding_modules import ENTITY_WEIGHTS_PER_ROW, QREmbeddingBagConfig
+from memcom_torchrec.modules.qr_configs import QREmbeddingBagConfig
 
 
 def _state_floats(optimizer: EmbOptimType, rows: int, dim: int) -> int:
@@ -82,8 +82,7 @@ def table_memory(
     elem = 4 if config.data_type == DataType.FP32 else 2
     n, d = config.num_embeddings, config.embedding_dim
     rows = n
-    stored_w = 0  # MEmCom's w grid (fp32, its own optimizer state)
-    packed_w_rows = 0  # memcom_qr's w, a packed ceil(n/4) x 4 TBE table
+    stored_w = 0  # w (fp32, its own optimizer state): MEmCom's (m, Q) grid, memcom_qr's n scalars
     params = n * d
     if isinstance(config, MEmComEmbeddingBagConfig):
         rows = config.num_buckets
@@ -96,18 +95,17 @@ def table_memory(
     elif isinstance(config, QREmbeddingBagConfig):
         rows = config.num_rows  # ceil(n/p) quotient rows + p remainder rows
         params = config.num_parameters
-        packed_w_rows = config.num_entity_weight_rows
+        stored_w = config.num_entity_weights
     state = _state_floats(optimizer, rows, d) * 4
     if stored_w:
         state += _entity_state_floats(optimizer, stored_w) * 4
-    state += _state_floats(optimizer, packed_w_rows, ENTITY_WEIGHTS_PER_ROW) * 4
     return TableMemory(
         table=config.name,
         num_embeddings=n,
         embedding_dim=d,
         num_rows=rows,
         num_parameters=params,
-        param_bytes=(rows * d + packed_w_rows * ENTITY_WEIGHTS_PER_ROW) * elem + stored_w * 4,
+        param_bytes=rows * d * elem + stored_w * 4,
         optimizer_state_bytes=state,
         uncompressed_param_bytes=n * d * elem,
         uncompressed_optimizer_state_bytes=_state_floats(optimizer, n, d) * 4,

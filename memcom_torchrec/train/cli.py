@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
+from memcom_torchrec.train.distributed_env import shutdown_distributed
 from memcom_torchrec.train.trainer import TrainConfig, train
 
 
@@ -34,6 +35,7 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     train(parse_config(argv))
+    shutdown_distributed()  # only after success: after a failure a peer may be stuck in a collective
 
 
 if __name__ == "__main__":

@@ -3,19 +3,12 @@
 import datetime
 import logging
 import os
-import socket
 from typing import Tuple
 
 import torch
 import torch.distributed as dist
 
 logger: logging.Logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> Tuple[int, int, torch.device]:
@@ -35,18 +28,12 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Tuple[int, i
     if use_cuda:  # before the NCCL group is created, so it binds this process's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
     if not dist.is_initialized():
+        backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-            init = "env://"
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        else:
-            init, rank, world = f"tcp://127.0.0.1:{_free_port()}", 0, 1
-        dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
-            init_method=init,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+        else:  # a world of one: an in-memory store, no port to pick
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
@@ -55,3 +42,17 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Tuple[int, i
     else:
         dev = torch.device("cpu")
     return rank, world, dev
+
+
+def shutdown_distributed() -> None:
+    """Tears the process group down once every rank has arrived.
+
+    Without the barrier, a rank that finishes first destroys its gloo/NCCL
+    context while a peer is still in its last collective; without the destroy,
+    gloo's threads are still joinable when the interpreter exits, and the C++
+    runtime aborts the process (``terminate called without an active
+    exception``, SIGABRT) after the job has succeeded.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,9 +1,12 @@
 """``memcom-experiment``: a grid of methods x compression ratios x seeds on one dataset.
 
+An orchestrator at the level of ``launch/``: it runs the trainer in
+subprocesses and reads their ``RunResult``; nothing imports it.
+
 Each cell is one training run (a subprocess: ``python -m memcom_torchrec.train``
 for one process, ``torchrun`` for more) with the same tuning budget: every
 method tries the same embedding learning rates, the one with the best
-validation nDCG@10 is kept. Finished runs are appended to ``results.csv`` at
+validation nDCG@k is kept. Finished runs are appended to ``results.csv`` at
 once, and runs already there are skipped, so an interrupted grid resumes.
 ``report`` turns the CSV into ``results.md`` and ``results.png``.
 """
@@ -23,15 +26,19 @@ import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from memcom_torchrec.data.manifest import read_manifest
+from memcom_torchrec.modules.methods import UNCOMPRESSED, get_method, method_names
+from memcom_torchrec.train.results import RunResult
 
 logger: logging.Logger = logging.getLogger(__name__)
 
 FIELDS = [
     "dataset", "model", "method", "compression_ratio", "embedding_params", "embedding_bytes",
-    "ndcg@10", "hr@10", "relative_loss", "seed", "train_seconds",
-    "valid_ndcg@10", "item_table_ratio", "embedding_lr", "epochs_run", "best_epoch", "world_size", "run_dir",
-    "train_args", "embedding_lrs",
+    "ndcg@k", "hr@k", "relative_loss", "seed", "train_seconds",
+    "valid_ndcg@k", "item_table_ratio", "embedding_lr", "epochs_run", "best_epoch", "world_size", "run_dir",
+    "train_args", "embedding_lrs", "k",
 ]
+# Columns of versions that fixed the cut-off at 10 (their rows get k = 10).
+LEGACY_COLUMNS = {"ndcg@10": "ndcg@k", "hr@10": "hr@k", "valid_ndcg@10": "valid_ndcg@k"}
 # Set by the grid for each run: passing them after `--` would mislabel the rows.
 GRID_FLAGS = ("--method", "--compression-ratio", "--seed", "--embedding-lr", "--data-dir", "--out-dir")
 DEFAULT_RATIOS = [4.0, 16.0, 40.0]
@@ -48,10 +55,17 @@ def run_key(method: str, ratio: float, seed: int, lr: float) -> str:
 
 
 def read_results(path: str) -> List[Dict[str, str]]:
+    """The rows of a results.csv (none if it does not exist); legacy ``@10`` columns read as ``@k``, k = 10."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for old, new in LEGACY_COLUMNS.items():
+            if old in r:
+                r[new] = r.pop(old)
+                r.setdefault("k", "10")
+    return rows
 
 
 @contextlib.contextmanager
@@ -78,14 +92,14 @@ def _rewrite(path: str, rows: List[Dict[str, object]]) -> None:
 def _check_columns(path: str) -> None:
     """Raises on a results.csv this version cannot append to; upgrades one from an older version in place.
 
-    Older versions wrote a subset of ``FIELDS`` (no ``train_args``): their rows
-    are kept and the new columns left empty (unknown).
+    Older versions wrote a subset of ``FIELDS`` (no ``train_args``; ``@10`` instead
+    of ``@k`` and ``k``): their rows are kept and the new columns left empty (unknown).
     """
     with open(path, newline="") as f:
         header = next(csv.reader(f), [])
     if header == FIELDS:
         return
-    if not header or not set(header) <= set(FIELDS):
+    if not header or not {LEGACY_COLUMNS.get(h, h) for h in header} <= set(FIELDS):
         raise ValueError(f"{path}: columns {header} do not match this version's {FIELDS}; use another --out-dir")
     _rewrite(path, read_results(path))
 
@@ -159,25 +173,25 @@ def run_one(
         if proc.returncode != 0:
             raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}); see its .log next to it")
         logger.info("finished %s in %.0fs", run_dir, time.time() - started)
-    with open(metrics_path) as f:
-        m = json.load(f)
+    m = RunResult.load(run_dir)
     return {
         "dataset": dataset_name(data_dir),
-        "model": m["config"].get("model", "next_item"),
+        "model": m.config.get("model", "next_item"),
         "method": method,
-        "compression_ratio": ratio if method != "uncompressed" else 1.0,
-        "embedding_params": m["embedding_params"],
-        "embedding_bytes": m["embedding_bytes"],
-        "ndcg@10": m["test_ndcg@10"],
-        "hr@10": m["test_hr@10"],
+        "compression_ratio": m.target_compression_ratio,
+        "embedding_params": m.embedding_params,
+        "embedding_bytes": m.embedding_bytes,
+        "ndcg@k": m.test_ndcg,
+        "hr@k": m.test_hr,
+        "k": m.k,
         "seed": seed,
-        "train_seconds": round(m["train_seconds"], 1),
-        "valid_ndcg@10": m["valid_ndcg@10"],
-        "item_table_ratio": round(m["table_compression_ratios"].get("item", 1.0), 3),
+        "train_seconds": round(m.train_seconds, 1),
+        "valid_ndcg@k": m.valid_ndcg,
+        "item_table_ratio": round(m.table_compression_ratios.get("item", 1.0), 3),
         "embedding_lr": lr,
-        "epochs_run": m["epochs_run"],
-        "best_epoch": m["best_epoch"],
-        "world_size": m["world_size"],
+        "epochs_run": m.epochs_run,
+        "best_epoch": m.best_epoch,
+        "world_size": m.world_size,
         "run_dir": run_dir,
         "train_args": " ".join(extra),
     }
@@ -188,7 +202,7 @@ def cells(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int],
     out = []
     all_seeds = sorted(set(seeds) | {s for v in extra_seeds_at.values() for s in v})
     for method in methods:
-        if method == "uncompressed":
+        if not get_method(method).compresses:
             out += [(method, 1.0, s) for s in all_seeds]
             continue
         for r in ratios:
@@ -200,8 +214,9 @@ def cells(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int],
 def unreachable(data_dir: str, method: str, ratio: float, train_args: Sequence[str]) -> Optional[str]:
     """Why ``method`` cannot build this dataset's tables at ``ratio`` (``None`` if it can).
 
-    QR needs ``ceil(n/p) + p`` rows, so it tops out near ``n / (2 sqrt(n))`` (about 30x on
-    ML-1M's 3,706 items); the grid skips such cells up front instead of failing hours in.
+    Each method's maximum comes from the registry (QR needs ``ceil(n/p) + p`` rows, so it
+    tops out near ``n / (2 sqrt(n))``: about 30x on ML-1M's 3,706 items); the grid skips
+    such cells up front instead of failing hours in.
 
     Args:
         data_dir (str): prepared dataset (its manifest gives the table sizes).
@@ -212,10 +227,10 @@ def unreachable(data_dir: str, method: str, ratio: float, train_args: Sequence[s
     Returns:
         Optional[str]: the config error, or ``None``.
     """
-    if method == "uncompressed":
+    if not get_method(method).compresses:
         return None
+    from memcom_torchrec.models.builder import embedding_tables
     from memcom_torchrec.train.cli import parse_config
-    from memcom_torchrec.train.trainer import embedding_tables
 
     cfg = parse_config([*train_args, "--data-dir", data_dir, "--method", method, "--compression-ratio", str(ratio)])
     manifest = read_manifest(data_dir)
@@ -267,20 +282,31 @@ def run_grid(args: argparse.Namespace) -> None:
 
 
 def _valid_score(row: Dict[str, object]) -> float:
-    """The selection key: validation nDCG@10, a NaN (diverged run) counting as the worst."""
-    v = float(row["valid_ndcg@10"])  # pyre-ignore
+    """The selection key: validation nDCG@k, a NaN (diverged run) counting as the worst."""
+    v = float(row["valid_ndcg@k"])  # pyre-ignore
     return float("-inf") if math.isnan(v) else v
 
 
+def _is_baseline(method: str) -> bool:
+    """The uncompressed baseline (rows may name methods this version no longer registers)."""
+    return method == UNCOMPRESSED.name
+
+
 def _relative_loss(rows: List[Dict[str, str]]) -> None:
-    base = [float(r["ndcg@10"]) for r in rows if r["method"] == "uncompressed"]
+    base = [float(r["ndcg@k"]) for r in rows if _is_baseline(r["method"])]
     ref = statistics.mean(base) if base else float("nan")
     for r in rows:
-        r["relative_loss"] = (ref - float(r["ndcg@10"])) / ref if base and ref > 0 else float("nan")
+        r["relative_loss"] = (ref - float(r["ndcg@k"])) / ref if base and ref > 0 else float("nan")
+
+
+def _method_order(method: str) -> tuple:
+    """Registration order; methods this version no longer registers go last, by name."""
+    names = method_names()
+    return (names.index(method) if method in names else len(names), method)
 
 
 def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04) -> str:
-    """Writes results.md (table) and results.png (nDCG@10 vs compression ratio per method)."""
+    """Writes results.md (table) and results.png (nDCG@k vs compression ratio per method)."""
     csv_path = os.path.join(out_dir, "results.csv")
     with _locked(csv_path):  # another grid may append meanwhile
         rows = read_results(csv_path)
@@ -294,70 +320,73 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
         from memcom_torchrec.eval.popularity import popularity_totals
 
         pop = popularity_totals(data_dir)
+    ks = sorted({r.get("k") or "10" for r in rows})
+    if len(ks) > 1:
+        raise ValueError(f"{csv_path} mixes cut-offs k = {ks}: one report per k; use another --out-dir")
+    k = ks[0]
     groups: Dict[tuple, List[Dict[str, str]]] = {}
     for r in rows:
         groups.setdefault((r["method"], float(r["compression_ratio"])), []).append(r)
     lines = [
         f"Dataset: {rows[0]['dataset']}, model: {MODEL_NAMES.get(rows[0]['model'], rows[0]['model'])}, "
-        "metric: full-ranking test nDCG@10 / HR@10 "
+        f"metric: full-ranking test nDCG@{k} / HR@{k} "
         "(leave-last-out, seen items excluded). Embedding lr: the cell's learning rate (with several "
         "`--embedding-lrs`, the one best on validation).",
         "",
-        "| method | ratio (target) | item-table ratio | embedding params | embedding MB | embedding lr | valid nDCG@10 "
-        "| nDCG@10 | HR@10 | rel. loss | seeds | train s |",
+        f"| method | ratio (target) | item-table ratio | embedding params | embedding MB | embedding lr | valid nDCG@{k} "
+        f"| nDCG@{k} | HR@{k} | rel. loss | seeds | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if pop is not None:
         lines.append(f"| popularity | - | - | 0 | 0 | - | - | {pop.mean_ndcg:.4f} | {pop.mean_hr:.4f} | - | - | 0 |")
-    order = {"uncompressed": 0, "hashing": 1, "qr": 2, "memcom": 3, "memcom_double": 4, "memcom_qr": 5}
-    for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], kv[0][1])):
-        nd = [float(r["ndcg@10"]) for r in rs]
-        hr = [float(r["hr@10"]) for r in rs]
+    for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (_method_order(kv[0][0]), kv[0][1])):
+        nd = [float(r["ndcg@k"]) for r in rs]
+        hr = [float(r["hr@k"]) for r in rs]
         rl = [float(r["relative_loss"]) for r in rs]
         spread = f" ± {statistics.stdev(nd):.4f}" if len(nd) > 1 else ""
         lines.append(
             f"| {method} | {ratio:g} | {float(rs[0]['item_table_ratio']):.2f} | {int(rs[0]['embedding_params']):,} | "
             f"{int(rs[0]['embedding_bytes']) / 1e6:.2f} | {', '.join(sorted({r['embedding_lr'] for r in rs}))} | "
-            f"{statistics.mean(float(r['valid_ndcg@10']) for r in rs):.4f} | {statistics.mean(nd):.4f}{spread} | {statistics.mean(hr):.4f} | "
+            f"{statistics.mean(float(r['valid_ndcg@k']) for r in rs):.4f} | {statistics.mean(nd):.4f}{spread} | {statistics.mean(hr):.4f} | "
             f"{100 * statistics.mean(rl):.1f}% | {len(rs)} | {statistics.mean(float(r['train_seconds']) for r in rs):.0f} |"
         )
-    lines += ["", f"Largest compression ratio within {100 * threshold:.0f}% relative nDCG@10 loss (mean over seeds):", ""]
-    if not any(m == "uncompressed" for m, _ in groups):
+    lines += ["", f"Largest compression ratio within {100 * threshold:.0f}% relative nDCG@{k} loss (mean over seeds):", ""]
+    if not any(_is_baseline(m) for m, _ in groups):
         lines.append("- no uncompressed run in these results: relative losses are unknown")
-    for method in sorted({m for m, _ in groups if m != "uncompressed"}, key=lambda m: order.get(m, 9)):
+    for method in sorted({m for m, _ in groups if not _is_baseline(m)}, key=_method_order):
         ok = [r for (m, r), rs in groups.items() if m == method
               and statistics.mean(float(x["relative_loss"]) for x in rs) <= threshold]
         lines.append(f"- {method}: {max(ok):g}x" if ok else f"- {method}: none of the ratios tried")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)
-    _plot(groups, pop, os.path.join(out_dir, "results.png"), rows[0]["dataset"])
+    _plot(groups, pop, os.path.join(out_dir, "results.png"), rows[0]["dataset"], k)
     print(text)
     return text
 
 
-def _plot(groups, pop, path: str, dataset: str) -> None:
+def _plot(groups, pop, path: str, dataset: str, k: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    base = groups.get(("uncompressed", 1.0))
-    for method in sorted({m for m, _ in groups if m != "uncompressed"}):
-        pts = sorted((r, [float(x["ndcg@10"]) for x in rs]) for (m, r), rs in groups.items() if m == method)
+    base = [x for (m, _), rs in groups.items() if _is_baseline(m) for x in rs]
+    for method in sorted({m for m, _ in groups if not _is_baseline(m)}, key=_method_order):
+        pts = sorted((r, [float(x["ndcg@k"]) for x in rs]) for (m, r), rs in groups.items() if m == method)
         xs = [r for r, _ in pts]
         ys = [statistics.mean(v) for _, v in pts]
         es = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
     if base:
-        ax.axhline(statistics.mean(float(x["ndcg@10"]) for x in base), color="k", ls="--", label="uncompressed")
-        ax.axhline(0.96 * statistics.mean(float(x["ndcg@10"]) for x in base), color="gray", ls=":", label="-4% relative")
+        ax.axhline(statistics.mean(float(x["ndcg@k"]) for x in base), color="k", ls="--", label=UNCOMPRESSED.name)
+        ax.axhline(0.96 * statistics.mean(float(x["ndcg@k"]) for x in base), color="gray", ls=":", label="-4% relative")
     if pop is not None:
         ax.axhline(pop.mean_ndcg, color="r", ls="-.", label="popularity")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("compression ratio of the item table (log2)")
-    ax.set_ylabel("test nDCG@10")
+    ax.set_ylabel(f"test nDCG@{k}")
     ax.set_title(f"{dataset}: quality vs compression")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -369,7 +398,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Methods x compression ratios x seeds on a prepared dataset.")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--methods", nargs="+", default=["uncompressed", "hashing", "qr", "memcom", "memcom_double"])
+    p.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
     p.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--seeds-at-16", nargs="*", type=int, default=[], help="extra seeds at 16x (spread)")

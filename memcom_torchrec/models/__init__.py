@@ -1,0 +1,9 @@
+"""Models built on the embedding collections, and their round trip through checkpoints.
+
+- ``embeddings``: a model's tables under one registered embedding method;
+- ``next_item``, ``ranknet``: the next-item classifier and the pairwise ranker;
+- ``builder``: ``ModelConfig`` -> model, and checkpoint -> trained model;
+- ``checkpoint``: atomic, re-shardable DCP checkpoints.
+
+Depends on ``modules/`` only; ``train/`` and ``export/`` depend on it.
+"""

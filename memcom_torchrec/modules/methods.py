@@ -1,0 +1,265 @@
+"""The embedding methods, each defined once.
+
+A method says how one logical table (a ``TableSpec``) is stored at a target
+compression ratio. Its registry entry holds everything the rest of the package
+asks about it:
+
+- ``make_config``: the table config (its ratio rule lives in that config's
+  solver: ``num_buckets_for_ratio`` for MEmCom and hashing,
+  ``num_collisions_for_ratio`` for QR);
+- ``max_compression_ratio``: the largest ratio it can reach for ``n`` entities
+  of dimension ``d``;
+- ``collection`` and ``sharder``: its unsharded collection and the sharder of its
+  sharded twin, as ``"module:Class"`` paths resolved on use, so that ``modules/``
+  does not import ``distributed/``;
+- memory and ratios come from ``table_memory`` of the configs it builds
+  (``TableMemory`` is the only source of ratios).
+
+Models, training, export, the experiment grid and the reference sweep look a
+method up here (``get_method``); none of them compares method names. Adding a
+method means writing its collection and one ``register_method`` call.
+"""
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One logical table of a model, before any compression.
+
+    Args:
+        name (str): table name.
+        num_embeddings (int): entities ``n``.
+        feature_names (List[str]): features looked up in it.
+        pooling (PoolingType): bag pooling.
+    """
+
+    name: str
+    num_embeddings: int
+    feature_names: List[str]
+    pooling: PoolingType = PoolingType.SUM
+
+
+@dataclass(frozen=True)
+class EmbeddingMethod:
+    """One embedding method (see the module docstring).
+
+    Args:
+        name (str): the name used in configs and on the command line.
+        description (str): one line for help texts and reports.
+        make_config (Callable[[TableSpec, int, float], EmbeddingBagConfig]): the
+            table config for ``(spec, embedding_dim, ratio)``.
+        max_compression_ratio (Callable[[int, int], float]): largest reachable
+            ratio for ``(num_embeddings, embedding_dim)``.
+        config_class (str): ``"module:Class"`` of the configs it builds.
+        collection (str): ``"module:Class"`` of the unsharded collection.
+        sharder (str): ``"module:Class"`` of the sharder of its sharded twin.
+        compresses (bool): False only for the uncompressed baseline.
+    """
+
+    name: str
+    description: str
+    make_config: Callable[[TableSpec, int, float], EmbeddingBagConfig]
+    max_compression_ratio: Callable[[int, int], float]
+    config_class: str
+    collection: str
+    sharder: str
+    compresses: bool = True
+
+    def table_config(self, spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
+        """The config of ``spec`` at ``ratio``.
+
+        Raises:
+            ValueError: naming the table, the ratio and this method's maximum, if
+                the ratio is out of reach.
+        """
+        if not self.compresses:
+            return make_plain_config(spec, embedding_dim)
+        reason = self.unreachable(spec.num_embeddings, embedding_dim, ratio)
+        if reason is not None:
+            raise ValueError(f"table '{spec.name}': {reason}")
+        return self.make_config(spec, embedding_dim, ratio)
+
+    def unreachable(self, num_embeddings: int, embedding_dim: int, ratio: float) -> Optional[str]:
+        """Why this method cannot store ``n`` entities at ``ratio`` (``None`` if it can)."""
+        if not self.compresses:
+            return None
+        if not ratio > 1.0:
+            return f"method '{self.name}' needs compression_ratio > 1, got {ratio}"
+        best = self.max_compression_ratio(num_embeddings, embedding_dim)
+        if ratio > best:
+            return (
+                f"compression_ratio {ratio:g} is unreachable with method '{self.name}' for "
+                f"num_embeddings={num_embeddings}, embedding_dim={embedding_dim}: at most {best:.4g}"
+            )
+        return None
+
+    def collection_class(self) -> type:
+        """The unsharded collection class."""
+        return _resolve(self.collection)
+
+    def sharder_class(self) -> type:
+        """The sharder class of the sharded twin."""
+        return _resolve(self.sharder)
+
+
+def collection_class_for(tables: List[EmbeddingBagConfig]) -> type:
+    """The collection that stores ``tables`` (plain tables fit in every collection).
+
+    Raises:
+        ValueError: if the tables need two different collections (e.g. MEmCom and QR tables).
+    """
+    needed = {
+        m.collection
+        for m in _METHODS.values()
+        if m.compresses and any(isinstance(t, _resolve(m.config_class)) for t in tables)
+    }
+    if len(needed) > 1:
+        raise ValueError(f"tables {[t.name for t in tables]} need several collections {sorted(needed)}; use one method")
+    return _resolve(needed.pop() if needed else UNCOMPRESSED.collection)
+
+
+def _resolve(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_METHODS: Dict[str, EmbeddingMethod] = {}
+
+
+def register_method(method: EmbeddingMethod) -> EmbeddingMethod:
+    """Adds a method to the registry (a name is registered once)."""
+    if method.name in _METHODS:
+        raise ValueError(f"embedding method '{method.name}' is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> EmbeddingMethod:
+    """The registered method called ``name``.
+
+    Raises:
+        ValueError: naming the unknown method and the registered ones.
+    """
+    if name not in _METHODS:
+        raise ValueError(f"unknown embedding method '{name}'; choose one of {method_names()}")
+    return _METHODS[name]
+
+
+def method_names() -> List[str]:
+    """Registered method names, in registration order."""
+    return list(_METHODS)
+
+
+# ----------------------------------------------------------------- the methods
+def make_plain_config(spec: TableSpec, embedding_dim: int, ratio: float = 1.0) -> EmbeddingBagConfig:
+    """An uncompressed ``n x d`` table."""
+    return EmbeddingBagConfig(
+        name=spec.name,
+        num_embeddings=spec.num_embeddings,
+        embedding_dim=embedding_dim,
+        feature_names=list(spec.feature_names),
+        pooling=spec.pooling,
+    )
+
+
+def _memcom_config(train_entity_weights: bool) -> Callable[[TableSpec, int, float], EmbeddingBagConfig]:
+    def make(spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
+        return MEmComEmbeddingBagConfig(
+            name=spec.name,
+            num_embeddings=spec.num_embeddings,
+            embedding_dim=embedding_dim,
+            feature_names=list(spec.feature_names),
+            pooling=spec.pooling,
+            compression_ratio=ratio,
+            train_entity_weights=train_entity_weights,
+        )
+
+    return make
+
+
+def _qr_config(entity_weights: bool) -> Callable[[TableSpec, int, float], EmbeddingBagConfig]:
+    def make(spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
+        from memcom_torchrec.modules import QREmbeddingBagConfig
+
+        return QREmbeddingBagConfig(
+            name=spec.name,
+            num_embeddings=spec.num_embeddings,
+            embedding_dim=embedding_dim,
+            feature_names=list(spec.feature_names),
+            pooling=spec.pooling,
+            compression_ratio=ratio,
+            entity_weights=entity_weights,
+        )
+
+    return make
+
+
+def _qr_max_ratio(entity_weights: bool) -> Callable[[int, int], float]:
+    def best(n: int, d: int) -> float:
+        from memcom_torchrec.modules import max_qr_compression_ratio
+
+        return max_qr_compression_ratio(n, d, n if entity_weights else 0)[1]
+
+    return best
+
+
+_MEMCOM_CONFIG = "memcom_torchrec.modules.memcom_configs:MEmComEmbeddingBagConfig"
+_QR_CONFIG = "memcom_torchrec.modules:QREmbeddingBagConfig"
+_MEMCOM_COLLECTION = "memcom_torchrec.modules.memcom_embedding_modules:MEmComEmbeddingBagCollection"
+_MEMCOM_SHARDER = "memcom_torchrec.distributed.memcom_embeddingbag:MEmComEmbeddingBagCollectionSharder"
+_QR_COLLECTION = "memcom_torchrec.modules.qr_embedding_modules:QREmbeddingBagCollection"
+_QR_SHARDER = "memcom_torchrec.distributed.qr_embeddingbag:QREmbeddingBagCollectionSharder"
+
+UNCOMPRESSED: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="uncompressed",
+    description="TorchRec's own n x d table",
+    make_config=make_plain_config,
+    max_compression_ratio=lambda n, d: 1.0,
+    config_class="torchrec.modules.embedding_configs:EmbeddingBagConfig",
+    collection="torchrec.modules.embedding_modules:EmbeddingBagCollection",
+    sharder="torchrec.distributed.embeddingbag:EmbeddingBagCollectionSharder",
+    compresses=False,
+))
+HASHING: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="hashing",
+    description="the hashing trick, U[i mod m] (MEmCom with w frozen at 1, none stored)",
+    make_config=_memcom_config(train_entity_weights=False),
+    max_compression_ratio=lambda n, d: float(n),  # one row for all
+    config_class=_MEMCOM_CONFIG,
+    collection=_MEMCOM_COLLECTION,
+    sharder=_MEMCOM_SHARDER,
+))
+MEMCOM: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="memcom",
+    description="MEmCom, w[i] * U[i mod m]",
+    make_config=_memcom_config(train_entity_weights=True),
+    max_compression_ratio=lambda n, d: n * d / (d + n),  # one row of U plus n scalars
+    config_class=_MEMCOM_CONFIG,
+    collection=_MEMCOM_COLLECTION,
+    sharder=_MEMCOM_SHARDER,
+))
+QR: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="qr",
+    description="quotient-remainder, Q[i // p] * R[i mod p] (element-wise)",
+    make_config=_qr_config(entity_weights=False),
+    max_compression_ratio=_qr_max_ratio(entity_weights=False),
+    config_class=_QR_CONFIG,
+    collection=_QR_COLLECTION,
+    sharder=_QR_SHARDER,
+))
+MEMCOM_QR: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="memcom_qr",
+    description="MEmCom's w on a quotient-remainder pair, w[i] * Q[i // p] * R[i mod p] (beyond the paper)",
+    make_config=_qr_config(entity_weights=True),
+    max_compression_ratio=_qr_max_ratio(entity_weights=True),
+    config_class=_QR_CONFIG,
+    collection=_QR_COLLECTION,
+    sharder=_QR_SHARDER,
+))

@@ -1,0 +1,67 @@
+"""``TrainConfig``: everything a training run varies, one command-line flag per field.
+
+A plain dataclass, importable without torch: the torchx components in ``launch/``
+check pass-through trainer flags with ``train_flags()`` on machines that only
+have TorchX.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Dict, get_origin
+
+from memcom_torchrec.models.config import ModelConfig
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Everything a training run varies: the model's shape (``ModelConfig``) and how it is trained.
+
+    Args:
+        data_dir (str): prepared dataset (``memcom-data prepare``).
+        out_dir (str): run directory (checkpoints, metrics.json).
+        history_len (int): items of history fed to the model.
+        batch_size (int): samples per rank per step.
+        epochs (int): maximum epochs.
+        embedding_optimizer (str): fused optimizer of the tables (and of MEmCom's ``w``).
+        embedding_lr (float): its learning rate.
+        dense_lr (float): Adam learning rate of the dense layers.
+        patience (int): early stopping: epochs without validation nDCG@k gain.
+        eval_batch_size (int): samples per rank per evaluation step.
+        checkpoint_every (int): steps between checkpoints (0: at epoch ends only).
+        keep_checkpoints (int): complete checkpoints kept.
+        max_steps (int): stop after this many steps in all (0: no limit; for tests).
+        seed (int): seed of initialisation and shuffling.
+        device (str): auto | cpu | cuda.
+        num_workers (int): DataLoader workers per rank.
+        sharding_type (str): force a sharding type on the tables ("" lets the planner choose).
+        k (int): cut-off of nDCG@k / HR@k.
+
+    The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
+    ``embedding_dim``, ``hidden``, ``dropout``, ``num_negatives``) are documented in ``ModelConfig``.
+    """
+
+    data_dir: str = "data/ml-100k"
+    out_dir: str = "runs/default"
+    history_len: int = 10
+    batch_size: int = 512
+    epochs: int = 12
+    embedding_optimizer: str = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    dense_lr: float = 1e-3
+    patience: int = 3
+    eval_batch_size: int = 1024
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    max_steps: int = 0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    sharding_type: str = ""
+    k: int = 10
+
+
+def train_flags() -> Dict[str, str]:
+    """``--flag`` -> type of every ``TrainConfig`` field (``int``, ``float``, ``str``, ``bool``, ``list``)."""
+    return {
+        "--" + f.name.replace("_", "-"): "list" if get_origin(f.type) is list else f.type.__name__
+        for f in fields(TrainConfig)
+    }

@@ -1,0 +1,160 @@
+"""Per-entity weight optimizer (``w``) against a plain-PyTorch per-row reference.
+
+Every supported FBGEMM optimizer, with and without weight decay, over several
+steps: duplicate ids in a batch are summed before the update (FBGEMM's
+``EXACT_*`` semantics), rows no id touched keep their value and their optimizer
+state, and Adam's ``step`` counter is one per table (it advances on every step,
+an empty batch included).
+"""
+
+import math
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+from memcom_torchrec.optim import entity_weight_lookup, sparse_update_
+from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig
+
+SGD = [EmbOptimType.EXACT_SGD, EmbOptimType.SGD]
+ADAGRAD = [EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ROWWISE_ADAGRAD]
+ADAM = [EmbOptimType.ADAM, EmbOptimType.PARTIAL_ROWWISE_ADAM]
+OPTIMIZERS = SGD + ADAGRAD + ADAM
+N = 8
+# (ids, learning rate) per step: duplicates, an empty batch, row 0 first seen at step 3 (Adam's t = 3),
+# rows 2 and 4 never touched.
+STEPS: List[Tuple[List[int], float]] = [([1, 3, 1, 5, 1], 0.1), ([], 0.1), ([3, 6, 6, 0], 0.05), ([1, 7, 7, 3, 7], 0.2)]
+TOL = dict(atol=1e-6, rtol=1e-6)
+
+
+class RowReference:
+    """One optimizer over ``N`` scalar rows, one Python float at a time (float64)."""
+
+    def __init__(self, w: torch.Tensor, cfg: EntityWeightOptimizerConfig) -> None:
+        self.w = [float(x) for x in w]
+        self.cfg = cfg
+        self.acc = [0.0] * len(self.w)  # Adagrad's sum of squared gradients
+        self.m1 = [0.0] * len(self.w)  # Adam's moments
+        self.m2 = [0.0] * len(self.w)
+        self.t = 0  # Adam's step, one per table
+
+    def step(self, ids: List[int], grads: List[float], lr: float) -> None:
+        """Sums the gradients of duplicate ids, then updates each touched row once."""
+        c, wd = self.cfg, self.cfg.weight_decay
+        summed: Dict[int, float] = {}
+        for i, g in zip(ids, grads):
+            summed[i] = summed.get(i, 0.0) + g
+        self.t += 1
+        for i, g in summed.items():
+            w = self.w[i]
+            if c.optimizer in SGD:
+                self.w[i] = w - lr * (g + wd * w)
+            elif c.optimizer in ADAGRAD:
+                g = g + wd * w
+                self.acc[i] += g * g
+                self.w[i] = w - lr * g / (math.sqrt(self.acc[i]) + c.eps)
+            else:  # FBGEMM's Adam: decay on the weight, outside the moments
+                self.m1[i] = c.beta1 * self.m1[i] + (1 - c.beta1) * g
+                self.m2[i] = c.beta2 * self.m2[i] + (1 - c.beta2) * g * g
+                m_hat = self.m1[i] / (1 - c.beta1**self.t)
+                v_hat = self.m2[i] / (1 - c.beta2**self.t)
+                self.w[i] = w - lr * (m_hat / (math.sqrt(v_hat) + c.eps) + wd * w)
+
+    def states(self) -> Dict[str, torch.Tensor]:
+        """The reference states under the library's names."""
+        if self.cfg.optimizer in ADAGRAD:
+            return {"momentum1": torch.tensor(self.acc)}
+        if self.cfg.optimizer in ADAM:
+            return {"exp_avg": torch.tensor(self.m1), "exp_avg_sq": torch.tensor(self.m2), "step": torch.tensor(self.t)}
+        return {}
+
+
+def setup(
+    optimizer: EmbOptimType, weight_decay: float
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, float], RowReference]:
+    """Random ``w``, zero states, a param group and the reference over the same ``w``."""
+    cfg = EntityWeightOptimizerConfig(optimizer=optimizer, eps=1e-3, beta1=0.8, beta2=0.9, weight_decay=weight_decay)
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(0)) + 0.5
+    states = {name: torch.zeros(N) for name in cfg.state_names()}
+    if optimizer in ADAM:
+        states["step"] = torch.zeros(())
+    group = {"lr": 0.0, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": weight_decay}
+    return weights, states, group, RowReference(weights, cfg)
+
+
+def snapshot(weights: torch.Tensor, states: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Copies of ``w`` and every state, before a step."""
+    return {"w": weights.clone(), **{k: v.clone() for k, v in states.items()}}
+
+
+def check(weights: torch.Tensor, states: Dict[str, torch.Tensor], ref: RowReference, before: Dict[str, torch.Tensor],
+          ids: List[int]) -> None:
+    """``w`` and states equal the reference; rows not in ``ids`` are bit-identical to ``before``."""
+    torch.testing.assert_close(weights, torch.tensor(ref.w, dtype=torch.float32), **TOL)
+    expected = ref.states()
+    assert set(states) == set(expected)
+    untouched = torch.tensor([i not in ids for i in range(N)])
+    for name, value in states.items():
+        torch.testing.assert_close(value.float(), expected[name].float(), **TOL)
+    for name, value in {"w": weights, **states}.items():
+        if value.dim():
+            assert torch.equal(value[untouched], before[name][untouched]), name
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
+def test_sparse_update_matches_row_reference(optimizer: EmbOptimType, weight_decay: float) -> None:
+    """``sparse_update_`` step by step against the reference, the learning rate changing between steps."""
+    weights, states, group, ref = setup(optimizer, weight_decay)
+    g = torch.Generator().manual_seed(1)
+    for ids, lr in STEPS:
+        grad = torch.randn(len(ids), generator=g)
+        group["lr"] = lr  # read at every step, as a scheduler would change it
+        before = snapshot(weights, states)
+        sparse_update_(weights, states, torch.tensor(ids, dtype=torch.long), grad, group, optimizer)
+        ref.step(ids, grad.tolist(), lr)
+        check(weights, states, ref, before, ids)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
+def test_lookup_backward_applies_the_update(optimizer: EmbOptimType, weight_decay: float) -> None:
+    """The forward returns ``w[ids]``; its backward updates ``w`` in place with the scaled gradient."""
+    weights, states, group, ref = setup(optimizer, weight_decay)
+    anchor = torch.empty(0, requires_grad=True)
+    g, scale = torch.Generator().manual_seed(2), 0.5
+    for ids, lr in STEPS:
+        group["lr"] = lr
+        idx = torch.tensor(ids, dtype=torch.long)
+        before = snapshot(weights, states)
+        out = entity_weight_lookup(weights, idx, states, group, optimizer, anchor, grad_scale=scale)
+        assert torch.equal(out.detach(), before["w"][idx])
+        proj = torch.randn(len(ids), generator=g)
+        (out * proj).sum().backward()
+        ref.step(ids, (proj * scale).tolist(), lr)
+        check(weights, states, ref, before, ids)
+
+
+def test_config_from_fused_params_reads_every_hyper_parameter() -> None:
+    cfg = EntityWeightOptimizerConfig.from_fused_params(
+        {"optimizer": "partial_row_wise_adam", "learning_rate": 0.3, "eps": 1e-4, "beta1": 0.7, "beta2": 0.95,
+         "weight_decay": 0.02}
+    )
+    assert cfg == EntityWeightOptimizerConfig(
+        optimizer=EmbOptimType.PARTIAL_ROWWISE_ADAM, learning_rate=0.3, eps=1e-4, beta1=0.7, beta2=0.95,
+        weight_decay=0.02,
+    )
+    assert cfg.state_names() == ["exp_avg", "exp_avg_sq"]
+    sgd = EntityWeightOptimizerConfig.from_fused_params({"optimizer": EmbOptimType.EXACT_SGD, "weight_decay": 0.5})
+    assert (sgd.optimizer, sgd.weight_decay, sgd.state_names()) == (EmbOptimType.EXACT_SGD, 0.5, [])
+    assert EntityWeightOptimizerConfig.from_fused_params({}) == EntityWeightOptimizerConfig()
+    assert EntityWeightOptimizerConfig().state_names() == ["momentum1"]
+
+
+@pytest.mark.parametrize("optimizer", [EmbOptimType.LAMB, EmbOptimType.LARS_SGD, EmbOptimType.MADGRAD])
+def test_unsupported_optimizer_is_refused(optimizer: EmbOptimType) -> None:
+    with pytest.raises(ValueError, match=f"optimizer {optimizer} is not supported for MEmCom per-entity weights"):
+        EntityWeightOptimizerConfig(optimizer=optimizer)
+    with pytest.raises(ValueError, match="is not supported"):
+        EntityWeightOptimizerConfig.from_fused_params({"optimizer": optimizer.value})
