@@ -11,7 +11,13 @@ same splits, exclusion and nDCG@10. It is a *reference* used to choose
 hyperparameters and to see the whole grid; the README's headline table comes
 from ``memcom-experiment``. Known differences: it shuffles all training rows
 each epoch (the real reader shuffles row groups, then rows within 64k-row
-windows), and ``memcom_qr`` (``w[i] * Q[i // p] * R[i % p]``) exists only here.
+windows).
+
+The methods and their table sizes come from the package's method registry at
+``pack`` time: each (method, ratio) cell is stored as a *layout* (the roles of
+its tensors, as the collection's ``dense_tables`` hands them over, and its
+bucket count), and the replica builds its item table from the layout alone, so
+``run`` needs nothing but torch and a new registered method needs no change here.
 
 Two steps:
 
@@ -38,7 +44,6 @@ from torch import nn
 HISTORY = 10
 DIM = 64
 RATIOS = [2.0, 4.0, 8.0, 16.0, 40.0]
-METHODS = ["hashing", "memcom", "qr", "memcom_qr"]
 
 
 # ---------------------------------------------------------------------------
@@ -50,8 +55,10 @@ def pack(data: str, out: str) -> None:
 
     import pyarrow.parquet as pq
 
-    from memcom_torchrec.modules.memcom_configs import num_buckets_for_ratio
-    from memcom_torchrec.modules.qr_configs import num_collisions_for_ratio, qr_num_rows
+    from torchrec.modules.embedding_configs import PoolingType
+
+    from memcom_torchrec.models.embeddings import build_collection
+    from memcom_torchrec.modules.methods import TableSpec, get_method, method_names
 
     manifest = json.load(open(os.path.join(data, "manifest.json")))
     n_items, n_users = manifest["num_items"], manifest["num_users"]
@@ -76,28 +83,32 @@ def pack(data: str, out: str) -> None:
             d["exclude_values"] = torch.tensor([i for e in ex for i in e], dtype=torch.int16)
         return d
 
-    sizes = {}
-    for r in RATIOS:
-        m = num_buckets_for_ratio(n_items, DIM, r)
-        sizes[f"memcom@{r}"] = m
-        sizes[f"hashing@{r}"] = max(1, math.floor(n_items / r))
-        try:
-            sizes[f"qr@{r}"] = num_collisions_for_ratio(n_items, r)
-        except ValueError:
-            pass
-        # memcom_qr: w (n floats) + Q/R rows; the smallest p whose total meets the ratio.
-        budget_rows = (n_items * DIM / r - n_items) / DIM
-        for p in range(1, n_items + 1):
-            if qr_num_rows(n_items, p) <= budget_rows:
-                sizes[f"memcom_qr@{r}"] = p
-                break
+    item = TableSpec("item", n_items, ["history"], PoolingType.MEAN)
+    layouts, methods, baseline = {}, [], None
+    for name in method_names():
+        method = get_method(name)
+        if not method.compresses:
+            baseline = name
+            layouts[f"{name}@1.0"] = {"roles": ["weight"], "buckets": 0}
+            continue
+        methods.append(name)
+        for r in RATIOS:
+            if method.unreachable(n_items, DIM, r) is None:
+                config = method.table_config(item, DIM, r)
+                layouts[f"{name}@{r}"] = layout(build_collection([config], device="meta").dense_tables("item"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     torch.save(
-        {"num_items": n_items, "num_users": n_users, "sizes": sizes,
+        {"num_items": n_items, "num_users": n_users, "layouts": layouts, "methods": methods, "baseline": baseline,
          "train": split("train"), "valid": split("valid"), "test": split("test")},
         out,
     )
-    print(f"packed {data} -> {out}; sizes {sizes}")
+    print(f"packed {data} -> {out}; layouts {layouts}")
+
+
+def layout(tables: Dict[str, torch.Tensor]) -> Dict:
+    """A table's layout for the replica: its tensors' roles and its bucket count (``m`` or ``p``; 0 if plain)."""
+    buckets = tables["U"].shape[0] if "U" in tables else tables["R"].shape[0] if "R" in tables else 0
+    return {"roles": sorted(tables), "buckets": int(buckets)}
 
 
 # ---------------------------------------------------------------------------
@@ -105,31 +116,38 @@ def pack(data: str, out: str) -> None:
 
 
 class ItemTable(nn.Module):
-    """Item embeddings under one method; ``forward(ids)`` -> ``ids.shape + (d,)``."""
+    """Item embeddings of one layout (see ``layout``); ``forward(ids)`` -> ``ids.shape + (d,)``.
 
-    def __init__(self, method: str, n: int, size: int) -> None:
+    Roles: ``weight`` (``n x d``, row ``i``), ``U`` (``m`` rows, row ``i mod m``), ``Q`` and ``R``
+    (``Q[i // p] * R[i mod p]``, ``R`` initialised to 1), and ``w`` (times ``w[i]``, initialised to 1).
+    """
+
+    def __init__(self, layout: Dict, n: int) -> None:
         super().__init__()
-        self.method, self.n, self.size = method, n, size
+        self.roles, self.n, self.size = frozenset(layout["roles"]), n, int(layout["buckets"])
+        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}]
+        if set(self.roles) not in known:
+            raise ValueError(f"no replica for a table with tensors {sorted(self.roles)}")
         bound = math.sqrt(1.0 / n)  # TorchRec's default init for an n-row table
-        if method in ("uncompressed",):
+        if "weight" in self.roles:
             rows = n
-        elif method in ("hashing", "memcom"):
-            rows = size
-        else:  # qr / memcom_qr: Q (ceil(n/p) rows) and R (p rows, init 1)
-            rows = -(-n // size)
-            self.remainder = nn.Parameter(torch.ones(size, DIM))
+        elif "U" in self.roles:
+            rows = self.size
+        else:  # Q (ceil(n/p) rows) and R (p rows, init 1)
+            rows = -(-n // self.size)
+            self.remainder = nn.Parameter(torch.ones(self.size, DIM))
         self.table = nn.Parameter(torch.empty(rows, DIM).uniform_(-bound, bound))
-        if method.startswith("memcom"):
+        if "w" in self.roles:
             self.w = nn.Parameter(torch.ones(n))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.method == "uncompressed":
+        if "weight" in self.roles:
             v = self.table[ids]
-        elif self.method in ("hashing", "memcom"):
+        elif "U" in self.roles:
             v = self.table[ids % self.size]
         else:
             v = self.table[torch.div(ids, self.size, rounding_mode="floor")] * self.remainder[ids % self.size]
-        if self.method.startswith("memcom"):
+        if "w" in self.roles:
             v = v * self.w[ids].unsqueeze(-1)
         return v
 
@@ -138,9 +156,9 @@ class ItemTable(nn.Module):
 
 
 class Replica(nn.Module):
-    def __init__(self, method: str, n_items: int, n_users: int, size: int, hidden: int, dropout: float) -> None:
+    def __init__(self, layout: Dict, n_items: int, n_users: int, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.items = ItemTable(method, n_items, size)
+        self.items = ItemTable(layout, n_items)
         self.users = nn.Parameter(torch.empty(n_users, DIM).uniform_(-math.sqrt(1 / n_users), math.sqrt(1 / n_users)))
         layers: List[nn.Module] = [nn.Linear(2 * DIM, hidden), nn.ReLU()]
         if dropout > 0:
@@ -213,8 +231,8 @@ def evaluate(
 def train_one(cfg: Dict, packed: Dict, device: torch.device) -> Dict:
     torch.manual_seed(cfg["seed"])
     n_items, n_users = packed["num_items"], packed["num_users"]
-    size = n_items if cfg["method"] == "uncompressed" else packed["sizes"][f"{cfg['method']}@{cfg['ratio']}"]
-    model = Replica(cfg["method"], n_items, n_users, size, cfg["hidden"], cfg["dropout"]).to(device)
+    cell = packed["layouts"][f"{cfg['method']}@{cfg['ratio']}"]
+    model = Replica(cell, n_items, n_users, cfg["hidden"], cfg["dropout"]).to(device)
     sparse = list(model.items.parameters()) + [model.users]
     dense = list(model.mlp.parameters()) + list(model.output.parameters())
     opt_s = RowwiseAdagrad(sparse, lr=cfg["lr"])
@@ -272,24 +290,20 @@ def _worker(queue, out: str, pack_path: str, deadline: float) -> None:
         print(json.dumps({k: res[k] for k in ("method", "ratio", "lr", "dropout", "seed", "valid_ndcg", "test_ndcg", "best_epoch", "seconds")}), flush=True)
 
 
-def grid(lrs: List[float], dropouts: List[float], seeds: List[int]) -> List[Dict]:
-    """Every method x ratio x lr x dropout (uncompressed first), then extra seeds at 16x."""
+def grid(packed: Dict, lrs: List[float], dropouts: List[float], seeds: List[int]) -> List[Dict]:
+    """Every packed cell x lr x dropout (the uncompressed baseline first, 16x next), then extra seeds at 16x."""
     base = dict(hidden=256, batch=512, epochs=12, patience=2)
-    cfgs = [dict(base, method="uncompressed", ratio=1.0, lr=lr, dropout=dr, seed=0) for dr, lr in itertools.product(dropouts, lrs)]
-    for r in [16.0, 4.0, 40.0, 8.0, 2.0]:
-        for m in METHODS:
-            cfgs += [dict(base, method=m, ratio=r, lr=lr, dropout=dr, seed=0) for dr, lr in itertools.product(dropouts, lrs)]
-    for s in seeds:
-        for m in ["uncompressed"] + METHODS:
-            cfgs += [dict(base, method=m, ratio=1.0 if m == "uncompressed" else 16.0, lr=lr, dropout=dr, seed=s)
-                     for dr, lr in itertools.product(dropouts, lrs)]
-    return cfgs
+    baseline, methods = packed["baseline"], packed["methods"]
+    cells = [(baseline, 1.0, 0)] + [(m, r, 0) for r in [16.0, 4.0, 40.0, 8.0, 2.0] for m in methods]
+    cells += [(m, 1.0 if m == baseline else 16.0, s) for s in seeds for m in [baseline] + methods]
+    return [dict(base, method=m, ratio=r, lr=lr, dropout=dr, seed=seed)
+            for m, r, seed in cells if f"{m}@{r}" in packed["layouts"]
+            for dr, lr in itertools.product(dropouts, lrs)]
 
 
 def run(args: argparse.Namespace) -> None:
     packed = torch.load(args.pack)
-    cfgs = [c for c in grid(args.lrs, args.dropouts, args.seeds)
-            if c["method"] == "uncompressed" or f"{c['method']}@{c['ratio']}" in packed["sizes"]]
+    cfgs = grid(packed, args.lrs, args.dropouts, args.seeds)
     if args.cells:
         cfgs = [c for c in cfgs if f"{c['method']}@{c['ratio']}" in args.cells]
     if args.limit:
@@ -325,8 +339,10 @@ def report(results: str, out: str) -> None:
     cells: Dict = {}
     for r in rows:
         cells.setdefault((r["method"], r["ratio"]), []).append(r)
-    base = max(cells[("uncompressed", 1.0)], key=lambda r: r["valid_ndcg"])["test_ndcg"] if ("uncompressed", 1.0) in cells else None
-    order = {m: i for i, m in enumerate(["uncompressed"] + METHODS)}
+    # the uncompressed baseline is the one cell at ratio 1; methods in the order the grid ran them
+    base_cell = next((c for c in cells if c[1] == 1.0), None)
+    base = max(cells[base_cell], key=lambda r: r["valid_ndcg"])["test_ndcg"] if base_cell else None
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     lines = [
         "| method | ratio | item-table ratio | configs tried (lr/dropout: valid nDCG@10) | chosen on valid | valid | test nDCG@10 | test HR@10 | rel. loss |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -13,6 +13,7 @@ from memcom_torchrec.modules.methods import (
     TableSpec,
     get_method,
     method_names,
+    method_sharders,
     register_method,
 )
 
@@ -53,6 +54,21 @@ def test_each_method_reaches_its_ratio(name: str, ratio: float) -> None:
         assert mem.compression_ratio == 1.0
     assert isinstance(build_collection(tables, device="meta"), COLLECTIONS[name])
     assert method.collection_class() is COLLECTIONS[name]
+
+
+@pytest.mark.parametrize("name", list(COLLECTIONS))
+def test_each_method_names_the_sharder_of_its_collection(name: str) -> None:
+    method = get_method(name)
+    assert method.sharder_class()().module_type is method.collection_class()
+    assert type(method.make_config(ITEM, D, 4.0)) is method.config_type()
+
+
+def test_one_sharder_per_sharded_twin() -> None:
+    sharders = method_sharders({"learning_rate": 0.1})
+    assert [s.module_type for s in sharders] == [EmbeddingBagCollection, MEmComEmbeddingBagCollection,
+                                                 QREmbeddingBagCollection]
+    assert all(s.fused_params["learning_rate"] == 0.1 for s in sharders)
+
 
 
 @pytest.mark.parametrize("name", ["hashing", "memcom", "qr", "memcom_qr"])

@@ -18,7 +18,6 @@ from memcom_torchrec.modules.qr_configs import (
     QREmbeddingBagConfig,
     max_qr_compression_ratio,
     num_collisions_for_ratio,
-    qr_compression_ratio,
     qr_num_rows,
 )
 from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection
@@ -337,7 +336,7 @@ def test_num_collisions_for_ratio_is_smallest_p_reaching_ratio(n: int) -> None:
             continue
         p = num_collisions_for_ratio(n, ratio)
         assert p == expected, (n, ratio)
-        assert qr_compression_ratio(n, 16, p) >= ratio
+        assert n / qr_num_rows(n, p) >= ratio
         assert qr_num_rows(n, p) == math.ceil(n / p) + p
 
 
@@ -355,7 +354,7 @@ def test_ratio_rule_with_entity_weights_counts_n_more_parameters(n: int, d: int)
                                  compression_ratio=ratio, entity_weights=True)
         assert t.num_collisions == p
         assert t.num_parameters == (math.ceil(n / p) + p) * d + n
-        assert t.achieved_compression_ratio() >= ratio
+        assert table_memory(t).compression_ratio >= ratio
     # ML-1M's item table at 16x: w (3,706 scalars) leaves fewer rows than plain QR gets.
     assert num_collisions_for_ratio(3706, 16.0, 64, 3706) > num_collisions_for_ratio(3706, 16.0)
 
@@ -366,7 +365,7 @@ def test_ratio_rule_examples() -> None:
     assert max_qr_compression_ratio(1_000_000) == (1000, 500.0)
     t = QREmbeddingBagConfig(name="t", num_embeddings=1_000_000, embedding_dim=64, feature_names=["f"], compression_ratio=16.0)
     assert (t.num_collisions, t.num_quotient_rows, t.num_remainder_rows) == (17, 58_824, 17)
-    assert t.achieved_compression_ratio() == pytest.approx(1_000_000 / (58_824 + 17))
+    assert table_memory(t).compression_ratio == pytest.approx(1_000_000 / (58_824 + 17))
 
 
 def test_unreachable_ratio_error_names_the_maximum() -> None:
@@ -462,7 +461,6 @@ def test_table_memory_of_qr_table() -> None:
     assert mem.param_bytes == rows * 16 * 4
     assert mem.optimizer_state_bytes == rows * 4
     assert mem.compression_ratio == pytest.approx(1000 * 16 / (rows * 16))
-    assert mem.compression_ratio == pytest.approx(t.achieved_compression_ratio())
     assert table_memory(t, EmbOptimType.EXACT_SGD).optimizer_state_bytes == 0
 
 
@@ -478,4 +476,3 @@ def test_table_memory_of_qr_table_with_entity_weights() -> None:
     assert table_memory(t, EmbOptimType.EXACT_SGD).optimizer_state_bytes == 0
     assert table_memory(t, EmbOptimType.EXACT_ADAGRAD).optimizer_state_bytes == (rows * 16 + 1001) * 4
     assert mem.compression_ratio == pytest.approx(1001 * 16 / (rows * 16 + 1001))
-    assert mem.compression_ratio == pytest.approx(t.achieved_compression_ratio())

@@ -14,13 +14,20 @@ from torchrec import KeyedJaggedTensor, PoolingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import entity_weights_to_dense
-from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig
+from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig, num_collisions_for_ratio
+from memcom_torchrec.modules.memcom_configs import num_buckets_for_ratio
 from reference import adagrad_, rowwise_adagrad_
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import reference_sweep as rs  # noqa: E402
 
 N, D = 53, rs.DIM
+# The roles of each method's tensors, as its collection's dense_tables hands them to the pack step.
+ROLES = {"uncompressed": ["weight"], "memcom": ["U", "w"], "hashing": ["U"], "qr": ["Q", "R"], "memcom_qr": ["Q", "R", "w"]}
+
+
+def replica_table(method: str, n: int, size: int) -> rs.ItemTable:
+    return rs.ItemTable({"roles": ROLES[method], "buckets": 0 if method == "uncompressed" else size}, n)
 
 
 def histories(batch: int = 6, seed: int = 0) -> torch.Tensor:
@@ -51,7 +58,7 @@ def replica_pooled(table: rs.ItemTable, h: torch.Tensor) -> torch.Tensor:
 def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     common = dict(name="item", num_embeddings=N, embedding_dim=D, feature_names=["history"], pooling=PoolingType.MEAN)
     torch.manual_seed(0)
-    table = rs.ItemTable(method, N, size)
+    table = replica_table(method, N, size)
     if method == "uncompressed":
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
@@ -109,7 +116,7 @@ def test_replica_init_matches_collections(method: str, size: int) -> None:
     n = 5000
     # Seeded: the largest |value| of a 7 x 64 table misses the top 1% below the bound for ~1.5% of seeds.
     torch.manual_seed(0)
-    table = rs.ItemTable(method, n, size)
+    table = replica_table(method, n, size)
     bound = (1.0 / n) ** 0.5
     assert bound * 0.99 < float(table.table.detach().abs().max()) <= bound
     if method in ("qr", "memcom_qr"):
@@ -187,8 +194,15 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     script = os.path.join(os.path.dirname(rs.__file__), "reference_sweep.py")
     packed, results, table = str(tmp_path / "p.pt"), str(tmp_path / "r.jsonl"), str(tmp_path / "t.md")
     subprocess.run([sys.executable, script, "pack", "--data", ml100k_dir, "--out", packed], check=True)
-    sizes = torch.load(packed)["sizes"]
-    assert sizes["memcom@16.0"] >= 1 and "qr@40.0" not in sizes  # 40x is beyond QR for 1,682 items
+    pack = torch.load(packed)
+    layouts = pack["layouts"]
+    assert pack["baseline"] == "uncompressed" and pack["methods"] == ["hashing", "memcom", "qr", "memcom_qr"]
+    assert "qr@40.0" not in layouts  # 40x is beyond QR for 1,682 items
+    # sizes from the package's own rules (the registry's table configs)
+    assert layouts["memcom@16.0"] == {"roles": ["U", "w"], "buckets": num_buckets_for_ratio(1682, D, 16.0)}
+    assert layouts["qr@16.0"] == {"roles": ["Q", "R"], "buckets": num_collisions_for_ratio(1682, 16.0)}
+    assert layouts["memcom_qr@8.0"]["roles"] == ["Q", "R", "w"]
+    assert layouts["uncompressed@1.0"] == {"roles": ["weight"], "buckets": 0}
     subprocess.run([sys.executable, script, "run", "--pack", packed, "--out", results, "--procs", "1", "--epochs", "1",
                     "--lrs", "0.1", "--seeds", "--cells", "uncompressed@1.0", "memcom@16.0"], check=True)
     rows = [json.loads(line) for line in open(results)]

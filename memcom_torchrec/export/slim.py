@@ -369,28 +369,33 @@ class SlimNextItemModel(nn.Module):
 # ---------------------------------------------------------------------------
 # From a trained collection
 # ---------------------------------------------------------------------------
+# The slim kind of a table, from the roles of the tensors its collection hands over.
+_KIND_OF_ROLES = {
+    frozenset({"weight"}): PLAIN,
+    frozenset({"U"}): HASHING,
+    frozenset({"U", "w"}): MEMCOM,
+    frozenset({"Q", "R"}): QR,
+    frozenset({"Q", "R", "w"}): MEMCOM_QR,
+}
+
+
 def _kind_and_tensors(collection: nn.Module, config) -> Tuple[str, int, Dict[str, torch.Tensor]]:  # pyre-ignore
-    """Kind, bucket count and float tensors of one table of a (MEmCom/QR/TorchRec) collection."""
-    kind_name = type(config).__name__
-    if kind_name == "MEmComEmbeddingBagConfig":
-        U, w = collection.memcom_parameters(config.name)
-        if config.name in collection._entity_weights:
-            return MEMCOM, config.num_buckets, {"U": U, "w": w}
-        return HASHING, config.num_buckets, {"U": U}
-    if kind_name == "QREmbeddingBagConfig":
-        Q, R = collection.qr_parameters(config.name)
-        if config.entity_weights:
-            w = collection.entity_weights(config.name)
-            return MEMCOM_QR, config.num_collisions, {"Q": Q, "R": R, "w": w}
-        return QR, config.num_collisions, {"Q": Q, "R": R}
-    if hasattr(collection, "_embedding_bag_collection"):  # plain table inside a MEmCom collection
-        return PLAIN, 0, {"weight": collection._embedding_bag_collection.embedding_bags[config.name].weight}
-    if hasattr(collection, "feature_specs") and hasattr(collection, "qr_parameters"):  # plain table, QR collection
-        group = collection.feature_specs()[config.feature_names[0]].group
-        return PLAIN, 0, {"weight": getattr(collection, group).embeddings[config.name].weight}
-    if hasattr(collection, "embedding_bags"):  # TorchRec EmbeddingBagCollection
-        return PLAIN, 0, {"weight": collection.embedding_bags[config.name].weight}
-    raise ValueError(f"cannot export table '{config.name}' of a {type(collection).__name__}")
+    """Kind, bucket count (``m`` or ``p``; 0 if plain) and float tensors of one table.
+
+    The MEmCom and QR collections hand over their tensors by role with their public
+    ``dense_tables``; TorchRec's own collection through its ``embedding_bags``.
+    """
+    if hasattr(collection, "dense_tables"):
+        tensors = collection.dense_tables(config.name)
+    elif hasattr(collection, "embedding_bags"):  # TorchRec's EmbeddingBagCollection
+        tensors = {"weight": collection.embedding_bags[config.name].weight}
+    else:
+        raise ValueError(f"cannot export table '{config.name}' of a {type(collection).__name__}")
+    kind = _KIND_OF_ROLES.get(frozenset(tensors))
+    if kind is None:
+        raise ValueError(f"table '{config.name}': no slim lookup for tensors {sorted(tensors)}")
+    buckets = tensors["U"].shape[0] if "U" in tensors else tensors["R"].shape[0] if "R" in tensors else 0
+    return kind, buckets, tensors
 
 
 def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> SlimLookup:

@@ -1,4 +1,14 @@
-"""Unsharded modules: configs, the MEmCom and the quotient-remainder EmbeddingBagCollections."""
+"""Unsharded modules: the embedding methods and the collections that store them.
+
+- ``methods``: the registry, every embedding method defined once (config builder, ratio rule
+  and maximum, collection, sharder);
+- ``memcom_configs``, ``memcom_embedding_modules``: MEmCom (and the hashing trick);
+- ``qr_configs``, ``qr_embedding_modules``: quotient-remainder (and ``memcom_qr``);
+- ``memory``: ``table_memory``, the only source of compression ratios;
+- ``validation``: clear errors for bad input.
+
+Nothing here imports ``distributed/`` (sharders are named in the registry, resolved on use).
+"""
 
 from memcom_torchrec.modules.memcom_configs import (  # noqa: F401
     MEmComEmbeddingBagConfig,
@@ -12,6 +22,5 @@ from memcom_torchrec.modules.qr_configs import (  # noqa: F401
     QREmbeddingBagConfig,
     max_qr_compression_ratio,
     num_collisions_for_ratio,
-    qr_compression_ratio,
 )
 from memcom_torchrec.modules.qr_embedding_modules import QREmbeddingBagCollection  # noqa: F401

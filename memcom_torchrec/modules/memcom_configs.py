@@ -138,9 +138,3 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
         if not self.train_entity_weights:
             return (self.num_buckets, 0)
         return (self.num_buckets, self.num_entities_per_bucket)
-
-    def achieved_compression_ratio(self) -> float:
-        """Compression ratio of this table against the uncompressed ``n x d`` table."""
-        if not self.train_entity_weights:
-            return self.num_embeddings / self.num_buckets
-        return compression_ratio(self.num_embeddings, self.embedding_dim, self.num_buckets)

@@ -239,6 +239,28 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             w = torch.ones(config.num_embeddings, device=U.device)  # the hashing trick: no w
         return U, w
 
+    def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
+        """Every tensor of one table by role, as an exporter needs them.
+
+        Args:
+            table_name (str): any table of this collection.
+
+        Returns:
+            Dict[str, torch.Tensor]: ``{"U", "w"}`` (MEmCom: entity ``i`` is
+            ``w[i] * U[i mod m]``), ``{"U"}`` (hashing: ``U[i mod m]``) or
+            ``{"weight"}`` (a plain ``n x d`` table).
+
+        Raises:
+            KeyError: no such table.
+        """
+        config = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
+        if config is None:
+            raise KeyError(f"no table '{table_name}' in this collection")
+        if not isinstance(config, MEmComEmbeddingBagConfig):
+            return {"weight": self._embedding_bag_collection.embedding_bags[table_name].weight}
+        U, w = self.memcom_parameters(table_name)
+        return {"U": U, "w": w} if table_name in self._entity_weights else {"U": U}
+
     # -------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools the embeddings of every feature.

@@ -1,11 +1,10 @@
-"""Memory accounting of (MEmCom or plain) tables.
+"""Memory accounting of MEmCom, QR and plain tables: the only source of compression ratios.
 
 Every figure the CLI, benchmarks and tests print about table sizes comes from
 ``table_memory``.
 """
 
 from dataclasses import dataclass
-from typing import List
 
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -112,9 +111,3 @@ def table_memory(
         compression_ratio=n * d / params,
     )
 
-
-def collection_memory(
-    tables: List[EmbeddingBagConfig], optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
-) -> List[TableMemory]:
-    """``table_memory`` of every table of a collection."""
-    return [table_memory(t, optimizer) for t in tables]

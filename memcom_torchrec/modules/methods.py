@@ -22,11 +22,12 @@ method means writing its collection and one ``register_method`` call.
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.qr_configs import max_qr_compression_ratio
+
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class EmbeddingMethod:
             )
         return None
 
+    def config_type(self) -> type:
+        """The class of the configs it builds."""
+        return _resolve(self.config_class)
+
     def collection_class(self) -> type:
         """The unsharded collection class."""
         return _resolve(self.collection)
@@ -118,7 +123,7 @@ def collection_class_for(tables: List[EmbeddingBagConfig]) -> type:
     needed = {
         m.collection
         for m in _METHODS.values()
-        if m.compresses and any(isinstance(t, _resolve(m.config_class)) for t in tables)
+        if m.compresses and any(isinstance(t, m.config_type()) for t in tables)
     }
     if len(needed) > 1:
         raise ValueError(f"tables {[t.name for t in tables]} need several collections {sorted(needed)}; use one method")
@@ -157,7 +162,25 @@ def method_names() -> List[str]:
     return list(_METHODS)
 
 
+def method_sharders(fused_params: Dict[str, Any]) -> List[Any]:
+    """One sharder per sharded twin of the registered methods (for ``DistributedModelParallel``).
+
+    Args:
+        fused_params (Dict[str, Any]): the tables' fused optimizer (``optimizer``, ``learning_rate``...).
+    """
+    classes = list(dict.fromkeys(m.sharder_class() for m in _METHODS.values()))
+    return [cls(fused_params=fused_params) for cls in classes]
+
+
 # ----------------------------------------------------------------- the methods
+_MEMCOM_CONFIG = "memcom_torchrec.modules.memcom_configs:MEmComEmbeddingBagConfig"
+_QR_CONFIG = "memcom_torchrec.modules.qr_configs:QREmbeddingBagConfig"
+_MEMCOM_COLLECTION = "memcom_torchrec.modules.memcom_embedding_modules:MEmComEmbeddingBagCollection"
+_MEMCOM_SHARDER = "memcom_torchrec.distributed.memcom_embeddingbag:MEmComEmbeddingBagCollectionSharder"
+_QR_COLLECTION = "memcom_torchrec.modules.qr_embedding_modules:QREmbeddingBagCollection"
+_QR_SHARDER = "memcom_torchrec.distributed.qr_embeddingbag:QREmbeddingBagCollectionSharder"
+
+
 def make_plain_config(spec: TableSpec, embedding_dim: int, ratio: float = 1.0) -> EmbeddingBagConfig:
     """An uncompressed ``n x d`` table."""
     return EmbeddingBagConfig(
@@ -169,33 +192,18 @@ def make_plain_config(spec: TableSpec, embedding_dim: int, ratio: float = 1.0) -
     )
 
 
-def _memcom_config(train_entity_weights: bool) -> Callable[[TableSpec, int, float], EmbeddingBagConfig]:
+def _compressed_config(config_class: str, **options: Any) -> Callable[[TableSpec, int, float], EmbeddingBagConfig]:
+    """A ``make_config`` building ``config_class`` at the ratio, with fixed ``options``."""
+
     def make(spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
-        return MEmComEmbeddingBagConfig(
+        return _resolve(config_class)(
             name=spec.name,
             num_embeddings=spec.num_embeddings,
             embedding_dim=embedding_dim,
             feature_names=list(spec.feature_names),
             pooling=spec.pooling,
             compression_ratio=ratio,
-            train_entity_weights=train_entity_weights,
-        )
-
-    return make
-
-
-def _qr_config(entity_weights: bool) -> Callable[[TableSpec, int, float], EmbeddingBagConfig]:
-    def make(spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
-        from memcom_torchrec.modules import QREmbeddingBagConfig
-
-        return QREmbeddingBagConfig(
-            name=spec.name,
-            num_embeddings=spec.num_embeddings,
-            embedding_dim=embedding_dim,
-            feature_names=list(spec.feature_names),
-            pooling=spec.pooling,
-            compression_ratio=ratio,
-            entity_weights=entity_weights,
+            **options,
         )
 
     return make
@@ -203,19 +211,10 @@ def _qr_config(entity_weights: bool) -> Callable[[TableSpec, int, float], Embedd
 
 def _qr_max_ratio(entity_weights: bool) -> Callable[[int, int], float]:
     def best(n: int, d: int) -> float:
-        from memcom_torchrec.modules import max_qr_compression_ratio
-
         return max_qr_compression_ratio(n, d, n if entity_weights else 0)[1]
 
     return best
 
-
-_MEMCOM_CONFIG = "memcom_torchrec.modules.memcom_configs:MEmComEmbeddingBagConfig"
-_QR_CONFIG = "memcom_torchrec.modules:QREmbeddingBagConfig"
-_MEMCOM_COLLECTION = "memcom_torchrec.modules.memcom_embedding_modules:MEmComEmbeddingBagCollection"
-_MEMCOM_SHARDER = "memcom_torchrec.distributed.memcom_embeddingbag:MEmComEmbeddingBagCollectionSharder"
-_QR_COLLECTION = "memcom_torchrec.modules.qr_embedding_modules:QREmbeddingBagCollection"
-_QR_SHARDER = "memcom_torchrec.distributed.qr_embeddingbag:QREmbeddingBagCollectionSharder"
 
 UNCOMPRESSED: EmbeddingMethod = register_method(EmbeddingMethod(
     name="uncompressed",
@@ -230,7 +229,7 @@ UNCOMPRESSED: EmbeddingMethod = register_method(EmbeddingMethod(
 HASHING: EmbeddingMethod = register_method(EmbeddingMethod(
     name="hashing",
     description="the hashing trick, U[i mod m] (MEmCom with w frozen at 1, none stored)",
-    make_config=_memcom_config(train_entity_weights=False),
+    make_config=_compressed_config(_MEMCOM_CONFIG, train_entity_weights=False),
     max_compression_ratio=lambda n, d: float(n),  # one row for all
     config_class=_MEMCOM_CONFIG,
     collection=_MEMCOM_COLLECTION,
@@ -239,7 +238,7 @@ HASHING: EmbeddingMethod = register_method(EmbeddingMethod(
 MEMCOM: EmbeddingMethod = register_method(EmbeddingMethod(
     name="memcom",
     description="MEmCom, w[i] * U[i mod m]",
-    make_config=_memcom_config(train_entity_weights=True),
+    make_config=_compressed_config(_MEMCOM_CONFIG, train_entity_weights=True),
     max_compression_ratio=lambda n, d: n * d / (d + n),  # one row of U plus n scalars
     config_class=_MEMCOM_CONFIG,
     collection=_MEMCOM_COLLECTION,
@@ -248,7 +247,7 @@ MEMCOM: EmbeddingMethod = register_method(EmbeddingMethod(
 QR: EmbeddingMethod = register_method(EmbeddingMethod(
     name="qr",
     description="quotient-remainder, Q[i // p] * R[i mod p] (element-wise)",
-    make_config=_qr_config(entity_weights=False),
+    make_config=_compressed_config(_QR_CONFIG, entity_weights=False),
     max_compression_ratio=_qr_max_ratio(entity_weights=False),
     config_class=_QR_CONFIG,
     collection=_QR_COLLECTION,
@@ -257,7 +256,7 @@ QR: EmbeddingMethod = register_method(EmbeddingMethod(
 MEMCOM_QR: EmbeddingMethod = register_method(EmbeddingMethod(
     name="memcom_qr",
     description="MEmCom's w on a quotient-remainder pair, w[i] * Q[i // p] * R[i mod p] (beyond the paper)",
-    make_config=_qr_config(entity_weights=True),
+    make_config=_compressed_config(_QR_CONFIG, entity_weights=True),
     max_compression_ratio=_qr_max_ratio(entity_weights=True),
     config_class=_QR_CONFIG,
     collection=_QR_COLLECTION,

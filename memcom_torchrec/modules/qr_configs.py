@@ -50,21 +50,6 @@ def qr_num_rows(num_embeddings: int, num_collisions: int) -> int:
     return -(-num_embeddings // num_collisions) + num_collisions
 
 
-def qr_compression_ratio(num_embeddings: int, embedding_dim: int, num_collisions: int) -> float:
-    """Compression ratio of a QR table against the uncompressed ``n x d`` table.
-
-    Args:
-        num_embeddings (int): entities ``n``.
-        embedding_dim (int): embedding dimension ``d``.
-        num_collisions (int): rows ``p`` of the remainder table.
-
-    Returns:
-        float: ``n*d / ((ceil(n/p) + p) * d)``.
-    """
-    rows = qr_num_rows(num_embeddings, num_collisions)
-    return num_embeddings * embedding_dim / (rows * embedding_dim)
-
-
 def _smallest_p_within_rows(num_embeddings: int, max_rows: int) -> Optional[int]:
     """Smallest ``p`` in ``[1, n]`` with ``ceil(n/p) + p <= max_rows``, ``None`` if none.
 
@@ -248,10 +233,6 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
     def num_parameters(self) -> int:
         """``(ceil(n/p) + p) * d`` plus ``n`` with ``entity_weights``."""
         return self.num_rows * self.embedding_dim + self.num_entity_weights
-
-    def achieved_compression_ratio(self) -> float:
-        """Compression ratio of this table against the uncompressed ``n x d`` table."""
-        return self.num_embeddings * self.embedding_dim / self.num_parameters
 
 
 # ---------------------------------------------------------------------------

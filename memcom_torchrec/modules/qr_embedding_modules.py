@@ -320,6 +320,31 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise KeyError(f"'{table_name}' is not a QR table with entity_weights in this collection")
         return self._entity_weights[table_name]
 
+    def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
+        """Every tensor of one table by role, as an exporter needs them.
+
+        Args:
+            table_name (str): any table of this collection.
+
+        Returns:
+            Dict[str, torch.Tensor]: ``{"Q", "R"}`` (QR: entity ``i`` is
+            ``Q[i // p] * R[i % p]``), ``{"Q", "R", "w"}`` (``memcom_qr``:
+            times ``w[i]``) or ``{"weight"}`` (a plain ``n x d`` table).
+
+        Raises:
+            KeyError: no such table.
+        """
+        config = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
+        if config is None:
+            raise KeyError(f"no table '{table_name}' in this collection")
+        if not isinstance(config, QREmbeddingBagConfig):
+            child = getattr(self, self._feature_specs[config.feature_names[0]].group)
+            return {"weight": child.embeddings[table_name].weight}
+        Q, R = self.qr_parameters(table_name)
+        if table_name in self._entity_weights:
+            return {"Q": Q, "R": R, "w": self._entity_weights[table_name]}
+        return {"Q": Q, "R": R}
+
     # -------------------------------------------------------------- forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools the embeddings of every feature.

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingType
@@ -28,13 +27,11 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from memcom_torchrec.data import make_dataloader, pad_batch, read_manifest
-from memcom_torchrec.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
-from memcom_torchrec.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
 from memcom_torchrec.models.builder import build_model
 from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memcom_torchrec.modules.memory import table_memory
-from memcom_torchrec.modules.methods import get_method
+from memcom_torchrec.modules.methods import get_method, method_sharders
 from memcom_torchrec.train.config import TrainConfig
 from memcom_torchrec.train.distributed_env import init_distributed
 from memcom_torchrec.train.results import EpochScore, RunResult, TrainState
@@ -58,11 +55,7 @@ def fused_params(cfg: TrainConfig) -> Dict[str, Any]:
 def shard_model(cfg: TrainConfig, model: nn.Module, tables: List[EmbeddingBagConfig], world: int, device: torch.device) -> DistributedModelParallel:
     """Plans and shards every embedding table onto fused kernels (never data-parallel)."""
     fp = fused_params(cfg)
-    sharders = [
-        MEmComEmbeddingBagCollectionSharder(fused_params=fp),
-        QREmbeddingBagCollectionSharder(fused_params=fp),
-        EmbeddingBagCollectionSharder(fused_params=fp),
-    ]
+    sharders = method_sharders(fp)
     types = [cfg.sharding_type] if cfg.sharding_type else [
         ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value
     ]
