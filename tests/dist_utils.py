@@ -21,9 +21,11 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 # A rank that gets no answer from its peers fails after this many seconds (gloo timeout).
 COLLECTIVE_TIMEOUT_S = 120
@@ -140,3 +142,36 @@ def run_multiprocess(
             if p.is_alive():  # the parent itself was interrupted (pytest-timeout, Ctrl-C)
                 p.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def shard_with_planner(
+    module: nn.Module,
+    sharders: Sequence[Any],
+    sharding_types: Dict[str, str],
+    local_world_size: Optional[int] = None,
+) -> Any:
+    """Plans ``module`` collectively over the current process group and wraps it in DMP.
+
+    Args:
+        module (nn.Module): the unsharded model (tables on ``meta``).
+        sharders (Sequence[ModuleSharder]): the sharders DMP may use.
+        sharding_types (Dict[str, str]): table name -> the one sharding type it must get.
+        local_world_size (Optional[int]): ranks per node (fewer than the world simulates several nodes).
+
+    Returns:
+        DistributedModelParallel: on CPU, gloo.
+    """
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    world_size = dist.get_world_size()
+    constraints = {t: ParameterConstraints(sharding_types=[st]) for t, st in sharding_types.items()}
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cpu")
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+        module, list(sharders), dist.group.WORLD
+    )
+    return DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan,
+        sharders=list(sharders),
+    )

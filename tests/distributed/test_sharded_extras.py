@@ -7,11 +7,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.distributed.types import ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.streamable import Pipelineable
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -19,7 +17,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
-from dist_utils import run_multiprocess
+from dist_utils import run_multiprocess, shard_with_planner
 from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
 
 pytestmark = pytest.mark.slow
@@ -111,11 +109,7 @@ def _pipeline_body(rank: int, world_size: int) -> None:
     model = MixedModel()
     fp = {"optimizer": OPT["rowwise_adagrad"], "learning_rate": 0.1}
     sharders = [MEmComEmbeddingBagCollectionSharder(fused_params=fp), EmbeddingBagCollectionSharder(fused_params=fp)]
-    constraints = {t: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for t in ["item", "user", "cat", "stock"]}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp = shard_with_planner(model, sharders, {t: ShardingType.TABLE_WISE.value for t in ["item", "user", "cat", "stock"]})
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda p: torch.optim.Adam(p, lr=0.01))
     opt = CombinedOptimizer([dmp.fused_optimizer, dense])

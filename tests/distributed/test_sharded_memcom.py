@@ -5,16 +5,14 @@ from typing import List, Optional
 
 import pytest
 import torch
-import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.distributed.types import ShardingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
-from dist_utils import run_multiprocess
+from dist_utils import run_multiprocess, shard_with_planner
 from reference import ReferenceOptimizer, make_kjt_inputs
 
 pytestmark = pytest.mark.slow
@@ -51,13 +49,7 @@ def shard(
     """Plans and shards the test collection; ``local_world_size`` < ``world_size`` simulates several nodes."""
     model = MEmComEmbeddingBagCollection(make_tables(), device=torch.device("meta"))
     sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
-    constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type]) for t in make_tables()}
-    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device="cpu")
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-    return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan, sharders=[sharder]
-    )
+    return shard_with_planner(model, [sharder], {t.name: sharding_type for t in make_tables()}, local_world_size)
 
 
 def batches(step: int, world_size: int, batch: int = 4):

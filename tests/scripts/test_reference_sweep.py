@@ -18,7 +18,7 @@ from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConf
 from memcom_torchrec.modules.memcom_configs import num_buckets_for_ratio
 from reference import adagrad_, rowwise_adagrad_
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts"))
 import reference_sweep as rs  # noqa: E402
 
 N, D = 53, rs.DIM

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPONENTS = os.path.join(REPO, "launch", "components.py")
 BIN = os.path.dirname(sys.executable)
 TORCHX = [sys.executable, "-m", "torchx.cli.main"]

@@ -444,7 +444,7 @@ def test_cli(tmp_path):
 
 # ------------------------------------------------------- quality on ML-100K
 def _ml100k(tmp_path_factory) -> str:
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "ml-100k")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "ml-100k")
     if os.path.exists(os.path.join(here, "manifest.json")):
         return here
     from memcom_torchrec.data import prepare_movielens

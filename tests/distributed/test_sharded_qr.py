@@ -20,7 +20,6 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import ShardedEmbeddingCollection
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -30,7 +29,7 @@ from torchrec.streamable import Pipelineable
 from memcom_torchrec import QREmbeddingBagCollectionSharder, ShardedQREmbeddingBagCollection
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig
-from dist_utils import run_multiprocess
+from dist_utils import run_multiprocess, shard_with_planner
 from reference import ReferenceOptimizer, make_kjt_inputs
 
 pytestmark = pytest.mark.slow
@@ -79,13 +78,7 @@ def shard(method: str, world_size: int, sharding_type: str, optimizer: str, lr: 
           weighted: bool = False) -> DistributedModelParallel:
     model = QREmbeddingBagCollection(make_tables(method), is_weighted=weighted, device=torch.device("meta"))
     sharder = QREmbeddingBagCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
-    constraints = {t: ParameterConstraints(sharding_types=[sharding_type]) for t in INNER_TABLES}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
-    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-    return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan,
-        sharders=[sharder],
-    )
+    return shard_with_planner(model, [sharder], {t: sharding_type for t in INNER_TABLES})
 
 
 def batches(step: int, world_size: int, weighted: bool = False, batch: int = 4):
@@ -268,11 +261,7 @@ def _train(method: str, world_size: int, rank: int, pipeline_class: type, steps:
     torch.manual_seed(0)
     model = Model(method)
     sharder = QREmbeddingBagCollectionSharder(fused_params={"optimizer": OPT["rowwise_adagrad"], "learning_rate": 0.1})
-    constraints = {t: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]) for t in INNER_TABLES}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
-    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=torch.device("cpu"), plan=plan, sharders=[sharder])
+    dmp = shard_with_planner(model, [sharder], {t: ShardingType.ROW_WISE.value for t in INNER_TABLES})
     load_unsharded_state_dict(dmp, {f"qr.{k}": v for k, v in make_reference(method).state_dict().items()}
                               | {f"head.{k}": v for k, v in nn.Linear(OUT_DIM, 1).state_dict().items()})
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),

@@ -1,14 +1,11 @@
-"""Full-ranking metrics against a straightforward reference, and exact compression accounting."""
+"""Full-ranking metrics against a straightforward reference."""
 
 import math
 
 import pytest
 import torch
-from torchrec import EmbeddingBagConfig
 
-from memcom_torchrec import MEmComEmbeddingBagConfig
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
-from memcom_torchrec.train.trainer import embedding_footprint
 
 
 def reference_rank(scores, target, excluded):
@@ -71,18 +68,3 @@ def test_batch_of_users_and_metric_values() -> None:
 def test_empty_batch() -> None:
     ranks = target_ranks(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
     assert ranking_totals(ranks).count == 0
-
-
-def test_compression_accounting_is_exact() -> None:
-    n_items, n_users, d = 3706, 6040, 64
-    memcom = MEmComEmbeddingBagConfig(name="item", num_embeddings=n_items, embedding_dim=d, feature_names=["history"],
-                                      compression_ratio=16)
-    user = EmbeddingBagConfig(name="user", num_embeddings=n_users, embedding_dim=d, feature_names=["user_id"])
-    fp = embedding_footprint([memcom, user], "rowwise_adagrad")
-    m = memcom.num_buckets
-    assert fp["embedding_params"] == m * d + n_items + n_users * d
-    assert fp["compression_ratio"] == pytest.approx((n_items + n_users) * d / (m * d + n_items + n_users * d))
-    assert fp["table_compression_ratios"]["item"] == pytest.approx(n_items * d / (m * d + n_items))
-    assert fp["table_compression_ratios"]["item"] >= 16
-    q = -(-n_items // m)
-    assert fp["embedding_bytes"] == 4 * (m * d + m * q + n_users * d)
