@@ -60,7 +60,7 @@ def table_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
                 "embedding_dim": t.embedding_dim,
                 "feature_names": list(t.feature_names),
             }
-            for field in ("num_buckets", "train_entity_weights", "num_collisions"):
+            for field in ("num_buckets", "train_entity_weights", "num_collisions", "entity_weights"):
                 if hasattr(t, field):
                     sig[field] = getattr(t, field)
             out[f"{name}:{t.name}" if name else t.name] = sig

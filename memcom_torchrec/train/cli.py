@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
+from memcom_torchrec.modules.methods import get_method
 from memcom_torchrec.train.distributed_env import shutdown_distributed
 from memcom_torchrec.train.trainer import TrainConfig, train
 
@@ -28,8 +29,15 @@ def config_parser(cls: type = TrainConfig, description: str = "") -> argparse.Ar
 
 
 def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
-    args = config_parser(TrainConfig, "Train a next-item model with MEmCom (or baseline) embeddings.").parse_args(argv)
-    return TrainConfig(**vars(args))
+    """The ``TrainConfig`` of a command line; a bad model kind or method is a usage error (exit 2)."""
+    parser = config_parser(TrainConfig, "Train a next-item model with MEmCom (or baseline) embeddings.")
+    args = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig(**vars(args))
+        get_method(cfg.method)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
 
 
 def main(argv: Optional[List[str]] = None) -> None:

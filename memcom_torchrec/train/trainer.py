@@ -2,7 +2,8 @@
 
 Runs on 1..N processes (torchrun/torchx set the env; a plain ``python -m``
 run is a world of one). Embedding tables are sharded by DistributedModelParallel
-onto FBGEMM fused kernels (MEmCom through ``MEmComEmbeddingBagCollectionSharder``);
+onto FBGEMM fused kernels (each method's collection by the sharder the method
+registry names: ``modules.methods.method_sharders``);
 the dense part is data-parallel with Adam; TorchRec's ``TrainPipelineSparseDist``
 overlaps the next batch's input all-to-all with the current step.
 """

@@ -347,6 +347,13 @@ def test_bad_checkpoints(tmp_path):
     _edit_meta(path, claim_memcom)
     with pytest.raises(ValueError, match="does not match its config"):
         load_trained_model(path)
+    # a QR checkpoint whose config claims memcom_qr: refused by the table signature, before DCP
+    _, qr = save_tiny(str(tmp_path / "q"), "qr")
+    path = str(tmp_path / "qr_claims_memcom_qr")
+    shutil.copytree(qr, path)
+    _edit_meta(path, lambda m: m["config"].update(method="memcom_qr"))
+    with pytest.raises(ValueError, match=r"table 'model.embeddings:item' differs .*'entity_weights': \(False, True\)"):
+        load_trained_model(path)
     # The model is rebuilt from its own fields (models.config.ModelConfig): a training flag it does
     # not depend on (here one this version lacks) is ignored, a bad model field is refused.
     model, _ = load_trained_model(broken("unknown", lambda m: m["config"].update(colour="red")))

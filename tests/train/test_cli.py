@@ -1,0 +1,25 @@
+"""The trainer's command line: one flag per TrainConfig field, bad values refused before any work."""
+
+import pytest
+
+from memcom_torchrec.train.cli import parse_config
+from memcom_torchrec.train.config import TrainConfig, train_flags
+
+
+def test_every_field_is_a_flag() -> None:
+    cfg = parse_config(["--method", "qr", "--compression-ratio", "8", "--hidden", "64", "32", "--k", "5"])
+    assert (cfg.method, cfg.compression_ratio, cfg.hidden, cfg.k) == ("qr", 8.0, [64, 32], 5)
+    flags = train_flags()  # what launch/ checks pass-through flags against, without torch
+    assert flags["--compression-ratio"] == "float" and flags["--hidden"] == "list" and flags["--k"] == "int"
+    assert len(flags) == len(TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "memcon"], "error: unknown embedding method 'memcon'; choose one of ['uncompressed'"),
+    (["--model", "deep"], "error: unknown model 'deep'; choose one of ['next_item', 'ranknet']"),
+])
+def test_bad_values_are_usage_errors(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_config(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
