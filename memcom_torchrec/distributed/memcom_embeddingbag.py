@@ -24,23 +24,16 @@ on one rank; RW/TWRW: the same row blocks), appears in ``state_dict`` as a
 and its optimizer state sits in ``fused_optimizer``.
 """
 
-import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
-from torch.distributed._shard.sharded_tensor import (
-    Shard,
-    ShardedTensor,
-    ShardedTensorMetadata,
-    TensorProperties,
-)
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torch.distributed._shard.sharded_tensor import ShardedTensorMetadata, TensorProperties
+from torch.distributed._shard.sharding_spec import ShardMetadata
 from torchrec.distributed.embedding_types import (
     BaseEmbeddingSharder,
-    EmbeddingComputeKernel,
     KJTList,
     ShardedEmbeddingModule,
 )
@@ -61,6 +54,13 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from memcom_torchrec.distributed.entity_weights import (
+    EntityWeightTable,
+    ShardedEntityWeights,
+    fused_compute_kernels,
+    with_entity_weight_columns,
+    without_entity_weight_columns,
+)
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import (
     FeatureSpec,
@@ -69,11 +69,6 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     hash_features,
 )
 from memcom_torchrec.modules.validation import raise_on_any_rank, validate_feature_specs
-from memcom_torchrec.optim.entity_weight_optimizer import (
-    EntityWeightOptimizerConfig,
-    entity_weight_lookup,
-)
-from memcom_torchrec.optim.fused import EntityWeightFusedOptimizer
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -96,19 +91,6 @@ class MEmComEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
             self.input_features.record_stream(stream)
 
 
-@dataclass
-class _LocalEntityWeights:
-    """This rank's slice of one table's ``w`` grid and its optimizer state."""
-
-    table: str
-    row_offset: int
-    weights: torch.Tensor  # (local_rows, Q)
-    states: Dict[str, torch.Tensor]
-    config: EntityWeightOptimizerConfig
-    sharded: ShardedTensor = field(repr=False, default=None)  # pyre-ignore[8]
-    sharded_states: Dict[str, ShardedTensor] = field(repr=False, default_factory=dict)
-
-
 def entity_weight_metadata(config: MEmComEmbeddingBagConfig, ps: ParameterSharding) -> ShardedTensorMetadata:
     """Global metadata of a table's ``(m, Q)`` ``w`` grid: the row blocks of ``U``'s plan, ``Q`` wide.
 
@@ -128,17 +110,6 @@ def entity_weight_metadata(config: MEmComEmbeddingBagConfig, ps: ParameterShardi
         size=torch.Size([config.num_buckets, q]),
         tensor_properties=TensorProperties(dtype=torch.float32),
     )
-
-
-def _with_embedding_dim(ps: ParameterSharding, dim: int) -> ParameterSharding:
-    """A copy of a table's ParameterSharding whose shards are ``dim`` columns wide."""
-    ps = copy.deepcopy(ps)
-    spec = ps.sharding_spec
-    if isinstance(spec, EnumerableShardingSpec):
-        for shard in spec.shards:
-            shard.shard_sizes = [shard.shard_sizes[0], dim]
-            shard.shard_offsets = [shard.shard_offsets[0], 0]
-    return ps
 
 
 class ShardedMEmComEmbeddingBagCollection(
@@ -197,7 +168,7 @@ class ShardedMEmComEmbeddingBagCollection(
                     f"MEmCom table '{table}': sharding type '{ps.sharding_type}' is not supported; "
                     f"use one of {SUPPORTED_SHARDING_TYPES} (w must live with its rows of U)"
                 )
-            plan[table] = _with_embedding_dim(ps, dims[table])
+            plan[table] = without_entity_weight_columns(ps, dims[table])
         if self._is_weighted and self._trained_tables:
             raise ValueError(
                 "sharding a MEmCom collection with is_weighted=True and trained per-entity weights "
@@ -213,53 +184,28 @@ class ShardedMEmComEmbeddingBagCollection(
         )
         inner = self._embedding_bag_collection
         self._device = device or torch.device("cpu")
-        self._anchor = torch.empty(0, device=self._device, requires_grad=True)
 
         # This rank's slices of w, following the plan of U.
-        self._local_weights: Dict[str, _LocalEntityWeights] = {}
         fused_params = self._table_fused_params()
-        self._entity_weight_metadata: Dict[str, ShardedTensorMetadata] = {}
-        for table in self._trained_tables:
-            cfg = self._memcom_configs[table]
-            q = cfg.num_entities_per_bucket
-            gmeta = entity_weight_metadata(cfg, plan[table])
-            self._entity_weight_metadata[table] = gmeta
-            mine = [mt for mt in gmeta.shards_metadata if mt.placement.rank() == self._rank]
-            if len(mine) > 1:
-                raise ValueError(f"MEmCom table '{table}': more than one shard on rank {self._rank}")
-            if not mine:
-                continue
-            meta = mine[0]
-            rows = meta.shard_sizes[0]
-            opt_cfg = EntityWeightOptimizerConfig.from_fused_params(fused_params.get(table, {}))
-            local = _LocalEntityWeights(
-                table=table,
-                row_offset=meta.shard_offsets[0],
-                weights=torch.full((rows, q), cfg.entity_weight_init, device=self._device),
-                states={name: torch.zeros(rows, q, device=self._device) for name in opt_cfg.state_names()},
-                config=opt_cfg,
-            )
-            if "exp_avg" in opt_cfg.state_names():
-                local.states["step"] = torch.zeros((), device=self._device)
-
-            def _sharded(t: torch.Tensor, meta: ShardMetadata = meta, gmeta: ShardedTensorMetadata = gmeta) -> ShardedTensor:
-                return ShardedTensor._init_from_local_shards_and_global_metadata(
-                    [Shard(tensor=t, metadata=copy.deepcopy(meta))], copy.deepcopy(gmeta), process_group=self._pg
+        self._entity_weight_shards = ShardedEntityWeights(
+            {
+                table: EntityWeightTable(
+                    metadata=entity_weight_metadata(cfg, plan[table]),
+                    entities_per_row=cfg.num_entities_per_bucket,
+                    init=cfg.entity_weight_init,
+                    fused_params=fused_params.get(table, {}),
+                    label=f"MEmCom table '{table}'",
                 )
-
-            local.sharded = _sharded(local.weights)
-            local.sharded_states = {
-                name: _sharded(t) for name, t in local.states.items() if name != "step"
-            }
-            self._local_weights[table] = local
-        self._tables_on_other_ranks_only = [t for t in self._trained_tables if t not in self._local_weights]
-        self._remote_cache: Dict[str, ShardedTensor] = {}
-        self._entity_optimizer = EntityWeightFusedOptimizer(
-            {f"_entity_weights.{t}": lw.sharded for t, lw in self._local_weights.items()},
-            {f"_entity_weights.{t}": lw for t, lw in self._local_weights.items()},
+                for table, cfg in self._memcom_configs.items()
+                if cfg.train_entity_weights
+            },
+            env,
+            self._device,
         )
         # Keys as the parameters' names: the inner optimizer's under "_embedding_bag_collection."
-        self._optim = CombinedOptimizer([("_embedding_bag_collection", inner.fused_optimizer), self._entity_optimizer])
+        self._optim = CombinedOptimizer(
+            [("_embedding_bag_collection", inner.fused_optimizer), self._entity_weight_shards.optimizer]
+        )
 
         # For every lookup (one per sharding type): the local features in order,
         # and the table of each.
@@ -280,8 +226,8 @@ class ShardedMEmComEmbeddingBagCollection(
             self._lookup_features.append(feats)
             self._skip_constant_weight_gradients(lookup)
 
-        self._register_state_dict_hook(ShardedMEmComEmbeddingBagCollection._post_state_dict_hook)
-        self._register_load_state_dict_pre_hook(self._pre_load_state_dict_hook, with_module=False)
+        # state_dict: w as _entity_weights.<table>, like the unsharded module.
+        self._entity_weight_shards.register_state_dict_hooks(self)
 
     # --------------------------------------------------------------- set-up
     def _skip_constant_weight_gradients(self, lookup: nn.Module) -> None:
@@ -315,70 +261,6 @@ class ShardedMEmComEmbeddingBagCollection(
                 out[info.embedding_config.name] = dict(info.fused_params or {})
         return out
 
-    # ---------------------------------------------------------- state dict
-    @staticmethod
-    def _post_state_dict_hook(
-        module: "ShardedMEmComEmbeddingBagCollection", destination: Dict[str, Any], prefix: str, _local_metadata: Any
-    ) -> None:
-        for table, local in module._local_weights.items():
-            destination[f"{prefix}_entity_weights.{table}"] = local.sharded
-        for table in module._tables_on_other_ranks_only:
-            # A table-wise table on another rank: an empty ShardedTensor view
-            # of the same global tensor keeps the keys identical on all ranks.
-            destination[f"{prefix}_entity_weights.{table}"] = module._remote_sharded(table)
-
-    def _remote_sharded(self, table: str) -> ShardedTensor:
-        """A view of a table's ``w`` with no local shard (it lives on other ranks)."""
-        if table not in self._remote_cache:
-            self._remote_cache[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                [], copy.deepcopy(self._entity_weight_metadata[table]), process_group=self._pg
-            )
-        return self._remote_cache[table]
-
-    def _pre_load_state_dict_hook(
-        self,
-        state_dict: Dict[str, Any],
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: List[str],
-        unexpected_keys: List[str],
-        error_msgs: List[str],
-    ) -> None:
-        for table in self._trained_tables:
-            key = f"{prefix}_entity_weights.{table}"
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value = state_dict.pop(key)
-            local = self._local_weights.get(table)
-            if local is None:
-                continue
-            rows, q = local.weights.shape
-            if isinstance(value, ShardedTensor):
-                shards = value.local_shards()
-                if len(shards) != 1 or list(shards[0].metadata.shard_offsets) != [local.row_offset, 0] or tuple(
-                    shards[0].tensor.shape
-                ) != (rows, q):
-                    error_msgs.append(
-                        f"{key}: sharded tensor does not match this rank's shard "
-                        f"(rows [{local.row_offset}, {local.row_offset + rows}) x {q}); "
-                        "load through torch.distributed.checkpoint to re-shard"
-                    )
-                    continue
-                src = shards[0].tensor
-            else:
-                full = torch.as_tensor(value)
-                expected = (self._memcom_configs[table].num_buckets, q)
-                if tuple(full.shape) != expected:
-                    error_msgs.append(f"{key}: expected shape {expected}, got {tuple(full.shape)}")
-                    continue
-                src = full[local.row_offset : local.row_offset + rows]
-            if src.data_ptr() != local.weights.data_ptr():
-                with torch.no_grad():
-                    local.weights.copy_(src)
-
     # ---------------------------------------------------------- sharded API
     def create_context(self) -> MEmComEmbeddingBagCollectionContext:
         return MEmComEmbeddingBagCollectionContext(sharding_contexts=[])
@@ -410,32 +292,18 @@ class ShardedMEmComEmbeddingBagCollection(
         """Replaces the carried quotients by the looked-up ``w`` (fused update in backward)."""
         out = []
         for features, local_features, grad_scale in zip(dist_input, self._lookup_features, self._lookup_grad_scales):
-            if not any(t in self._local_weights for _, t in local_features):
+            tables = [t for _, t in local_features]
+            if not any(t in self._entity_weight_shards.local for t in tables):
                 out.append(features)
                 continue
             offsets = features.offset_per_key()
             values, carried = features.values(), features.weights()
-            segments = [slice(offsets[k], offsets[k + 1]) for k in range(len(local_features))]
-            pieces: List[torch.Tensor] = [carried[seg] for seg in segments]
-            # One lookup per table, so duplicate ids across the table's features
-            # are coalesced into one optimizer update (FBGEMM's EXACT_* semantics).
-            for table, local in self._local_weights.items():
-                ks = [k for k, (_, t) in enumerate(local_features) if t == table]
-                if not ks:
-                    continue
-                q = local.weights.shape[1]
-                index = torch.cat([values[segments[k]].long() * q + carried[segments[k]].long() for k in ks])
-                looked_up = entity_weight_lookup(
-                    local.weights.view(-1),
-                    index,
-                    {n: s.view(-1) if n != "step" else s for n, s in local.states.items()},
-                    self._entity_optimizer.group_of(table),
-                    local.config.optimizer,
-                    self._anchor,
-                    grad_scale,
-                )
-                for k, piece in zip(ks, looked_up.split([segments[k].stop - segments[k].start for k in ks])):
-                    pieces[k] = piece
+            # values: rows of U local to this shard, carried: i // m, the column of w.
+            looked_up = self._entity_weight_shards.lookup(tables, values, carried, offsets, grad_scale)
+            pieces = [
+                piece if piece is not None else carried[offsets[k] : offsets[k + 1]]
+                for k, piece in enumerate(looked_up)
+            ]
             out.append(
                 KeyedJaggedTensor(
                     keys=features.keys(),
@@ -490,11 +358,6 @@ class ShardedMEmComEmbeddingBagCollection(
 
     def embedding_bag_configs(self) -> List[Any]:
         return self._embedding_bag_configs
-
-    def local_entity_weights(self, table: str) -> Optional[Tuple[int, torch.Tensor]]:
-        """This rank's ``(row_offset, (rows, Q) slice)`` of a table's ``w``, or None."""
-        local = self._local_weights.get(table)
-        return None if local is None else (local.row_offset, local.weights)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         yield from self._embedding_bag_collection.sharded_parameter_names(
@@ -560,14 +423,7 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         for config in module.embedding_bag_configs():
             param = bags[config.name].weight
             if isinstance(config, MEmComEmbeddingBagConfig) and config.train_entity_weights:
-                rows, dim = param.shape
-                sized = nn.Parameter(
-                    torch.empty(rows, dim + config.num_entities_per_bucket, device="meta"), requires_grad=param.requires_grad
-                )
-                for attr in ("_optimizer_classes", "_optimizer_kwargs", "_in_backward_optimizers"):
-                    if hasattr(param, attr):
-                        setattr(sized, attr, getattr(param, attr))
-                param = sized
+                param = with_entity_weight_columns(param, config.num_entities_per_bucket)
             out[config.name] = param
         return out
 
@@ -575,10 +431,7 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         return list(SUPPORTED_SHARDING_TYPES)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        kernels = [EmbeddingComputeKernel.FUSED.value]
-        if compute_device_type == "cuda":
-            kernels += [EmbeddingComputeKernel.FUSED_UVM.value, EmbeddingComputeKernel.FUSED_UVM_CACHING.value]
-        return kernels
+        return fused_compute_kernels(compute_device_type)
 
     @property
     def module_type(self) -> Type[MEmComEmbeddingBagCollection]:

@@ -38,19 +38,13 @@ planner sizes it as ``p`` extra columns of ``Q`` (``shardable_parameters``).
 Sharding types: table-wise and row-wise (``w`` must live with its rows of ``Q``).
 """
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Type
 
 import torch
 from torch import nn
-from torch.distributed._shard.sharded_tensor import (
-    Shard,
-    ShardedTensor,
-    ShardedTensorMetadata,
-    TensorProperties,
-)
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torch.distributed._shard.sharded_tensor import ShardedTensorMetadata, TensorProperties
+from torch.distributed._shard.sharding_spec import ShardMetadata
 from torchrec.distributed.embedding import (
     EmbeddingCollectionContext,
     EmbeddingCollectionSharder,
@@ -59,7 +53,6 @@ from torchrec.distributed.embedding import (
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import (
     BaseEmbeddingSharder,
-    EmbeddingComputeKernel,
     KJTList,
     ShardedEmbeddingModule,
 )
@@ -76,9 +69,15 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
+from memcom_torchrec.distributed.entity_weights import (
+    EntityWeightTable,
+    ShardedEntityWeights,
+    fused_compute_kernels,
+    with_entity_weight_columns,
+    without_entity_weight_columns,
+)
 from memcom_torchrec.modules.qr_configs import (
     ENTITY_WEIGHT_INIT,
-    ENTITY_WEIGHTS,
     QUOTIENT_SUFFIX,
     QREmbeddingBagConfig,
     QRFeatureSpec,
@@ -90,8 +89,6 @@ from memcom_torchrec.modules.qr_embedding_modules import (
     qr_lookup_features,
 )
 from memcom_torchrec.modules.validation import raise_on_any_rank, validate_feature_specs
-from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig, entity_weight_lookup
-from memcom_torchrec.optim.fused import EntityWeightFusedOptimizer
 
 SUPPORTED_SHARDING_TYPES: List[str] = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
 MAX_CARRIED_REMAINDER: int = 2**24  # i % p travels as a float32 per-id weight
@@ -117,19 +114,6 @@ class QREmbeddingBagCollectionContext(Multistreamable):
             self.input_features.record_stream(stream)
 
 
-@dataclass
-class _LocalEntityWeights:
-    """This rank's slice of one table's ``w`` (entities ``[offset, offset + len)``) and its optimizer state."""
-
-    table: str
-    offset: int  # = p * (first row of Q on this rank)
-    weights: torch.Tensor  # (local entities,)
-    states: Dict[str, torch.Tensor]
-    config: EntityWeightOptimizerConfig
-    sharded: ShardedTensor = field(repr=False, default=None)  # pyre-ignore[8]
-    sharded_states: Dict[str, ShardedTensor] = field(repr=False, default_factory=dict)
-
-
 def entity_weight_metadata(config: QREmbeddingBagConfig, ps: ParameterSharding) -> ShardedTensorMetadata:
     """Global metadata of a table's ``w`` (``n`` scalars), row-sharded like its ``Q``.
 
@@ -152,17 +136,6 @@ def entity_weight_metadata(config: QREmbeddingBagConfig, ps: ParameterSharding) 
     return ShardedTensorMetadata(
         shards_metadata=shards, size=torch.Size([n]), tensor_properties=TensorProperties(dtype=torch.float32)
     )
-
-
-def _with_embedding_dim(ps: ParameterSharding, dim: int) -> ParameterSharding:
-    """A copy of a table's ParameterSharding whose shards are ``dim`` columns wide."""
-    ps = copy.deepcopy(ps)
-    spec = ps.sharding_spec
-    if isinstance(spec, EnumerableShardingSpec):
-        for shard in spec.shards:
-            shard.shard_sizes = [shard.shard_sizes[0], dim]
-            shard.shard_offsets = [shard.shard_offsets[0], 0]
-    return ps
 
 
 class _PooledAwaitable(LazyAwaitable[KeyedTensor]):
@@ -253,7 +226,7 @@ class ShardedQREmbeddingBagCollection(
                         f"QR table '{owner}': num_collisions={config.num_collisions} is too large to carry i % p "
                         f"as a float32 weight (at most {MAX_CARRIED_REMAINDER})"
                     )
-                ps = _with_embedding_dim(ps, config.embedding_dim)  # drop the planner's extra w columns
+                ps = without_entity_weight_columns(ps, config.embedding_dim)
             plan[table] = ps
 
         # The stock sharder shards every inner EmbeddingCollection under its own name.
@@ -265,54 +238,31 @@ class ShardedQREmbeddingBagCollection(
             )
             self.add_module(name, sharded)
         self._device: torch.device = device or torch.device("cpu")
-        self._anchor = torch.empty(0, device=self._device, requires_grad=True)
 
         # This rank's slices of w, following the plan of Q.
         fused_params = self._table_fused_params()
-        self._local_weights: Dict[str, _LocalEntityWeights] = {}
-        self._entity_weight_metadata: Dict[str, ShardedTensorMetadata] = {}
-        for table, config in self._weighted_configs.items():
-            q_plan = plan[table + QUOTIENT_SUFFIX]
-            gmeta = entity_weight_metadata(config, q_plan)
-            self._entity_weight_metadata[table] = gmeta
-            mine = [mt for mt in gmeta.shards_metadata if mt.placement.rank() == self._rank]  # pyre-ignore[16]
-            if len(mine) > 1:
-                raise ValueError(f"QR table '{table}': more than one shard of Q on rank {self._rank}")
-            if not mine:
-                continue
-            meta = mine[0]
-            size = meta.shard_sizes[0]
-            opt_cfg = EntityWeightOptimizerConfig.from_fused_params(fused_params.get(table + QUOTIENT_SUFFIX, {}))
-            local = _LocalEntityWeights(
-                table=table,
-                offset=meta.shard_offsets[0],
-                weights=torch.full((size,), ENTITY_WEIGHT_INIT, device=self._device),
-                states={name: torch.zeros(size, device=self._device) for name in opt_cfg.state_names()},
-                config=opt_cfg,
-            )
-            if "exp_avg" in opt_cfg.state_names():
-                local.states["step"] = torch.zeros((), device=self._device)
-
-            def _sharded(t: torch.Tensor, meta: ShardMetadata = meta, gmeta: ShardedTensorMetadata = gmeta) -> ShardedTensor:
-                return ShardedTensor._init_from_local_shards_and_global_metadata(
-                    [Shard(tensor=t, metadata=copy.deepcopy(meta))], copy.deepcopy(gmeta), process_group=self._pg
+        self._entity_weight_shards = ShardedEntityWeights(
+            {
+                table: EntityWeightTable(
+                    metadata=entity_weight_metadata(config, plan[table + QUOTIENT_SUFFIX]),
+                    entities_per_row=config.num_collisions,
+                    init=ENTITY_WEIGHT_INIT,
+                    fused_params=fused_params.get(table + QUOTIENT_SUFFIX, {}),
+                    label=f"QR table '{table}'",
+                    rows_of="Q",
                 )
-
-            local.sharded = _sharded(local.weights)
-            local.sharded_states = {name: _sharded(t) for name, t in local.states.items() if name != "step"}
-            self._local_weights[table] = local
-        self._tables_on_other_ranks_only: List[str] = [t for t in self._weighted_configs if t not in self._local_weights]
-        self._remote_cache: Dict[str, ShardedTensor] = {}
-        self._entity_optimizer = EntityWeightFusedOptimizer(
-            {f"{ENTITY_WEIGHTS}.{t}": lw.sharded for t, lw in self._local_weights.items()},
-            {f"{ENTITY_WEIGHTS}.{t}": lw for t, lw in self._local_weights.items()},
+                for table, config in self._weighted_configs.items()
+            },
+            env,
+            self._device,
         )
         # Keys as the parameters' names: each child's under its own name.
         self._optim = CombinedOptimizer(
-            [(name, getattr(self, name).fused_optimizer) for name in self._group_names] + [self._entity_optimizer]
+            [(name, getattr(self, name).fused_optimizer) for name in self._group_names]
+            + [self._entity_weight_shards.optimizer]
         )
-        self._register_state_dict_hook(ShardedQREmbeddingBagCollection._post_state_dict_hook)
-        self._register_load_state_dict_pre_hook(self._pre_load_state_dict_hook, with_module=False)
+        # state_dict: w as _entity_weights.<table>, like the unsharded module.
+        self._entity_weight_shards.register_state_dict_hooks(self)
 
     # --------------------------------------------------------------- set-up
     def _children(self) -> Iterator[ShardedEmbeddingCollection]:
@@ -330,70 +280,6 @@ class ShardedQREmbeddingBagCollection(
                     for t in group.embedding_tables:
                         out[t.name] = dict(group.fused_params or {})
         return out
-
-    # ---------------------------------------------------------- state dict
-    @staticmethod
-    def _post_state_dict_hook(
-        module: "ShardedQREmbeddingBagCollection", destination: Dict[str, Any], prefix: str, _local_metadata: Any
-    ) -> None:
-        for table, local in module._local_weights.items():
-            destination[f"{prefix}{ENTITY_WEIGHTS}.{table}"] = local.sharded
-        for table in module._tables_on_other_ranks_only:
-            # A table on other ranks only: an empty ShardedTensor view of the
-            # same global tensor keeps the keys identical on all ranks.
-            destination[f"{prefix}{ENTITY_WEIGHTS}.{table}"] = module._remote_sharded(table)
-
-    def _remote_sharded(self, table: str) -> ShardedTensor:
-        """A view of a table's ``w`` with no local shard (it lives on other ranks)."""
-        if table not in self._remote_cache:
-            self._remote_cache[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                [], copy.deepcopy(self._entity_weight_metadata[table]), process_group=self._pg
-            )
-        return self._remote_cache[table]
-
-    def _pre_load_state_dict_hook(
-        self,
-        state_dict: Dict[str, Any],
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: List[str],
-        unexpected_keys: List[str],
-        error_msgs: List[str],
-    ) -> None:
-        for table, config in self._weighted_configs.items():
-            key = f"{prefix}{ENTITY_WEIGHTS}.{table}"
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value = state_dict.pop(key)
-            local = self._local_weights.get(table)
-            if local is None:
-                continue
-            size = local.weights.shape[0]
-            if isinstance(value, ShardedTensor):
-                shards = value.local_shards()
-                if (
-                    len(shards) != 1
-                    or list(shards[0].metadata.shard_offsets) != [local.offset]
-                    or tuple(shards[0].tensor.shape) != (size,)
-                ):
-                    error_msgs.append(
-                        f"{key}: sharded tensor does not match this rank's shard (entities "
-                        f"[{local.offset}, {local.offset + size})); load through torch.distributed.checkpoint to re-shard"
-                    )
-                    continue
-                src = shards[0].tensor
-            else:
-                full = torch.as_tensor(value)
-                if tuple(full.shape) != (config.num_embeddings,):
-                    error_msgs.append(f"{key}: expected shape ({config.num_embeddings},), got {tuple(full.shape)}")
-                    continue
-                src = full[local.offset : local.offset + size]
-            if src.data_ptr() != local.weights.data_ptr():
-                with torch.no_grad():
-                    local.weights.copy_(src)
 
     # ---------------------------------------------------------- sharded API
     def create_context(self) -> QREmbeddingBagCollectionContext:
@@ -442,34 +328,13 @@ class ShardedQREmbeddingBagCollection(
 
     def _scale_by_entity_weights(self, features: KeyedJaggedTensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Multiplies the looked-up rows of ``Q`` by ``w`` (fused update in backward)."""
-        keys = features.keys()
-        tables = [self._quotient_feature_table.get(k) for k in keys]
-        if not any(t in self._local_weights for t in tables):
+        tables = [self._quotient_feature_table.get(k) for k in features.keys()]
+        if not any(t in self._entity_weight_shards.local for t in tables):
             return embeddings
         offsets = features.offset_per_key()
         values, carried = features.values(), features.weights()
-        pieces: List[Optional[torch.Tensor]] = [None] * len(keys)
-        # One lookup per table, so duplicate ids across the table's features
-        # are coalesced into one optimizer update (FBGEMM's EXACT_* semantics).
-        for table, local in self._local_weights.items():
-            ks = [k for k, t in enumerate(tables) if t == table]
-            if not ks:
-                continue
-            p = self._weighted_configs[table].num_collisions
-            # values: rows of Q local to this shard; w's slice starts at its first row.
-            index = torch.cat(
-                [values[offsets[k] : offsets[k + 1]].long() * p + carried[offsets[k] : offsets[k + 1]].long() for k in ks]
-            )
-            looked_up = entity_weight_lookup(
-                local.weights,
-                index,
-                local.states,
-                self._entity_optimizer.group_of(table),
-                local.config.optimizer,
-                self._anchor,
-            )
-            for k, piece in zip(ks, looked_up.split([offsets[k + 1] - offsets[k] for k in ks])):
-                pieces[k] = piece
+        # values: rows of Q local to this shard (w's slice starts at its first row), carried: i % p.
+        pieces = self._entity_weight_shards.lookup(tables, values, carried, offsets)
         ones = torch.ones(values.shape, dtype=embeddings.dtype, device=embeddings.device)
         scale = torch.cat(
             [piece if piece is not None else ones[offsets[k] : offsets[k + 1]] for k, piece in enumerate(pieces)]
@@ -511,11 +376,6 @@ class ShardedQREmbeddingBagCollection(
 
     def feature_specs(self) -> Dict[str, QRFeatureSpec]:
         return self._feature_specs
-
-    def local_entity_weights(self, table: str) -> Optional[torch.Tensor]:
-        """This rank's slice of a table's ``w`` (entities from ``offset`` on), or None."""
-        local = self._local_weights.get(table)
-        return None if local is None else local.weights
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         for name in self._group_names:
@@ -584,15 +444,7 @@ class QREmbeddingBagCollectionSharder(BaseEmbeddingSharder[QREmbeddingBagCollect
             for pname, param in getattr(module, name).embeddings.named_parameters():
                 table = pname.split(".")[0]
                 if table in weighted:
-                    rows, dim = param.shape
-                    sized = nn.Parameter(
-                        torch.empty(rows, dim + weighted[table].num_collisions, device="meta"),
-                        requires_grad=param.requires_grad,
-                    )
-                    for attr in ("_optimizer_classes", "_optimizer_kwargs", "_in_backward_optimizers"):
-                        if hasattr(param, attr):
-                            setattr(sized, attr, getattr(param, attr))
-                    param = sized
+                    param = with_entity_weight_columns(param, weighted[table].num_collisions)
                 out[table] = param
         return out
 
@@ -600,10 +452,7 @@ class QREmbeddingBagCollectionSharder(BaseEmbeddingSharder[QREmbeddingBagCollect
         return list(SUPPORTED_SHARDING_TYPES)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        kernels = [EmbeddingComputeKernel.FUSED.value]
-        if compute_device_type == "cuda":
-            kernels += [EmbeddingComputeKernel.FUSED_UVM.value, EmbeddingComputeKernel.FUSED_UVM_CACHING.value]
-        return kernels
+        return fused_compute_kernels(compute_device_type)
 
     @property
     def module_type(self) -> Type[QREmbeddingBagCollection]:

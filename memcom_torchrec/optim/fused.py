@@ -25,6 +25,7 @@ class EntityWeightSlice(Protocol):
     table: str
     states: Dict[str, torch.Tensor]  # local optimizer states (Adam: plus a 0-d "step")
     config: EntityWeightOptimizerConfig
+    sharded: ShardedTensor  # the table's w
     sharded_states: Dict[str, ShardedTensor]  # the same states as ShardedTensors
 
 
@@ -36,15 +37,15 @@ class EntityWeightFusedOptimizer(KeyedOptimizer):
     LR schedulers and ``load_state_dict`` work as for FBGEMM's fused tables.
 
     Args:
-        params (Dict[str, ShardedTensor]): parameter name -> ``w`` of a table.
-        locals_ (Mapping[str, EntityWeightSlice]): parameter name -> its local
-            slice (table, optimizer states and config).
+        slices (Mapping[str, EntityWeightSlice]): parameter name -> the local
+            slice of a table's ``w`` (its ShardedTensor, optimizer states and config).
     """
 
-    def __init__(self, params: Dict[str, ShardedTensor], locals_: Mapping[str, EntityWeightSlice]) -> None:
+    def __init__(self, slices: Mapping[str, EntityWeightSlice]) -> None:
+        params: Dict[str, ShardedTensor] = {key: local.sharded for key, local in slices.items()}
         state: Dict[Any, Any] = {}
         param_groups = []
-        for key, local in locals_.items():
+        for key, local in slices.items():
             param = params[key]
             state[param] = dict(local.sharded_states)
             if "step" in local.states:  # Adam's step counter (bias correction) is checkpointed too
@@ -63,7 +64,7 @@ class EntityWeightFusedOptimizer(KeyedOptimizer):
             )
         super().__init__(params, state, param_groups)
         self._groups_by_table: Dict[str, Dict[str, Any]] = {
-            local.table: group for local, group in zip(locals_.values(), self.param_groups)
+            local.table: group for local, group in zip(slices.values(), self.param_groups)
         }
 
     def group_of(self, table: str) -> Dict[str, Any]:
