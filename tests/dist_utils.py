@@ -7,8 +7,9 @@ traceback to an error file. The parent joins every rank with a deadline and, on
 any failure, raises one ``MultiProcessFailure`` that names every rank's outcome:
 its exception, or the signal that killed it, plus the last lines of its log.
 
-A rank whose body succeeded waits at a barrier for its peers, then destroys the
-process group: no rank tears down gloo while a peer still talks to it.
+A rank whose body succeeded waits at a barrier for its peers, destroys the
+process group (no rank tears down gloo while a peer still talks to it), and
+ends without interpreter finalization (see ``_worker``).
 """
 
 import datetime
@@ -65,7 +66,12 @@ def _worker(rank: int, world_size: int, root: str, fn: Callable[..., Any], kwarg
         # No teardown after a failure: a peer may still be inside a collective with us, and
         # gloo's destructor would abort this process and hide the error. The parent reports it.
         os._exit(1)
+    # Success: end without interpreter finalization. The body's sharded modules keep the Gloo
+    # process group alive past destroy_process_group; destroying it during finalization can
+    # abort the process (SIGABRT, "terminate called without an active exception") after the
+    # test passed. See memcom_torchrec.train.distributed_env.end_process.
     log.flush()
+    os._exit(0)
 
 
 def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:

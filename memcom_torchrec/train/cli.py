@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from memcom_torchrec.modules.methods import get_method
-from memcom_torchrec.train.distributed_env import shutdown_distributed
+from memcom_torchrec.train.distributed_env import end_process, shutdown_distributed
 from memcom_torchrec.train.trainer import TrainConfig, train
 
 
@@ -42,8 +42,10 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    """Trains one run, then ends the process (``end_process``): this is the process's entry point."""
     train(parse_config(argv))
     shutdown_distributed()  # only after success: after a failure a peer may be stuck in a collective
+    end_process(0)
 
 
 if __name__ == "__main__":
