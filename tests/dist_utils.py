@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -181,3 +181,14 @@ def shard_with_planner(
         module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan,
         sharders=list(sharders),
     )
+
+
+def run_pipeline(pipeline: Any, batches: Iterator[Any]) -> List[float]:
+    """Steps a TorchRec train pipeline through ``batches``; returns every step's loss."""
+    it, losses = iter(batches), []
+    while True:
+        try:
+            loss, _, _ = pipeline.progress(it)
+        except StopIteration:
+            return losses
+        losses.append(float(loss))

@@ -17,7 +17,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
-from dist_utils import run_multiprocess, shard_with_planner
+from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
 from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
 
 pytestmark = pytest.mark.slow
@@ -118,14 +118,7 @@ def _pipeline_body(rank: int, world_size: int) -> None:
     dist.all_gather_object(owners, has_w)
     assert sum(owners) == 1, f"w of the table-wise table must sit in exactly one rank's fused optimizer: {owners}"
     pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
-    it = iter(_planted_batches(rank, 150))
-    losses = []
-    while True:
-        try:
-            loss, _, _ = pipeline.progress(it)
-        except StopIteration:
-            break
-        losses.append(float(loss))
+    losses = run_pipeline(pipeline, _planted_batches(rank, 150))
     assert pipeline._pipelined_modules, "no module was pipelined"
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.3 * first, (first, last)

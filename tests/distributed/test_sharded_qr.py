@@ -29,7 +29,7 @@ from torchrec.streamable import Pipelineable
 from memcom_torchrec import QREmbeddingBagCollectionSharder, ShardedQREmbeddingBagCollection
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig
-from dist_utils import run_multiprocess, shard_with_planner
+from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
 from reference import ReferenceOptimizer, make_kjt_inputs
 
 pytestmark = pytest.mark.slow
@@ -267,13 +267,7 @@ def _train(method: str, world_size: int, rank: int, pipeline_class: type, steps:
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda p: torch.optim.Adam(p, lr=0.01))
     pipeline = pipeline_class(dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), torch.device("cpu"))
-    it, losses = iter(_labelled_batches(rank, steps)), []
-    while True:
-        try:
-            loss, _, _ = pipeline.progress(it)
-        except StopIteration:
-            break
-        losses.append(float(loss))
+    losses = run_pipeline(pipeline, _labelled_batches(rank, steps))
     return pipeline, losses, gather_unsharded_state_dict(dmp, dst=None)
 
 
