@@ -16,7 +16,8 @@ Public API::
 
 The package layout, dependencies pointing down::
 
-    launch/, experiment/ -> train/ -> models/, distributed/, eval/ -> modules/, optim/
+    launch/, experiment/ -> train/ -> models/, distributed/, eval/, data/
+    models/ -> modules/;  distributed/ -> modules/, optim/;  eval/ -> data/
     export/ -> models/ -> modules/
 
 The names above are loaded on first use, so that torch-free parts (the configs

@@ -51,6 +51,12 @@ RATIOS = [2.0, 4.0, 8.0, 16.0, 40.0]
 
 
 def pack(data: str, out: str) -> None:
+    """Packs a prepared dataset's splits and every (method, ratio) cell's layout into one ``torch.save`` file.
+
+    Args:
+        data (str): a prepared dataset (``memcom-data prepare``).
+        out (str): the pack to write (read by ``run`` on any machine with torch).
+    """
     import glob
 
     import pyarrow.parquet as pq
@@ -156,6 +162,8 @@ class ItemTable(nn.Module):
 
 
 class Replica(nn.Module):
+    """The next-item model: mean-pooled history + user id -> ReLU MLP -> logits over every item."""
+
     def __init__(self, layout: Dict, n_items: int, n_users: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.items = ItemTable(layout, n_items)

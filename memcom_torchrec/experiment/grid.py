@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from memcom_torchrec.data.manifest import read_manifest
 from memcom_torchrec.modules.methods import UNCOMPRESSED, get_method, method_names
@@ -197,7 +197,9 @@ def run_one(
     }
 
 
-def cells(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], extra_seeds_at: Dict[float, Sequence[int]]):
+def cells(
+    methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], extra_seeds_at: Dict[float, Sequence[int]]
+) -> List[Tuple[str, float, int]]:
     """(method, ratio, seed) of the grid; uncompressed runs once per seed."""
     out = []
     all_seeds = sorted(set(seeds) | {s for v in extra_seeds_at.values() for s in v})

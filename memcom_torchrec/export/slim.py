@@ -7,12 +7,13 @@ use only ``embedding`` (a bounds-checked gather), element-wise ops and a segment
 sum (``cumsum`` + ``scatter_add`` to find each id's bag, ``index_put`` with
 ``accumulate=True`` to sum it), then the MLP and the output layer.
 
-Per-id embeddings by table kind (``n`` entities):
+Per-id embeddings by the roles of a table's tensors, as each collection hands
+them over (``dense_tables``; ``n`` entities), whatever method built the table:
 
-- plain: ``T[i]``;
-- MEmCom: ``w[i] * U[i mod m]``;
-- hashing trick: ``U[i mod m]``;
-- quotient-remainder: ``Q[i // p] * R[i mod p]``.
+- ``weight``: ``weight[i]`` (a plain table);
+- ``U``: ``U[i mod m]`` (hashing trick; with ``w``: MEmCom);
+- ``Q``, ``R``: ``Q[i // p] * R[i mod p]`` (quotient-remainder; with ``w``: memcom_qr);
+- ``w``: the above times ``w[i]``.
 
 Storage (``dtype``): ``"fp32"`` keeps every table in float32; ``"compact"``
 stores every embedding table (``U``, ``Q``, ``R`` and plain tables) as uint8
@@ -45,8 +46,8 @@ FP32, COMPACT = "fp32", "compact"
 DTYPES = (FP32, COMPACT)
 HISTORY_FEATURE, USER_FEATURE = "history", "user_id"
 
-PLAIN, MEMCOM, HASHING, QR, MEMCOM_QR = "plain", "memcom", "hashing", "qr", "memcom_qr"
-KINDS = (PLAIN, MEMCOM, HASHING, QR, MEMCOM_QR)
+# The table layouts a slim lookup computes: sorted tensor roles (see the module docstring).
+LAYOUTS = (("weight",), ("U",), ("U", "w"), ("Q", "R"), ("Q", "R", "w"))
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class TableInfo:
 
     Args:
         name (str): table name (for error messages).
-        kind (str): one of ``KINDS``.
+        roles (Tuple[str, ...]): its tensors' roles, one of ``LAYOUTS``.
         num_embeddings (int): valid ids are ``[0, num_embeddings)``.
         embedding_dim (int): ``d``.
         mean_pooling (bool): divide bag sums by their lengths.
@@ -162,7 +163,7 @@ class TableInfo:
     """
 
     name: str
-    kind: str
+    roles: Tuple[str, ...]
     num_embeddings: int
     embedding_dim: int
     mean_pooling: bool
@@ -182,15 +183,16 @@ class SlimLookup(nn.Module):
 
     def __init__(self, info: TableInfo, tables: Dict[str, torch.Tensor], compact: bool = False) -> None:
         super().__init__()
-        if info.kind not in KINDS:
-            raise ValueError(f"table '{info.name}': unknown kind '{info.kind}', expected one of {list(KINDS)}")
+        if info.roles not in LAYOUTS:
+            raise ValueError(
+                f"table '{info.name}': no slim lookup for tensors {list(info.roles)}, expected one of "
+                f"{[list(r) for r in LAYOUTS]}"
+            )
         self.info = info
         self.compact = compact
-        need = {PLAIN: ["weight"], MEMCOM: ["U", "w"], HASHING: ["U"], QR: ["Q", "R"],
-                MEMCOM_QR: ["Q", "R", "w"]}[info.kind]
-        missing = [k for k in need if k not in tables]
+        missing = [k for k in info.roles if k not in tables]
         if missing:
-            raise ValueError(f"table '{info.name}' ({info.kind}) lacks tensor(s) {missing}")
+            raise ValueError(f"table '{info.name}' ({'+'.join(info.roles)}) lacks tensor(s) {missing}")
         n, d, m = info.num_embeddings, info.embedding_dim, info.num_buckets
         expected = {
             "weight": (n, d),
@@ -199,42 +201,35 @@ class SlimLookup(nn.Module):
             "Q": (-(-n // m) if m else 0, d),
             "R": (m, d),
         }
-        for k in need:
+        for k in info.roles:
             if tuple(tables[k].shape) != expected[k]:
                 raise ValueError(
-                    f"table '{info.name}' ({info.kind}): tensor {k} has shape {tuple(tables[k].shape)}, "
+                    f"table '{info.name}' ({'+'.join(info.roles)}): tensor {k} has shape {tuple(tables[k].shape)}, "
                     f"expected {expected[k]}"
                 )
-        if info.kind == PLAIN:
-            self.rows = RowTable(tables["weight"], compact)
-        elif info.kind in (MEMCOM, HASHING):
-            self.rows = RowTable(tables["U"], compact)
-            if info.kind == MEMCOM:
-                self.entity_weights = ScalarTable(tables["w"], compact)
-        else:
+        if "Q" in info.roles:
             self.quotient = RowTable(tables["Q"], compact)
             self.remainder = RowTable(tables["R"], compact)
-            if info.kind == MEMCOM_QR:
-                self.entity_weights = ScalarTable(tables["w"], compact)
+        else:
+            self.rows = RowTable(tables["weight" if "weight" in info.roles else "U"], compact)
+        if "w" in info.roles:
+            self.entity_weights = ScalarTable(tables["w"], compact)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
-        n, m, kind = self.info.num_embeddings, self.info.num_buckets, self.info.kind
+        n, m, roles = self.info.num_embeddings, self.info.num_buckets, self.info.roles
         valid = (ids >= 0) & (ids < n)
-        if kind == PLAIN:
-            return self.rows(torch.where(valid, ids, n))
-        if kind == HASHING:
-            return self.rows(torch.where(valid, torch.remainder(ids, m), m))
-        if kind == MEMCOM:
-            # w has exactly n rows: the poisoned index n fails its lookup.
-            checked = torch.where(valid, ids, n)
-            return self.entity_weights(checked) * self.rows(torch.remainder(checked, m))
-        quotient_rows = -(-n // m)
-        q = self.quotient(torch.where(valid, torch.div(ids, m, rounding_mode="floor"), quotient_rows))
-        qr = q * self.remainder(torch.remainder(ids, m))
-        if kind == MEMCOM_QR:
-            return self.entity_weights(torch.where(valid, ids, n)) * qr
-        return qr
+        if "weight" in roles:
+            v = self.rows(torch.where(valid, ids, n))
+        elif "U" in roles:
+            v = self.rows(torch.where(valid, torch.remainder(ids, m), m))
+        else:
+            quotient_rows = -(-n // m)
+            q = self.quotient(torch.where(valid, torch.div(ids, m, rounding_mode="floor"), quotient_rows))
+            v = q * self.remainder(torch.remainder(ids, m))
+        if "w" in roles:  # w has exactly n rows: the poisoned index n fails its lookup
+            v = self.entity_weights(torch.where(valid, ids, n)) * v
+        return v
 
     def check_ids(self, feature: str, ids: torch.Tensor) -> None:
         """Eager validation: raises ``ValueError`` naming the feature, id and table."""
@@ -253,15 +248,10 @@ class SlimLookup(nn.Module):
             )
 
     def dequantized_tables(self) -> Dict[str, torch.Tensor]:
-        """The float32 tensors this lookup computes with (input of a float twin)."""
-        if self.info.kind == PLAIN:
-            return {"weight": self.rows.dequantized()}
-        if self.info.kind == HASHING:
-            return {"U": self.rows.dequantized()}
-        if self.info.kind == MEMCOM:
-            return {"U": self.rows.dequantized(), "w": self.entity_weights.dequantized()}
-        out = {"Q": self.quotient.dequantized(), "R": self.remainder.dequantized()}
-        if self.info.kind == MEMCOM_QR:
+        """The float32 tensors this lookup computes with, by role (input of a float twin)."""
+        out = {"Q": self.quotient.dequantized(), "R": self.remainder.dequantized()} if "Q" in self.info.roles else {
+            self.info.roles[0]: self.rows.dequantized()}
+        if "w" in self.info.roles:
             out["w"] = self.entity_weights.dequantized()
         return out
 
@@ -369,18 +359,8 @@ class SlimNextItemModel(nn.Module):
 # ---------------------------------------------------------------------------
 # From a trained collection
 # ---------------------------------------------------------------------------
-# The slim kind of a table, from the roles of the tensors its collection hands over.
-_KIND_OF_ROLES = {
-    frozenset({"weight"}): PLAIN,
-    frozenset({"U"}): HASHING,
-    frozenset({"U", "w"}): MEMCOM,
-    frozenset({"Q", "R"}): QR,
-    frozenset({"Q", "R", "w"}): MEMCOM_QR,
-}
-
-
-def _kind_and_tensors(collection: nn.Module, config) -> Tuple[str, int, Dict[str, torch.Tensor]]:  # pyre-ignore
-    """Kind, bucket count (``m`` or ``p``; 0 if plain) and float tensors of one table.
+def _roles_and_tensors(collection: nn.Module, config) -> Tuple[Tuple[str, ...], int, Dict[str, torch.Tensor]]:  # pyre-ignore
+    """Roles, bucket count (``m`` or ``p``; 0 if plain) and float tensors of one table.
 
     The MEmCom and QR collections hand over their tensors by role with their public
     ``dense_tables``; TorchRec's own collection through its ``embedding_bags``.
@@ -391,11 +371,8 @@ def _kind_and_tensors(collection: nn.Module, config) -> Tuple[str, int, Dict[str
         tensors = {"weight": collection.embedding_bags[config.name].weight}
     else:
         raise ValueError(f"cannot export table '{config.name}' of a {type(collection).__name__}")
-    kind = _KIND_OF_ROLES.get(frozenset(tensors))
-    if kind is None:
-        raise ValueError(f"table '{config.name}': no slim lookup for tensors {sorted(tensors)}")
     buckets = tensors["U"].shape[0] if "U" in tensors else tensors["R"].shape[0] if "R" in tensors else 0
-    return kind, buckets, tensors
+    return tuple(sorted(tensors)), buckets, tensors
 
 
 def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> SlimLookup:
@@ -405,14 +382,14 @@ def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> Sl
     if config is None:
         have = sorted(f for t in configs for f in (t.feature_names or [t.name]))
         raise ValueError(f"no table feeds feature '{feature}' (the collection has features {have})")
-    kind, buckets, tensors = _kind_and_tensors(collection, config)
+    roles, buckets, tensors = _roles_and_tensors(collection, config)
     for k, t in tensors.items():
         if t.device.type == "meta":
             raise ValueError(f"table '{config.name}' is on the meta device: load a checkpoint into it first")
     pooling = getattr(config.pooling, "name", str(config.pooling))
     info = TableInfo(
         name=config.name,
-        kind=kind,
+        roles=roles,
         num_embeddings=config.num_embeddings,
         embedding_dim=config.embedding_dim,
         mean_pooling=pooling == "MEAN",

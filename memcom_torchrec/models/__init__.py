@@ -2,6 +2,7 @@
 
 - ``embeddings``: a model's tables under one registered embedding method;
 - ``next_item``, ``ranknet``: the next-item classifier and the pairwise ranker;
+- ``config``: ``ModelConfig``, the shape of a model (a torch-free dataclass);
 - ``builder``: ``ModelConfig`` -> model, and checkpoint -> trained model;
 - ``checkpoint``: atomic, re-shardable DCP checkpoints.
 

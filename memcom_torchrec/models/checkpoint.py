@@ -60,9 +60,11 @@ def table_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
                 "embedding_dim": t.embedding_dim,
                 "feature_names": list(t.feature_names),
             }
-            for field in ("num_buckets", "train_entity_weights", "num_collisions", "entity_weights"):
+            for field in ("num_buckets", "train_entity_weights", "num_collisions"):
                 if hasattr(t, field):
                     sig[field] = getattr(t, field)
+            if getattr(t, "entity_weights", False):  # memcom_qr (absent for qr: older checkpoints still match)
+                sig["entity_weights"] = True
             out[f"{name}:{t.name}" if name else t.name] = sig
     return out
 

@@ -36,6 +36,6 @@ class ModelConfig:
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "ModelConfig":
-        """The model fields of a flat config (e.g. a saved ``TrainConfig``); other keys are ignored."""
-        names = {f.name for f in fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in flags.items() if k in names})
+        """This config's fields out of a flat dict (e.g. a saved ``TrainConfig``); other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in flags.items() if k in names})

@@ -15,9 +15,13 @@ asks about it:
 - memory and ratios come from ``table_memory`` of the configs it builds
   (``TableMemory`` is the only source of ratios).
 
-Models, training, export, the experiment grid and the reference sweep look a
-method up here (``get_method``); none of them compares method names. Adding a
-method means writing its collection and one ``register_method`` call.
+Models, training, the experiment grid and the reference sweep look a method up
+here (``get_method``); none of them compares method names. The export needs no
+method at all: every collection hands it a table's tensors by role
+(``dense_tables``: ``weight``, ``U``, ``Q``/``R``, ``w``), and the slim lookup
+computes by role. Adding a method means writing its collection (and sharded
+twin) and one ``register_method`` call; a method whose tensors have new roles
+also needs a slim lookup for them.
 """
 
 import importlib
@@ -26,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+from memcom_torchrec.modules.memcom_configs import compression_ratio
 from memcom_torchrec.modules.qr_configs import max_qr_compression_ratio
 
 
@@ -239,7 +244,7 @@ MEMCOM: EmbeddingMethod = register_method(EmbeddingMethod(
     name="memcom",
     description="MEmCom, w[i] * U[i mod m]",
     make_config=_compressed_config(_MEMCOM_CONFIG, train_entity_weights=True),
-    max_compression_ratio=lambda n, d: n * d / (d + n),  # one row of U plus n scalars
+    max_compression_ratio=lambda n, d: compression_ratio(n, d, 1),  # one row of U plus n scalars
     config_class=_MEMCOM_CONFIG,
     collection=_MEMCOM_COLLECTION,
     sharder=_MEMCOM_SHARDER,

@@ -41,8 +41,8 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     """Trains one run, then ends the process (``end_process``): this is the process's entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     train(parse_config(argv))
     shutdown_distributed()  # only after success: after a failure a peer may be stuck in a collective
     end_process(0)

@@ -272,9 +272,8 @@ def resumed_run(ml100k: str, tmp_path_factory) -> Dict[str, object]:
     with open(log_path, "w") as log_file:
         job = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 180
-        while (seen := _latest_step(out)) is None:  # first checkpoint written
-            assert job.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+        while (seen := _latest_step(out)) is None:  # first checkpoint written (a hang: pytest-timeout)
+            assert job.poll() is None, "the job ended before its first checkpoint"
             time.sleep(0.02)
         victims = _job_pids(out, local_rank=1)
         assert len(victims) == 1, victims

@@ -2,7 +2,7 @@
 
 Unsharded forward/gradients, the ratio -> num_collisions rule, input errors and
 memory accounting. The sharded twin (2-process gloo DMP runs) is tested in
-tests/test_sharded_qr.py.
+tests/distributed/test_sharded_qr.py.
 """
 
 import math
