@@ -64,6 +64,7 @@ def pack(data: str, out: str) -> None:
     from torchrec.modules.embedding_configs import PoolingType
 
     from memcom_torchrec.models.embeddings import build_collection
+    from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
     from memcom_torchrec.modules.methods import TableSpec, get_method, method_names
 
     manifest = json.load(open(os.path.join(data, "manifest.json")))
@@ -93,15 +94,15 @@ def pack(data: str, out: str) -> None:
     layouts, methods, baseline = {}, [], None
     for name in method_names():
         method = get_method(name)
-        if not method.compresses:
+        if method.compresses:
+            methods.append(name)
+        else:
             baseline = name
-            layouts[f"{name}@1.0"] = {"roles": ["weight"], "buckets": 0}
-            continue
-        methods.append(name)
-        for r in RATIOS:
+        for r in RATIOS if method.compresses else [1.0]:
             if method.unreachable(n_items, DIM, r) is None:
                 config = method.table_config(item, DIM, r)
-                layouts[f"{name}@{r}"] = layout(build_collection([config], device="meta").dense_tables("item"))
+                roles, buckets = table_layout(dense_tables(build_collection([config], device="meta"), "item"))
+                layouts[f"{name}@{r}"] = {"roles": list(roles), "buckets": buckets}
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     torch.save(
         {"num_items": n_items, "num_users": n_users, "layouts": layouts, "methods": methods, "baseline": baseline,
@@ -111,18 +112,12 @@ def pack(data: str, out: str) -> None:
     print(f"packed {data} -> {out}; layouts {layouts}")
 
 
-def layout(tables: Dict[str, torch.Tensor]) -> Dict:
-    """A table's layout for the replica: its tensors' roles and its bucket count (``m`` or ``p``; 0 if plain)."""
-    buckets = tables["U"].shape[0] if "U" in tables else tables["R"].shape[0] if "R" in tables else 0
-    return {"roles": sorted(tables), "buckets": int(buckets)}
-
-
 # ---------------------------------------------------------------------------
 # the replica model
 
 
 class ItemTable(nn.Module):
-    """Item embeddings of one layout (see ``layout``); ``forward(ids)`` -> ``ids.shape + (d,)``.
+    """Item embeddings of one layout (as ``pack`` stores it); ``forward(ids)`` -> ``ids.shape + (d,)``.
 
     Roles: ``weight`` (``n x d``, row ``i``), ``U`` (``m`` rows, row ``i mod m``), ``Q`` and ``R``
     (``Q[i // p] * R[i mod p]``, ``R`` initialised to 1), and ``w`` (times ``w[i]``, initialised to 1).

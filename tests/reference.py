@@ -1,8 +1,9 @@
 """Plain-PyTorch references of MEmCom pooling and of FBGEMM's fused optimizers."""
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 
 def reference_pool(
@@ -69,6 +70,44 @@ class ReferenceOptimizer:
                 rowwise_adagrad_(p, g, s, self.lr, self.eps)
             else:
                 raise ValueError(self.kind)
+
+
+def reference_step(
+    ref: nn.Module, opt: ReferenceOptimizer, data: List[Tuple[Any, torch.Tensor]], world_size: int
+) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
+    """One step of an unsharded collection on the global batch, as the sharded twin takes it.
+
+    The loss is averaged over ranks, as TorchRec does. ``w`` (``_entity_weights.*``) gets
+    element-wise Adagrad under row-wise Adagrad: FBGEMM's row-wise rule for scalar rows.
+
+    Args:
+        ref (nn.Module): the unsharded collection (updated in place).
+        opt (ReferenceOptimizer): the update rule.
+        data (List[Tuple[KeyedJaggedTensor, torch.Tensor]]): each rank's batch and output projection.
+        world_size (int): ranks.
+
+    Returns:
+        Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]: each rank's pooled output, and every
+        parameter's gradient before the update.
+    """
+    outs = [ref(kjt) for kjt, _ in data]
+    loss = sum((kt.values() * proj).sum() for kt, (_, proj) in zip(outs, data)) / world_size
+    ref.zero_grad()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in ref.named_parameters() if p.grad is not None}
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            opt.step(name, p.data, p.grad, rowwise_ok=not name.startswith("_entity_weights"))
+    return [kt.values().detach() for kt in outs], grads
+
+
+def planted_labels(kjt: Any, table: torch.Tensor) -> torch.Tensor:
+    """A label per sample that the model can fit: 0.3 x the sum of ``table[id % len(table)]`` over its bags."""
+    labels, start = torch.zeros(kjt.stride()), 0
+    for n, b in zip(kjt.lengths().tolist(), [b for _ in kjt.keys() for b in range(kjt.stride())]):
+        labels[b] += table[kjt.values()[start:start + n] % table.numel()].sum() * 0.3
+        start += n
+    return labels
 
 
 def make_kjt_inputs(

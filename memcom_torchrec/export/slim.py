@@ -42,6 +42,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
+
 FP32, COMPACT = "fp32", "compact"
 DTYPES = (FP32, COMPACT)
 HISTORY_FEATURE, USER_FEATURE = "history", "user_id"
@@ -359,22 +361,6 @@ class SlimNextItemModel(nn.Module):
 # ---------------------------------------------------------------------------
 # From a trained collection
 # ---------------------------------------------------------------------------
-def _roles_and_tensors(collection: nn.Module, config) -> Tuple[Tuple[str, ...], int, Dict[str, torch.Tensor]]:  # pyre-ignore
-    """Roles, bucket count (``m`` or ``p``; 0 if plain) and float tensors of one table.
-
-    The MEmCom and QR collections hand over their tensors by role with their public
-    ``dense_tables``; TorchRec's own collection through its ``embedding_bags``.
-    """
-    if hasattr(collection, "dense_tables"):
-        tensors = collection.dense_tables(config.name)
-    elif hasattr(collection, "embedding_bags"):  # TorchRec's EmbeddingBagCollection
-        tensors = {"weight": collection.embedding_bags[config.name].weight}
-    else:
-        raise ValueError(f"cannot export table '{config.name}' of a {type(collection).__name__}")
-    buckets = tensors["U"].shape[0] if "U" in tensors else tensors["R"].shape[0] if "R" in tensors else 0
-    return tuple(sorted(tensors)), buckets, tensors
-
-
 def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> SlimLookup:
     """The slim lookup of the table that feeds ``feature``."""
     configs = collection.embedding_bag_configs()
@@ -382,7 +368,8 @@ def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> Sl
     if config is None:
         have = sorted(f for t in configs for f in (t.feature_names or [t.name]))
         raise ValueError(f"no table feeds feature '{feature}' (the collection has features {have})")
-    roles, buckets, tensors = _roles_and_tensors(collection, config)
+    tensors = dense_tables(collection, config.name)
+    roles, buckets = table_layout(tensors)
     for k, t in tensors.items():
         if t.device.type == "meta":
             raise ValueError(f"table '{config.name}' is on the meta device: load a checkpoint into it first")

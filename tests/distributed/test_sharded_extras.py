@@ -18,6 +18,7 @@ from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagColl
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
 from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
+from reference import planted_labels
 from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
 
 pytestmark = pytest.mark.slow
@@ -92,15 +93,7 @@ def _planted_batches(rank: int, steps: int):
         g = torch.Generator().manual_seed(100 + step % 5 + 10 * rank)
         stock_ids = torch.randint(0, 50, (4,), generator=g)
         stock = KeyedJaggedTensor.from_lengths_sync(keys=["stock_f"], values=stock_ids, lengths=torch.ones(4, dtype=torch.long))
-        per_key = kjt.lengths().view(len(KEYS), 4)
-        labels = torch.zeros(4)
-        start = 0
-        for k in range(len(KEYS)):
-            for b in range(4):
-                n = int(per_key[k, b])
-                labels[b] += table[kjt.values()[start:start + n] % 200].sum() * 0.3
-                start += n
-        labels += table[stock_ids + 100]
+        labels = planted_labels(kjt, table) + table[stock_ids + 100]
         yield PairBatch(kjt, stock, labels)
 
 

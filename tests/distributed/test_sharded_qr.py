@@ -30,7 +30,7 @@ from memcom_torchrec import QREmbeddingBagCollectionSharder, ShardedQREmbeddingB
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig
 from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
-from reference import ReferenceOptimizer, make_kjt_inputs
+from reference import ReferenceOptimizer, make_kjt_inputs, planted_labels, reference_step
 
 pytestmark = pytest.mark.slow
 
@@ -90,19 +90,6 @@ def batches(step: int, world_size: int, weighted: bool = False, batch: int = 4):
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=KEYS, values=values, lengths=lengths, weights=weights)
         out.append((kjt, torch.randn(batch, OUT_DIM, generator=g)))
     return out
-
-
-def reference_step(ref: QREmbeddingBagCollection, opt: ReferenceOptimizer, data, world_size: int):
-    """One step of the unsharded twin on the global batch (loss averaged over ranks, as TorchRec does)."""
-    outs = [ref(kjt) for kjt, _ in data]
-    loss = sum((kt.values() * proj).sum() for kt, (_, proj) in zip(outs, data)) / world_size
-    ref.zero_grad()
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in ref.named_parameters() if p.grad is not None}
-    for name, p in ref.named_parameters():
-        if p.grad is not None:
-            opt.step(name, p.data, p.grad)
-    return [kt.values().detach() for kt in outs], grads
 
 
 def _compare_body(rank: int, world_size: int, method: str, sharding_type: str, optimizer: str, steps: int,
@@ -247,14 +234,7 @@ def _labelled_batches(rank: int, steps: int):
     table = torch.randn(200, generator=torch.Generator().manual_seed(7))
     for step in range(steps):
         kjt, _ = batches(step % 5, 2)[rank]
-        per_key = kjt.lengths().view(len(KEYS), 4)
-        labels, start = torch.zeros(4), 0
-        for k in range(len(KEYS)):
-            for b in range(4):
-                n = int(per_key[k, b])
-                labels[b] += table[kjt.values()[start:start + n]].sum() * 0.3
-                start += n
-        yield LabelledBatch(kjt, labels)
+        yield LabelledBatch(kjt, planted_labels(kjt, table))
 
 
 def _train(method: str, world_size: int, rank: int, pipeline_class: type, steps: int):

@@ -1,0 +1,31 @@
+"""A table's tensors by role, from any collection: what the export and the reference sweep read.
+
+Roles: ``weight`` (a plain ``n x d`` table), ``U`` (``U[i mod m]``), ``Q`` and
+``R`` (``Q[i // p] * R[i mod p]``), ``w`` (times ``w[i]``). The MEmCom and QR
+collections hand theirs over with their ``dense_tables`` method; TorchRec's own
+``EmbeddingBagCollection`` holds plain tables only.
+"""
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+
+def dense_tables(collection: nn.Module, table_name: str) -> Dict[str, torch.Tensor]:
+    """The tensors of one table of ``collection``, by role.
+
+    Raises:
+        ValueError: ``collection`` is neither one of this package's nor TorchRec's EBC.
+    """
+    if hasattr(collection, "dense_tables"):
+        return collection.dense_tables(table_name)
+    if hasattr(collection, "embedding_bags"):  # TorchRec's EmbeddingBagCollection
+        return {"weight": collection.embedding_bags[table_name].weight}
+    raise ValueError(f"cannot export table '{table_name}' of a {type(collection).__name__}")
+
+
+def table_layout(tables: Dict[str, torch.Tensor]) -> Tuple[Tuple[str, ...], int]:
+    """The sorted roles of a table's tensors and its bucket count (``m`` or ``p``; 0 if plain)."""
+    buckets = tables["U"].shape[0] if "U" in tables else tables["R"].shape[0] if "R" in tables else 0
+    return tuple(sorted(tables)), int(buckets)
