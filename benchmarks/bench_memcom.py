@@ -5,6 +5,9 @@ forward + backward + fused optimizer update on the same pre-generated batches:
 
   memcom      MEmComEmbeddingBagConfig (n, d, compression ratio) in a
               MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
+              (lookup_path "auto": on CPU the gathered w gradient)
+  memcom_tbe  the same with lookup_path="weighted_tbe": w's gradient from
+              FBGEMM's per-sample-weight kernel (the CUDA default)
   plain       a plain EmbeddingBagConfig (n x d) in a MEmComEmbeddingBagCollection,
               same sharder (it goes through the same weighted fused TBE, weights = 1)
   stock       TorchRec's EmbeddingBagCollection (n x d, unweighted) with the stock
@@ -49,6 +52,7 @@ from memcom_torchrec import (  # noqa: E402
     MEmComEmbeddingBagConfig,
     table_memory,
 )
+from memcom_torchrec.distributed.memcom_embeddingbag import WEIGHTED_TBE  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -57,6 +61,7 @@ except ImportError:  # pragma: no cover
         return it
 
 log = logging.getLogger("bench_memcom")
+VARIANTS = ["memcom", "memcom_tbe", "plain", "stock"]
 FEATURE = "f"
 OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
@@ -110,6 +115,9 @@ def build_variants(args: argparse.Namespace) -> Tuple[Dict[str, DistributedModel
         "memcom": MEmComEmbeddingBagConfig(
             name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE], compression_ratio=args.ratio
         ),
+        "memcom_tbe": MEmComEmbeddingBagConfig(
+            name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE], compression_ratio=args.ratio
+        ),
         "plain": EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE]),
         "stock": EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE]),
     }
@@ -121,7 +129,8 @@ def build_variants(args: argparse.Namespace) -> Tuple[Dict[str, DistributedModel
             sharder: Any = EmbeddingBagCollectionSharder(fused_params=fused)
         else:
             model = MEmComEmbeddingBagCollection([configs[name]], device=meta)
-            sharder = MEmComEmbeddingBagCollectionSharder(fused_params=fused)
+            path = WEIGHTED_TBE if name == "memcom_tbe" else "auto"  # auto: the gathered path on CPU
+            sharder = MEmComEmbeddingBagCollectionSharder(fused_params=fused, lookup_path=path)
         models[name] = plan_and_shard(model, sharder, "t")
         log.info("sharded %-6s in %.1fs", name, time.perf_counter() - t0)
     return models, configs
@@ -186,7 +195,7 @@ def profile_memcom(args, dmp, batches, name: str = "memcom") -> None:
     step = make_step(dmp)
     for i in range(2):
         step(*batches[i % len(batches)])
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for i in range(args.profile_steps):
             kjt, proj = batches[i % len(batches)]
             with record_function("bench:forward"):
@@ -200,6 +209,8 @@ def profile_memcom(args, dmp, batches, name: str = "memcom") -> None:
     ka = prof.key_averages()
     print(f"\n=== torch.profiler, {name} step x {args.profile_steps}: top ops by self CPU time ===")
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    if os.environ.get("BENCH_SHAPES"):
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
     print(f"\n=== torch.profiler, {name} step x {args.profile_steps}: top ops by total CPU time (incl. children) ===")
     print(ka.table(sort_by="cpu_time_total", row_limit=args.profile_rows))
 
@@ -219,7 +230,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    p.add_argument("--variants", nargs="+", default=["memcom", "plain", "stock"], choices=["memcom", "plain", "stock"])
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument(
         "--threads", type=int, default=1,
         help="torch.set_num_threads (0: leave default); 1 by default: with 2 threads on a shared 2-core machine, "
@@ -227,7 +238,7 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="also print torch.profiler top ops of the MEmCom step")
-    p.add_argument("--profile-variants", nargs="+", default=["memcom"], choices=["memcom", "plain", "stock"])
+    p.add_argument("--profile-variants", nargs="+", default=["memcom"], choices=VARIANTS)
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--profile-rows", type=int, default=30)
     args = p.parse_args()
@@ -264,14 +275,14 @@ def main() -> None:
             + f" opt={args.optimizer} lr={args.lr} threads={torch.get_num_threads()}"
             f" rounds={args.rounds} x {args.steps} steps (median over rounds)"
         )
-        hdr = f"{'variant':<8} {'ms/step':>9} {'min..max ms':>15} {'samples/s':>11} {'ids/s':>12} {'vs stock':>9}"
+        hdr = f"{'variant':<10} {'ms/step':>9} {'min..max ms':>15} {'samples/s':>11} {'ids/s':>12} {'vs stock':>9}"
         print(hdr)
         print("-" * len(hdr))
         for name in secs:
             s = med[name]
             ratio = f"{med[base] / s:.2f}x" if base else "-"
             print(
-                f"{name:<8} {s * 1e3:9.1f} {min(secs[name]) * 1e3:7.1f}..{max(secs[name]) * 1e3:<7.1f} "
+                f"{name:<10} {s * 1e3:9.1f} {min(secs[name]) * 1e3:7.1f}..{max(secs[name]) * 1e3:<7.1f} "
                 f"{args.batch_size / s:11,.0f} {ids_per_step / s:12,.0f} {ratio:>9}"
             )
         if "memcom" in secs and base:
@@ -288,7 +299,7 @@ def main() -> None:
         print()
         opt = OPTIMIZERS[args.optimizer]
         hdr = (
-            f"{'variant':<8} {'rows':>10} {'param MB':>9} {'opt-state MB':>13} {'ratio':>7} "
+            f"{'variant':<10} {'rows':>10} {'param MB':>9} {'opt-state MB':>13} {'ratio':>7} "
             f"{'meas. param MB':>15} {'meas. state MB':>15}"
         )
         print(hdr)
@@ -297,7 +308,7 @@ def main() -> None:
             tm = table_memory(configs[name], opt)
             mp, ms = measured_bytes(models[name])
             print(
-                f"{name:<8} {tm.num_rows:>10,} {tm.param_bytes / 2**20:9.1f} {tm.optimizer_state_bytes / 2**20:13.2f} "
+                f"{name:<10} {tm.num_rows:>10,} {tm.param_bytes / 2**20:9.1f} {tm.optimizer_state_bytes / 2**20:13.2f} "
                 f"{tm.compression_ratio:7.2f} {mp / 2**20:15.1f} {ms / 2**20:15.2f}"
             )
         print("(param/opt-state/ratio: memcom_torchrec.table_memory; meas.: local tensors in state_dict / fused_optimizer)")

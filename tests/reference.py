@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def reference_pool(
@@ -120,3 +121,16 @@ def make_kjt_inputs(
         lengths.append(ln)
         values.append(torch.randint(0, num_embeddings[k], (int(ln.sum()),), generator=generator))
     return torch.cat(values) if values else torch.zeros(0, dtype=torch.long), torch.cat(lengths)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ops that read a tensor's value back to the host (``item``, ``int()``, ``bool()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: List[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.is_nonzero.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -23,7 +23,7 @@ shared and lives here:
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,7 +33,11 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding, ShardingEnv
 
 from memcom_torchrec.modules.qr_configs import ENTITY_WEIGHTS
-from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig, entity_weight_lookup
+from memcom_torchrec.optim.entity_weight_optimizer import (
+    EntityWeightOptimizerConfig,
+    entity_weight_lookup,
+    sparse_update_,
+)
 from memcom_torchrec.optim.fused import EntityWeightFusedOptimizer
 
 
@@ -169,30 +173,104 @@ class ShardedEntityWeights:
             List[Optional[torch.Tensor]]: per key, its ids' ``w`` (None: the
             key reads no ``w`` on this rank).
         """
+        indices: List[Optional[torch.Tensor]] = [None] * len(tables)
+        for k, table in enumerate(tables):
+            local = self.local.get(table) if table is not None else None
+            if local is not None:
+                seg = slice(offsets[k], offsets[k + 1])
+                indices[k] = rows[seg].long() * local.entities_per_row + carried[seg].long()
+        return self.lookup_indices(tables, indices, grad_scale)
+
+    def lookup_indices(
+        self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]], grad_scale: float = 1.0
+    ) -> List[Optional[torch.Tensor]]:
+        """``lookup`` given each key's positions in the flat local ``w`` (``row * entities_per_row + entity``).
+
+        Args:
+            tables (List[Optional[str]]): per key, the table whose ``w`` it reads.
+            indices (List[Optional[torch.Tensor]]): per key, positions in that
+                table's local slice (None: the key reads no ``w``).
+            grad_scale (float): factor on the incoming gradient.
+
+        Returns:
+            List[Optional[torch.Tensor]]: per key, its ids' ``w``, differentiable.
+        """
         pieces: List[Optional[torch.Tensor]] = [None] * len(tables)
-        for table, local in self.local.items():
-            ks = [k for k, t in enumerate(tables) if t == table]
-            if not ks:
-                continue
-            index = torch.cat(
-                [
-                    rows[offsets[k] : offsets[k + 1]].long() * local.entities_per_row
-                    + carried[offsets[k] : offsets[k + 1]].long()
-                    for k in ks
-                ]
-            )
+        for table, ks, index in self._per_table(tables, indices):
+            local = self.local[table]
             looked_up = entity_weight_lookup(
                 local.weights.view(-1),
                 index,
-                {n: s.view(-1) if n != "step" else s for n, s in local.states.items()},
+                self._flat_states(local),
                 self.optimizer.group_of(table),
                 local.config.optimizer,
                 self._anchor,
                 grad_scale,
             )
-            for k, piece in zip(ks, looked_up.split([offsets[k + 1] - offsets[k] for k in ks])):
+            for k, piece in zip(ks, looked_up.split([indices[k].numel() for k in ks])):
                 pieces[k] = piece
         return pieces
+
+    def gather(
+        self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]]
+    ) -> Tuple[List[Optional[torch.Tensor]], Dict[str, torch.Tensor]]:
+        """``w`` at each key's positions, as plain values (no autograd).
+
+        The caller computes the gradient of these values itself and applies it
+        with ``update``. Keys of one table are looked up together, so that
+        ``update`` coalesces their duplicates into one optimizer step.
+
+        Args:
+            tables (List[Optional[str]]): per key, the table whose ``w`` it reads.
+            indices (List[Optional[torch.Tensor]]): per key, positions in the
+                table's local slice (None: the key reads no ``w``).
+
+        Returns:
+            Tuple[List[Optional[torch.Tensor]], Dict[str, torch.Tensor]]: per
+            key its ids' ``w``, and per table the positions read, in order.
+        """
+        pieces: List[Optional[torch.Tensor]] = [None] * len(tables)
+        read: Dict[str, torch.Tensor] = {}
+        for table, ks, index in self._per_table(tables, indices):
+            read[table] = index
+            values = self.local[table].weights.view(-1).index_select(0, index)
+            for k, piece in zip(ks, values.split([indices[k].numel() for k in ks])):
+                pieces[k] = piece
+        return pieces, read
+
+    def update(self, table: str, index: torch.Tensor, grad: torch.Tensor) -> None:
+        """One optimizer step of ``table``'s ``w`` at ``index`` (duplicates summed), in place.
+
+        Args:
+            table (str): a table with a slice on this rank.
+            index (torch.Tensor): positions in the flat local ``w``.
+            grad (torch.Tensor): the gradient of each position.
+        """
+        local = self.local[table]
+        with torch.no_grad():
+            sparse_update_(
+                local.weights.view(-1),
+                self._flat_states(local),
+                index,
+                grad,
+                self.optimizer.group_of(table),
+                local.config.optimizer,
+            )
+
+    def _per_table(
+        self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]]
+    ) -> List[Tuple[str, List[int], torch.Tensor]]:
+        """``(table, its keys, their positions concatenated)`` for each table with a slice here."""
+        out = []
+        for table in self.local:
+            ks = [k for k, t in enumerate(tables) if t == table and indices[k] is not None]
+            if ks:
+                out.append((table, ks, indices[ks[0]] if len(ks) == 1 else torch.cat([indices[k] for k in ks])))
+        return out
+
+    @staticmethod
+    def _flat_states(local: LocalEntityWeights) -> Dict[str, torch.Tensor]:
+        return {n: s.view(-1) if n != "step" else s for n, s in local.states.items()}
 
     # ------------------------------------------------------------ state dict
     def register_state_dict_hooks(self, module: nn.Module) -> None:

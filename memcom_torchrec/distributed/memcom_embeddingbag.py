@@ -5,25 +5,31 @@ module wraps a stock ``ShardedEmbeddingBagCollection`` holding every table's
 ``U`` (or plain table) on fused FBGEMM kernels, and adds the per-entity weights
 ``w`` around it:
 
-1. ``input_dist``: validate the input (all ranks agree, so a bad batch on one
-   rank raises everywhere instead of hanging the others), hash MEmCom ids to
-   ``i mod m`` and carry the quotient ``i // m`` as the KJT's per-id weight
-   through TorchRec's input all-to-all (exact in float32 below 2**24).
+1. ``input_dist``: validate the input (device-side counts, one host read of
+   one all-reduced flag per step, so a bad batch on one rank raises everywhere
+   instead of hanging the others), then start TorchRec's input all-to-all.
+   Ids of table-wise MEmCom tables travel as they are and are hashed on the
+   rank that owns the table, so a step moves exactly the bytes of a stock
+   unweighted EBC. Row-wise tables are routed by their row of ``U``: their
+   ids are hashed to ``i mod m`` first and the quotient ``i // m`` travels as
+   the KJT's per-id weight (exact in float32 below 2**24).
 2. ``compute``: on the shard that owns row ``h`` of ``U``, look up
    ``w[h, q]`` in the local slice of the ``(m, Q)`` grid and feed it as
-   FBGEMM's per-sample weights. The lookup is an autograd function whose
-   backward applies the table's optimizer to the touched ``w`` in place
-   (``memcom_torchrec.optim``), using the per-sample-weight gradient FBGEMM
-   computes.
+   FBGEMM's per-sample weights. ``w``'s optimizer step (``memcom_torchrec.optim``)
+   runs in backward, from one of two gradients (``lookup_path``):
+   ``"weighted_tbe"``, FBGEMM's per-sample-weight gradient (the CUDA default),
+   or ``"gathered"``, ``<U[h], grad_bag>`` from row gathers before FBGEMM's
+   backward (``entity_weight_gradient``; the CPU default, where FBGEMM's
+   per-sample-weight gradient kernel is as costly as the lookup).
 3. ``output_dist``: the stock pooled all-to-all, then mean pooling.
 
-So a step moves what a stock weighted EBC moves: one input and one pooled
-output all-to-all. ``w`` is row-sharded exactly like ``U`` (TW: whole table
-on one rank; RW/TWRW: the same row blocks), appears in ``state_dict`` as a
-``ShardedTensor`` named ``_entity_weights.<table>`` like the unsharded module,
-and its optimizer state sits in ``fused_optimizer``.
+``w`` is row-sharded exactly like ``U`` (TW: whole table on one rank; RW/TWRW:
+the same row blocks), appears in ``state_dict`` as a ``ShardedTensor`` named
+``_entity_weights.<table>`` like the unsharded module, and its optimizer state
+sits in ``fused_optimizer``.
 """
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
@@ -54,6 +60,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from memcom_torchrec.distributed.entity_weight_gradient import EntityWeightGradient, pending_features
 from memcom_torchrec.distributed.entity_weights import (
     EntityWeightTable,
     ShardedEntityWeights,
@@ -67,10 +74,16 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     MEmComEmbeddingBagCollection,
     apply_mean_pooling,
     hash_features,
+    hash_ids,
 )
-from memcom_torchrec.modules.validation import raise_on_any_rank, validate_feature_specs
+from memcom_torchrec.modules.validation import check_feature_specs, raise_on_any_rank
 
 logger: logging.Logger = logging.getLogger(__name__)
+TORCHREC_VALIDATOR_LOGGER = "torchrec.sparse.jagged_tensor_validator"
+
+WEIGHTED_TBE = "weighted_tbe"
+GATHERED = "gathered"
+LOOKUP_PATHS: List[str] = ["auto", WEIGHTED_TBE, GATHERED]
 
 SUPPORTED_SHARDING_TYPES: List[str] = [
     ShardingType.TABLE_WISE.value,
@@ -89,6 +102,19 @@ class MEmComEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
         super().record_stream(stream)
         if self.input_features is not None:
             self.input_features.record_stream(stream)
+
+
+def resolve_lookup_path(lookup_path: str, device: torch.device) -> str:
+    """The gradient path of ``w`` for a device: ``"auto"`` is ``"gathered"`` on CPU, ``"weighted_tbe"`` elsewhere.
+
+    Raises:
+        ValueError: an unknown path.
+    """
+    if lookup_path not in LOOKUP_PATHS:
+        raise ValueError(f"unknown MEmCom lookup_path '{lookup_path}'; use one of {LOOKUP_PATHS}")
+    if lookup_path == "auto":
+        return GATHERED if device.type == "cpu" else WEIGHTED_TBE
+    return lookup_path
 
 
 def entity_weight_metadata(config: MEmComEmbeddingBagConfig, ps: ParameterSharding) -> ShardedTensorMetadata:
@@ -127,7 +153,10 @@ class ShardedMEmComEmbeddingBagCollection(
         device (Optional[torch.device]): compute device.
         module_fqn (Optional[str]): this module's name in the model.
         validate_inputs (bool): check every batch (ids, keys, dtypes; one tiny
-            all-reduce so all ranks raise together). False skips all checks.
+            all-reduce and one host read, so all ranks raise together). False
+            skips all checks: validate in the data loader instead.
+        lookup_path (str): how ``w`` gets its gradient: ``"weighted_tbe"``,
+            ``"gathered"`` or ``"auto"`` (see the module docstring).
     """
 
     def __init__(
@@ -139,6 +168,7 @@ class ShardedMEmComEmbeddingBagCollection(
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
         validate_inputs: bool = True,
+        lookup_path: str = "auto",
     ) -> None:
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
         self._env = env
@@ -184,6 +214,18 @@ class ShardedMEmComEmbeddingBagCollection(
         )
         inner = self._embedding_bag_collection
         self._device = device or torch.device("cpu")
+        self._lookup_path = resolve_lookup_path(lookup_path, self._device)
+        # Features whose ids travel unhashed (their table is whole on one rank).
+        self._hashed_on_owner = {
+            f
+            for f, spec in self._feature_specs.items()
+            if spec.is_memcom and plan[spec.table].sharding_type == ShardingType.TABLE_WISE.value
+        }
+        # The input all-to-all carries weights only when some id needs one.
+        self._carries_weights = self._is_weighted or any(
+            spec.is_memcom and spec.table in self._trained_tables and f not in self._hashed_on_owner
+            for f, spec in self._feature_specs.items()
+        )
 
         # This rank's slices of w, following the plan of U.
         fused_params = self._table_fused_params()
@@ -214,6 +256,9 @@ class ShardedMEmComEmbeddingBagCollection(
         # (CommOpGradientScaling in the lookup) because feature processors are
         # averaged by DDP afterwards; w is not, so it divides that back out.
         self._lookup_grad_scales: List[float] = []
+        # The gathered path: per lookup, its TBEs and (key, feature position) of each.
+        self._entity_weight_gradient = EntityWeightGradient(self._entity_weight_shards)
+        self._lookup_tbes: List[List[Tuple[nn.Module, List[Tuple[int, int]]]]] = []
         for lookup in inner._lookups:
             while isinstance(lookup, nn.parallel.DistributedDataParallel):
                 lookup = lookup.module
@@ -224,35 +269,47 @@ class ShardedMEmComEmbeddingBagCollection(
                     for f in t.feature_names:
                         feats.append((f, t.name))
             self._lookup_features.append(feats)
-            self._skip_constant_weight_gradients(lookup)
-
+            self._lookup_tbes.append(self._attach_tbes(lookup))
         # state_dict: w as _entity_weights.<table>, like the unsharded module.
         self._entity_weight_shards.register_state_dict_hooks(self)
 
     # --------------------------------------------------------------- set-up
-    def _skip_constant_weight_gradients(self, lookup: nn.Module) -> None:
-        """Tells FBGEMM which features' per-id weights need a gradient.
+    def _attach_tbes(self, lookup: nn.Module) -> List[Tuple[nn.Module, List[Tuple[int, int]]]]:
+        """Prepares a lookup's FBGEMM TBEs; returns each with its ``(key, feature position)`` pairs.
 
         The inner collection is weighted, so every feature reaches FBGEMM with
         per-sample weights, and FBGEMM computes their gradient (a kernel as
-        costly as the lookup) unless told otherwise. Only trained ``w`` needs
-        it: plain tables and the hashing trick carry constant weights.
+        costly as the lookup on CPU) unless told otherwise by
+        ``feature_requires_grad``. Only trained ``w`` on the ``weighted_tbe``
+        path needs it: plain tables and the hashing trick carry constant
+        weights, and the ``gathered`` path computes ``w``'s gradient itself
+        (its TBEs get the forward hook of ``EntityWeightGradient``).
         """
-        trained = set(self._trained_tables)
+        trained = set(self._trained_tables) if self._lookup_path == WEIGHTED_TBE else set()
+        tbes: List[Tuple[nn.Module, List[Tuple[int, int]]]] = []
+        key = 0
         for emb in getattr(lookup, "_emb_modules", []):
             tbe, config = getattr(emb, "emb_module", None), getattr(emb, "config", None)
-            if tbe is None or config is None:
+            if config is None:
                 continue
-            flags = [t.name in trained for t in config.embedding_tables for _ in t.feature_names]
-            if all(flags):
+            names = [t.name for t in config.embedding_tables for _ in t.feature_names]
+            keys = list(range(key, key + len(names)))
+            key += len(names)
+            if tbe is None:
                 continue
-            requires_grad = torch.tensor(flags, dtype=torch.int32, device=self._device)
+            flags = [name in trained for name in names]
+            if not all(flags):
+                requires_grad = torch.tensor(flags, dtype=torch.int32, device=self._device)
 
-            def _pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], rg: torch.Tensor = requires_grad):
-                kwargs.setdefault("feature_requires_grad", rg)
-                return args, kwargs
+                def _pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], rg: torch.Tensor = requires_grad):
+                    kwargs.setdefault("feature_requires_grad", rg)
+                    return args, kwargs
 
-            tbe.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+                tbe.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+            if self._lookup_path == GATHERED and any(name in self._trained_tables for name in names):
+                self._entity_weight_gradient.attach(tbe)
+                tbes.append((tbe, list(zip(keys, range(len(names))))))
+        return tbes
 
     def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}
@@ -272,43 +329,86 @@ class ShardedMEmComEmbeddingBagCollection(
         self._check_input(features)
         ctx.input_features = features
         trained = set(self._trained_tables)
+        hashed_on_owner = self._hashed_on_owner
+        if not self._carries_weights and len(hashed_on_owner) == len(self._feature_specs):
+            routed = features  # every table whole on one rank: ids travel unhashed
+        else:
 
-        def carry_quotient(spec: FeatureSpec, rows: torch.Tensor, cols: torch.Tensor, weight: Optional[torch.Tensor]):
-            return cols.float() if spec.table in trained else weight
+            def carry(spec: FeatureSpec, rows: torch.Tensor, cols: torch.Tensor, weight: Optional[torch.Tensor]):
+                return cols.float() if spec.table in trained else weight
 
-        hashed = hash_features(features, self._feature_specs, self._is_weighted, carry_quotient)
-        return self._embedding_bag_collection.input_dist(ctx, hashed)
+            routed = hash_features(
+                features,
+                self._feature_specs,
+                self._is_weighted,
+                carry,
+                skip=hashed_on_owner,
+                weighted=self._carries_weights,
+            )
+        inner = self._embedding_bag_collection
+        if inner._has_uninitialized_input_dist and hashed_on_owner:
+            # TorchRec checks the first batch's ids against the inner tables (m rows of U)
+            # and warns about the unhashed ids; the check above covers them (n entities).
+            with _logger_level(TORCHREC_VALIDATOR_LOGGER, logging.ERROR):
+                return inner.input_dist(ctx, routed)
+        return inner.input_dist(ctx, routed)
 
     def _check_input(self, features: KeyedJaggedTensor) -> None:
         """Validates the batch; all ranks agree on errors (and on batch sizes when row-wise)."""
         if not self._validate_inputs:
             return
-        error = validate_feature_specs(features, self._feature_specs, self._is_weighted)
+        check = check_feature_specs(features, self._feature_specs, self._is_weighted)
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else self._device
-        batch = features.stride() if self._row_wise and error is None else None
-        raise_on_any_rank(error, self._pg, device, batch)
+        batch = features.stride() if self._row_wise and check.error is None else None
+        raise_on_any_rank(check, self._pg, device, batch)
 
     def _weighted_dist_input(self, dist_input: KJTList) -> KJTList:
-        """Replaces the carried quotients by the looked-up ``w`` (fused update in backward)."""
+        """The KJTs the TBEs consume: ids hashed (on the owner), ``w`` as per-sample weights."""
         out = []
-        for features, local_features, grad_scale in zip(dist_input, self._lookup_features, self._lookup_grad_scales):
-            tables = [t for _, t in local_features]
-            if not any(t in self._entity_weight_shards.local for t in tables):
-                out.append(features)
+        for lookup, (features, local_features, grad_scale) in enumerate(
+            zip(dist_input, self._lookup_features, self._lookup_grad_scales)
+        ):
+            hashed = [f in self._hashed_on_owner for f, _ in local_features]
+            reads_w = [t in self._entity_weight_shards.local for _, t in local_features]
+            if not any(hashed) and not any(reads_w):
+                out.append(features)  # no MEmCom work here (an unweighted KJT pools with weight 1)
                 continue
             offsets = features.offset_per_key()
-            values, carried = features.values(), features.weights()
-            # values: rows of U local to this shard, carried: i // m, the column of w.
-            looked_up = self._entity_weight_shards.lookup(tables, values, carried, offsets, grad_scale)
-            pieces = [
-                piece if piece is not None else carried[offsets[k] : offsets[k + 1]]
-                for k, piece in enumerate(looked_up)
-            ]
+            values, carried = features.values(), features.weights_or_none()
+            tables: List[Optional[str]] = [t if r else None for (_, t), r in zip(local_features, reads_w)]
+            ids: List[torch.Tensor] = []
+            weights: List[Optional[torch.Tensor]] = []
+            indices: List[Optional[torch.Tensor]] = []
+            for k, (feature, _) in enumerate(local_features):
+                seg = slice(offsets[k], offsets[k + 1])
+                rows, weight, index = values[seg], None if carried is None else carried[seg], None
+                if hashed[k]:
+                    rows, cols = hash_ids(rows, self._feature_specs[feature])
+                    if reads_w[k]:
+                        index = rows * self._feature_specs[feature].entities_per_bucket + cols
+                elif reads_w[k]:
+                    # Row-wise: the row of this shard, and i // m carried as the weight.
+                    index = rows.long() * self._feature_specs[feature].entities_per_bucket + weight.long()
+                ids.append(rows)
+                weights.append(None if reads_w[k] else weight)
+                indices.append(index)
+            if self._lookup_path == GATHERED:
+                looked_up, _ = self._entity_weight_shards.gather(tables, indices)
+                for tbe, pending in pending_features(self._lookup_tbes[lookup], tables, indices):
+                    self._entity_weight_gradient.expect(tbe, pending)
+            else:
+                looked_up = self._entity_weight_shards.lookup_indices(tables, indices, grad_scale)
+            per_sample = [w if w is not None else c for w, c in zip(looked_up, weights)]
+            if any(w is not None for w in per_sample):
+                per_sample = [
+                    w if w is not None else torch.ones(r.shape, dtype=torch.float32, device=r.device)
+                    for w, r in zip(per_sample, ids)
+                ]
             out.append(
                 KeyedJaggedTensor(
                     keys=features.keys(),
-                    values=values,
-                    weights=torch.cat(pieces) if pieces else carried,
+                    values=torch.cat(ids) if len(ids) > 1 else ids[0],
+                    weights=_cat_or_none(per_sample),
                     lengths=features.lengths(),
                     offsets=features.offsets(),
                     stride=features.stride(),
@@ -369,6 +469,23 @@ class ShardedMEmComEmbeddingBagCollection(
         return MEmComEmbeddingBagCollection
 
 
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    log = logging.getLogger(name)
+    previous = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+def _cat_or_none(pieces: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    if not pieces or pieces[0] is None:
+        return None
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # pyre-ignore[6]
+
+
 class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBagCollection]):
     """Shards ``MEmComEmbeddingBagCollection`` for ``DistributedModelParallel``.
 
@@ -376,7 +493,11 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         fused_params (Optional[Dict[str, Any]]): FBGEMM fused optimizer params
             (``optimizer``, ``learning_rate``, ...) for ``U`` and, mirrored, ``w``.
         qcomm_codecs_registry (Optional[Dict[str, QuantizedCommCodecs]]): comm codecs.
-        validate_inputs (bool): check ids on every step on every rank.
+        validate_inputs (bool): check ids on every step on every rank (one
+            host read per step); False when the data loader validates.
+        lookup_path (str): ``"auto"`` (CPU: ``"gathered"``, CUDA:
+            ``"weighted_tbe"``), ``"gathered"`` or ``"weighted_tbe"``: how
+            ``w`` gets its gradient.
 
     Example::
 
@@ -391,8 +512,12 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         fused_params: Optional[Dict[str, Any]] = None,
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
         validate_inputs: bool = True,
+        lookup_path: str = "auto",
     ) -> None:
         super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        if lookup_path not in LOOKUP_PATHS:
+            raise ValueError(f"unknown MEmCom lookup_path '{lookup_path}'; use one of {LOOKUP_PATHS}")
+        self._lookup_path = lookup_path
         self._ebc_sharder = EmbeddingBagCollectionSharder(
             fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
         )
@@ -407,7 +532,7 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         module_fqn: Optional[str] = None,
     ) -> ShardedMEmComEmbeddingBagCollection:
         return ShardedMEmComEmbeddingBagCollection(
-            module, params, self._ebc_sharder, env, device, module_fqn, self._validate_inputs
+            module, params, self._ebc_sharder, env, device, module_fqn, self._validate_inputs, self._lookup_path
         )
 
     def shardable_parameters(self, module: MEmComEmbeddingBagCollection) -> Dict[str, nn.Parameter]:

@@ -88,7 +88,7 @@ from memcom_torchrec.modules.qr_embedding_modules import (
     pool_qr_sequences,
     qr_lookup_features,
 )
-from memcom_torchrec.modules.validation import raise_on_any_rank, validate_feature_specs
+from memcom_torchrec.modules.validation import InputCheck, check_feature_specs, raise_on_any_rank
 
 SUPPORTED_SHARDING_TYPES: List[str] = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
 MAX_CARRIED_REMAINDER: int = 2**24  # i % p travels as a float32 per-id weight
@@ -309,12 +309,12 @@ class ShardedQREmbeddingBagCollection(
         """Validates the batch; all ranks agree on errors."""
         if not self._validate_inputs:
             return
-        error = validate_feature_specs(features, self._feature_specs, self._is_weighted)
-        if error is None and features.stride() == 0:
+        check = check_feature_specs(features, self._feature_specs, self._is_weighted)
+        if check.error is None and features.stride() == 0:
             # TorchRec's sharded EmbeddingCollection cannot split an empty batch.
-            error = "empty batch on a sharded QR collection: pad it (memcom_torchrec.data.pad_batch)"
+            check = InputCheck("empty batch on a sharded QR collection: pad it (memcom_torchrec.data.pad_batch)")
         device = features.values().device if isinstance(features, KeyedJaggedTensor) else self._device
-        raise_on_any_rank(error, self._pg, device)
+        raise_on_any_rank(check, self._pg, device)
 
     def _split_per_child(self, items: List[Any]) -> Dict[str, List[Any]]:
         """The children's parts of a flat per-sharding-type list (their order, their lengths)."""

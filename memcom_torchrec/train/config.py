@@ -34,6 +34,10 @@ class TrainConfig(ModelConfig):
         num_workers (int): DataLoader workers per rank.
         sharding_type (str): force a sharding type on the tables ("" lets the planner choose).
         k (int): cut-off of nDCG@k / HR@k.
+        eval_users (int): rank only the first ``eval_users`` users of each
+            evaluation split (about ``eval_users / world`` per rank, whole
+            batches; 0: every user). A fixed sample, for catalogues too large
+            to rank every user against (the 2M-item scale run).
 
     The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
     ``embedding_dim``, ``hidden``, ``dropout``, ``num_negatives``) are documented in ``ModelConfig``.
@@ -57,6 +61,7 @@ class TrainConfig(ModelConfig):
     num_workers: int = 0
     sharding_type: str = ""
     k: int = 10
+    eval_users: int = 0
 
 
 def train_flags() -> Dict[str, str]:

@@ -9,7 +9,7 @@
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional
 
 METRICS_FILE = "metrics.json"
@@ -103,6 +103,9 @@ class RunResult:
         valid_curve (List[EpochScore]): validation after each epoch.
         config (Dict[str, Any]): the run's ``TrainConfig``.
         best_checkpoint (Optional[str]): checkpoint of the best model.
+        rank_stats (List[Dict[str, float]]): per rank, what this process
+            measured (``trainer.rank_stats``): training rows/s, peak RSS,
+            local embedding parameter and optimizer bytes.
     """
 
     method: str
@@ -126,6 +129,7 @@ class RunResult:
     valid_curve: List[EpochScore]
     config: Dict[str, Any]
     best_checkpoint: Optional[str]
+    rank_stats: List[Dict[str, float]] = field(default_factory=list)
 
     def save(self, out_dir: str) -> str:
         """Writes ``out_dir/metrics.json``; returns its path."""
@@ -149,7 +153,8 @@ class RunResult:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(d))
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(d))
         if missing:
             raise ValueError(f"{path} lacks {missing} (written by another version?); rerun the run or use another out dir")
         result = cls(**{k: v for k, v in d.items() if k in names})

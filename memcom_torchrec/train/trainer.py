@@ -10,6 +10,7 @@ overlaps the next batch's input all-to-all with the current step.
 
 import logging
 import os
+import resource
 import time
 from dataclasses import asdict
 from typing import Any, Dict, List, Tuple
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
@@ -106,7 +108,11 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
         num_workers=cfg.num_workers,
     )
     totals = RankingTotals()
-    for batch in tqdm(loader, desc=f"eval {split}", disable=rank != 0, leave=False, mininterval=5.0):
+    # Every rank runs the same number of batches (scoring runs collectives when sharded).
+    max_batches = -(-cfg.eval_users // (world * cfg.eval_batch_size)) if cfg.eval_users else len(loader)
+    for i, batch in enumerate(tqdm(loader, desc=f"eval {split}", disable=rank != 0, leave=False, mininterval=5.0)):
+        if i >= max_batches:
+            break
         real = len(batch)
         batch = pad_batch(batch, cfg.eval_batch_size).to(device)  # equal sizes on all ranks
         _, (_, scores, labels) = model(batch)
@@ -132,6 +138,67 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
         "compression_ratio": sum(m.num_embeddings * m.embedding_dim for m in mems) / params,
         "table_compression_ratios": {m.table: m.compression_ratio for m in mems},
         "tables": {m.table: asdict(m) for m in mems},
+    }
+
+
+def reset_peak_rss() -> None:
+    """Starts a new peak-RSS window (Linux: ``/proc/self/clear_refs``; elsewhere peaks only grow)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last ``reset_peak_rss``, MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def rank_stats(
+    model: DistributedModelParallel, rows: int, seconds: float, train_peak_rss_mb: float, peak_rss: float
+) -> Dict[str, float]:
+    """What this rank held and did: training rows/s, peak RSS, local embedding bytes.
+
+    Args:
+        model (DistributedModelParallel): the sharded model.
+        rows (int): training rows (interactions) this rank stepped through.
+        seconds (float): training time (the training loops only).
+        train_peak_rss_mb (float): peak RSS of the training loops (``peak_rss_mb``).
+        peak_rss (float): peak RSS of the run, evaluation included.
+
+    Returns:
+        Dict[str, float]: ``train_rows_per_second``, ``train_seconds``,
+        ``train_peak_rss_mb``, ``peak_rss_mb`` (evaluation included),
+        ``embedding_param_bytes`` (local shards of every fused table, ``w``
+        included) and ``embedding_optimizer_bytes`` (their fused optimizer state).
+    """
+
+    def local_bytes(x: Any) -> int:  # this rank's part of a (sharded) tensor, state dict or list
+        if isinstance(x, ShardedTensor):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in x.local_shards())
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size() if x.dim() > 0 else 0
+        if isinstance(x, dict):
+            return sum(local_bytes(v) for v in x.values())
+        return 0
+
+    fused = model.fused_optimizer
+    params = sum(local_bytes(p) for p in fused.params.values())
+    return {
+        "train_rows_per_second": rows / seconds if seconds > 0 else 0.0,
+        "train_seconds": seconds,
+        "train_peak_rss_mb": train_peak_rss_mb,
+        "peak_rss_mb": peak_rss,
+        "embedding_param_bytes": float(params),
+        "embedding_optimizer_bytes": float(local_bytes(dict(fused.state))),
     }
 
 
@@ -165,6 +232,8 @@ def train(cfg: TrainConfig) -> RunResult:
                         meta={"train_state": asdict(state), "config": asdict(cfg)}, keep=keep)
 
     t_start = time.time() - state.train_seconds
+    loop_rows, loop_seconds = 0, 0.0  # this process's training steps only (no eval, no checkpoints)
+    train_rss = 0.0  # peak RSS of the training loops
     # a restart after the last step (or after early stopping) trains no more
     stop = (bool(cfg.max_steps) and state.step >= cfg.max_steps) or state.bad_epochs >= cfg.patience
     while state.epoch < cfg.epochs and not stop:
@@ -182,6 +251,8 @@ def train(cfg: TrainConfig) -> RunResult:
         bar = tqdm(total=len(loader), initial=state.batch_in_epoch, desc=f"epoch {epoch}", disable=rank != 0,
                    mininterval=5.0)
         loss_sum, n = state.epoch_loss_sum, state.epoch_batches  # carried across a resume
+        loop_start = time.perf_counter()
+        reset_peak_rss()  # the training peak, apart from evaluation's
         while state.batch_in_epoch < len(loader):
             # dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones
             torch.manual_seed(cfg.seed * 1_000_003 + state.step * world + rank)
@@ -189,6 +260,7 @@ def train(cfg: TrainConfig) -> RunResult:
             state.batch_in_epoch += 1
             state.step += 1
             loss_sum, n = loss_sum + float(loss), n + 1
+            loop_rows += cfg.batch_size
             bar.update(1)
             if n % 50 == 0:
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", refresh=False)
@@ -199,6 +271,8 @@ def train(cfg: TrainConfig) -> RunResult:
             if cfg.max_steps and state.step >= cfg.max_steps:
                 stop = True
                 break
+        loop_seconds += time.perf_counter() - loop_start
+        train_rss = max(train_rss, peak_rss_mb())
         bar.close()
         if isinstance(pipeline, TrainPipelineSparseDist):
             pipeline.detach()
@@ -233,6 +307,8 @@ def train(cfg: TrainConfig) -> RunResult:
     else:  # stopped by max_steps before any validation: score the final model, the one tested below
         valid_best = evaluate(cfg, model, "valid", rank, world, device).mean_ndcg
     test = evaluate(cfg, model, "test", rank, world, device)
+    stats: List[Dict[str, float]] = [{}] * world
+    dist.all_gather_object(stats, rank_stats(model, loop_rows, loop_seconds, train_rss, max(train_rss, peak_rss_mb())))
     result = RunResult(
         method=cfg.method,
         target_compression_ratio=cfg.compression_ratio if get_method(cfg.method).compresses else 1.0,
@@ -251,8 +327,16 @@ def train(cfg: TrainConfig) -> RunResult:
         valid_curve=state.valid,
         config=asdict(cfg),
         best_checkpoint=best,
+        rank_stats=stats,
     )
     if rank == 0:
         result.save(cfg.out_dir)
         logger.info("test nDCG@%d %.4f HR@%d %.4f (%d users)", cfg.k, test.mean_ndcg, cfg.k, test.mean_hr, test.count)
+        for r, st in enumerate(stats):
+            logger.info(
+                "rank %d: %.0f interactions/s over %.1f s of training, peak RSS %.0f MiB training / %.0f MiB "
+                "with evaluation, embedding parameters %.1f MiB + optimizer state %.1f MiB",
+                r, st["train_rows_per_second"], st["train_seconds"], st["train_peak_rss_mb"], st["peak_rss_mb"],
+                st["embedding_param_bytes"] / 2**20, st["embedding_optimizer_bytes"] / 2**20,
+            )
     return result

@@ -1,5 +1,6 @@
 """The planner sizes MEmCom tables by U, w and their optimizer state; plans become sharded modules."""
 
+import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.planner import Topology
@@ -8,6 +9,7 @@ from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstima
 from torchrec.distributed.types import ShardingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
+from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE, resolve_lookup_path
 from torchrec import EmbeddingBagConfig
 
 
@@ -41,3 +43,11 @@ def test_sharder_offers_only_types_that_keep_w_with_u() -> None:
     for device in ("cpu", "cuda"):
         assert set(sharder.sharding_types(device)) == {"table_wise", "row_wise", "table_row_wise"}
         assert "fused" in sharder.compute_kernels("row_wise", device)
+
+
+def test_lookup_path_is_chosen_per_device_and_checked() -> None:
+    assert resolve_lookup_path("auto", torch.device("cpu")) == GATHERED
+    assert resolve_lookup_path("auto", torch.device("cuda")) == WEIGHTED_TBE
+    assert resolve_lookup_path(WEIGHTED_TBE, torch.device("cpu")) == WEIGHTED_TBE
+    with pytest.raises(ValueError, match=r"unknown MEmCom lookup_path 'fast'; use one of \['auto', 'weighted_tbe', 'gathered'\]"):
+        MEmComEmbeddingBagCollectionSharder(lookup_path="fast")

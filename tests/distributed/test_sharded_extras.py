@@ -1,5 +1,6 @@
 """Sharded MEmCom: bad input on one rank, TrainPipelineSparseDist with mixed tables, DCP checkpoints."""
 
+import dataclasses
 import os
 
 import pytest
@@ -14,11 +15,12 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.streamable import Pipelineable
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
+from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
+from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
 from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
-from reference import planted_labels
+from reference import HostReads, ReferenceOptimizer, planted_labels, reference_step
 from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
 
 pytestmark = pytest.mark.slow
@@ -41,6 +43,10 @@ def _bad_input_body(rank: int, world_size: int) -> None:
         dmp(kjt).wait()
     # Both ranks are still in step: a good batch afterwards gives the unsharded twin's values.
     good, _ = batches(1, world_size)[rank]
+    # The in-step check of a good batch reads one flag back to the host, nothing else.
+    with HostReads() as mode:
+        dmp.module._check_input(good)
+    assert mode.reads == [], mode.reads
     torch.testing.assert_close(dmp(good).wait().values(), ref(good).values(), atol=1e-6, rtol=1e-6)
 
 
@@ -151,9 +157,9 @@ def _cat_kjt(kjts):
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
-def _save_body(rank: int, world_size: int, root: str, optimizer: str) -> None:
+def _save_body(rank: int, world_size: int, root: str, optimizer: str, lookup_path: str = "auto") -> None:
     ref = make_reference()
-    dmp = shard(world_size, ShardingType.ROW_WISE.value, optimizer, 0.1)
+    dmp = shard(world_size, ShardingType.ROW_WISE.value, optimizer, 0.1, lookup_path=lookup_path)
     load_unsharded_state_dict(dmp, ref.state_dict())
     _steps(dmp, rank, world_size, 0, 2)
     save_checkpoint(root, 2, dmp, {"fused": dmp.fused_optimizer})
@@ -165,8 +171,10 @@ def _save_body(rank: int, world_size: int, root: str, optimizer: str) -> None:
         torch.save({"params": full, "after": after, "out": torch.cat(outs)}, os.path.join(root, "expected.pt"))
 
 
-def _load_body(rank: int, world_size: int, root: str, sharding_type: str, optimizer: str) -> None:
-    dmp = shard(world_size, sharding_type, optimizer, 0.1)
+def _load_body(
+    rank: int, world_size: int, root: str, sharding_type: str, optimizer: str, lookup_path: str = "auto"
+) -> None:
+    dmp = shard(world_size, sharding_type, optimizer, 0.1, lookup_path=lookup_path)
     load_checkpoint(root, dmp, {"fused": dmp.fused_optimizer})
     exp = torch.load(os.path.join(root, "expected.pt"))
     got = gather_unsharded_state_dict(dmp, dst=None)
@@ -180,13 +188,21 @@ def _load_body(rank: int, world_size: int, root: str, sharding_type: str, optimi
         torch.testing.assert_close(after[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"after step, {name}: {m}")
 
 
-def test_checkpoint_round_trips(tmp_path) -> None:
+@pytest.mark.parametrize("save_path,load_path", [(GATHERED, WEIGHTED_TBE), (WEIGHTED_TBE, GATHERED)])
+def test_checkpoint_round_trips(tmp_path, save_path: str, load_path: str) -> None:
+    # Saved by one lookup path, resumed by the other: same state, same next step.
     root = str(tmp_path / "ckpt")
-    run_multiprocess(_save_body, world_size=2, root=root, optimizer="adagrad")
+    run_multiprocess(_save_body, world_size=2, root=root, optimizer="adagrad", lookup_path=save_path)
     # 2 ranks -> 2 ranks, re-sharded from row-wise to table-wise
-    run_multiprocess(_load_body, world_size=2, root=root, sharding_type=ShardingType.TABLE_WISE.value, optimizer="adagrad")
+    run_multiprocess(
+        _load_body, world_size=2, root=root, sharding_type=ShardingType.TABLE_WISE.value, optimizer="adagrad",
+        lookup_path=load_path,
+    )
     # 2 ranks -> 1 rank
-    run_multiprocess(_load_body, world_size=1, root=root, sharding_type=ShardingType.ROW_WISE.value, optimizer="adagrad")
+    run_multiprocess(
+        _load_body, world_size=1, root=root, sharding_type=ShardingType.ROW_WISE.value, optimizer="adagrad",
+        lookup_path=load_path,
+    )
     # 2 ranks -> the unsharded module, in this process
     unsharded = MEmComEmbeddingBagCollection(make_tables())
     load_checkpoint(root, unsharded)
@@ -255,3 +271,82 @@ def _uneven_body(rank: int, world_size: int, sharding_type: str) -> None:
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
 def test_uneven_batches_and_optimizer_keys(sharding_type: str) -> None:
     run_multiprocess(_uneven_body, world_size=2, sharding_type=sharding_type)
+
+
+# --------------------------------------------------------- all-to-all bytes
+def _all_to_all_bytes(dmp, kjt, proj) -> int:
+    """Bytes of every ``all_to_all_single`` input in one forward and backward."""
+    sent = []
+    original = dist.all_to_all_single
+
+    def counting(output, input, *args, **kwargs):
+        sent.append(input.numel() * input.element_size())
+        return original(output, input, *args, **kwargs)
+
+    dist.all_to_all_single = counting
+    try:
+        (dmp(kjt).wait().values() * proj).sum().backward()
+    finally:
+        dist.all_to_all_single = original
+    return sum(sent)
+
+
+def _bytes_body(rank: int, world_size: int) -> None:
+    kjt, proj = batches(0, world_size)[rank]
+    memcom = shard(world_size, ShardingType.TABLE_WISE.value, "sgd", 0.1)
+    # The same tables uncompressed in TorchRec's own collection: what a stock step moves.
+    plain = [
+        EmbeddingBagConfig(
+            name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
+            feature_names=t.feature_names, pooling=t.pooling,
+        )
+        for t in make_tables()
+    ]
+    stock = shard_with_planner(
+        EmbeddingBagCollection(tables=plain, device=torch.device("meta")),
+        [EmbeddingBagCollectionSharder(fused_params={"optimizer": OPT["sgd"], "learning_rate": 0.1})],
+        {t.name: ShardingType.TABLE_WISE.value for t in plain},
+    )
+    got, expected = _all_to_all_bytes(memcom, kjt, proj), _all_to_all_bytes(stock, kjt, proj)
+    # Table-wise MEmCom ids travel unhashed and without weights: a stock unweighted EBC's bytes.
+    assert got == expected, (got, expected)
+
+
+def test_table_wise_all_to_all_moves_a_stock_ebcs_bytes() -> None:
+    run_multiprocess(_bytes_body, world_size=2)
+
+
+# ------------------------------------------- weighted input, the hashing trick
+def _weighted_hashing_body(rank: int, world_size: int, sharding_type: str) -> None:
+    # Per-id input weights ride with unhashed ids (table-wise) or hashed ones (row-wise)
+    # and scale U's rows on the owner; w is frozen at 1 (the hashing trick).
+    tables = [
+        dataclasses.replace(t, train_entity_weights=False) if isinstance(t, MEmComEmbeddingBagConfig) else t
+        for t in make_tables()
+    ]
+    torch.manual_seed(0)
+    ref = MEmComEmbeddingBagCollection(tables, is_weighted=True)
+    model = MEmComEmbeddingBagCollection(tables, is_weighted=True, device=torch.device("meta"))
+    sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": OPT["sgd"], "learning_rate": 0.1})
+    dmp = shard_with_planner(model, [sharder], {t.name: sharding_type for t in tables})
+    load_unsharded_state_dict(dmp, ref.state_dict())
+    opt = ReferenceOptimizer("sgd", 0.1)
+    for step in range(2):
+        data = []
+        for r, (kjt, proj) in enumerate(batches(step, world_size)):
+            g = torch.Generator().manual_seed(50 + 10 * step + r)
+            weights = torch.rand(kjt.values().numel(), generator=g) + 0.5
+            data.append((KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths(), weights), proj))
+        kjt, proj = data[rank]
+        out = dmp(kjt).wait()
+        expected, _ = reference_step(ref, opt, data, world_size)
+        torch.testing.assert_close(out.values(), expected[rank], atol=1e-5, rtol=1e-5)
+        (out.values() * proj).sum().backward()
+        got = gather_unsharded_state_dict(dmp, dst=None)
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
+
+
+@pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
+def test_weighted_input_with_the_hashing_trick_matches_unsharded(sharding_type: str) -> None:
+    run_multiprocess(_weighted_hashing_body, world_size=2, sharding_type=sharding_type)

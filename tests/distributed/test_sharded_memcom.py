@@ -11,6 +11,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
+from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from dist_utils import run_multiprocess, shard_with_planner
 from reference import ReferenceOptimizer, make_kjt_inputs, reference_step
@@ -44,11 +45,18 @@ def make_reference(seed: int = 0) -> MEmComEmbeddingBagCollection:
 
 
 def shard(
-    world_size: int, sharding_type: str, optimizer: str, lr: float, local_world_size: Optional[int] = None
+    world_size: int,
+    sharding_type: str,
+    optimizer: str,
+    lr: float,
+    local_world_size: Optional[int] = None,
+    lookup_path: str = "auto",
 ) -> DistributedModelParallel:
     """Plans and shards the test collection; ``local_world_size`` < ``world_size`` simulates several nodes."""
     model = MEmComEmbeddingBagCollection(make_tables(), device=torch.device("meta"))
-    sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": OPT[optimizer], "learning_rate": lr})
+    sharder = MEmComEmbeddingBagCollectionSharder(
+        fused_params={"optimizer": OPT[optimizer], "learning_rate": lr}, lookup_path=lookup_path
+    )
     return shard_with_planner(model, [sharder], {t.name: sharding_type for t in make_tables()}, local_world_size)
 
 
@@ -64,13 +72,21 @@ def batches(step: int, world_size: int, batch: int = 4):
 
 
 def _compare_body(
-    rank: int, world_size: int, sharding_type: str, optimizer: str, steps: int, local_world_size: Optional[int] = None
+    rank: int,
+    world_size: int,
+    sharding_type: str,
+    optimizer: str,
+    steps: int,
+    local_world_size: Optional[int] = None,
+    lookup_path: str = "auto",
 ) -> None:
     lr = 0.1
     ref = make_reference()
     if local_world_size is not None:  # TorchRec's TWRW groups ranks into nodes by LOCAL_WORLD_SIZE
         os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
-    dmp = shard(world_size, sharding_type, optimizer, lr, local_world_size)
+    dmp = shard(world_size, sharding_type, optimizer, lr, local_world_size, lookup_path)
+    expected_path = GATHERED if lookup_path == "auto" else lookup_path  # CPU: auto is the gathered path
+    assert dmp.module._lookup_path == expected_path
     load_unsharded_state_dict(dmp, ref.state_dict())
     ref_opt = ReferenceOptimizer(optimizer, lr)
     for step in range(steps):
@@ -86,16 +102,22 @@ def _compare_body(
             torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
 
 
+@pytest.mark.parametrize("lookup_path", ["auto", WEIGHTED_TBE])
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
-def test_sharded_matches_unsharded_sgd(sharding_type: str) -> None:
+def test_sharded_matches_unsharded_sgd(sharding_type: str, lookup_path: str) -> None:
     # One SGD step: (before - after) / lr is the gradient, so this checks the gradients of U and w.
-    run_multiprocess(_compare_body, world_size=2, sharding_type=sharding_type, optimizer="sgd", steps=1)
+    run_multiprocess(
+        _compare_body, world_size=2, sharding_type=sharding_type, optimizer="sgd", steps=1, lookup_path=lookup_path
+    )
 
 
+@pytest.mark.parametrize("lookup_path", [GATHERED, WEIGHTED_TBE])
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
 @pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
-def test_sharded_matches_unsharded_several_steps(sharding_type: str, optimizer: str) -> None:
-    run_multiprocess(_compare_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=3)
+def test_sharded_matches_unsharded_several_steps(sharding_type: str, optimizer: str, lookup_path: str) -> None:
+    run_multiprocess(
+        _compare_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=3, lookup_path=lookup_path
+    )
 
 
 def _assert_table_row_wise_over_nodes(dmp: DistributedModelParallel, world_size: int, local_world_size: int) -> None:
