@@ -211,14 +211,11 @@ class ShardedEntityWeights:
                 pieces[k] = piece
         return pieces
 
-    def gather(
-        self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]]
-    ) -> Tuple[List[Optional[torch.Tensor]], Dict[str, torch.Tensor]]:
+    def gather(self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
         """``w`` at each key's positions, as plain values (no autograd).
 
         The caller computes the gradient of these values itself and applies it
-        with ``update``. Keys of one table are looked up together, so that
-        ``update`` coalesces their duplicates into one optimizer step.
+        with ``update`` (``entity_weight_gradient``).
 
         Args:
             tables (List[Optional[str]]): per key, the table whose ``w`` it reads.
@@ -226,17 +223,14 @@ class ShardedEntityWeights:
                 table's local slice (None: the key reads no ``w``).
 
         Returns:
-            Tuple[List[Optional[torch.Tensor]], Dict[str, torch.Tensor]]: per
-            key its ids' ``w``, and per table the positions read, in order.
+            List[Optional[torch.Tensor]]: per key, its ids' ``w``.
         """
         pieces: List[Optional[torch.Tensor]] = [None] * len(tables)
-        read: Dict[str, torch.Tensor] = {}
         for table, ks, index in self._per_table(tables, indices):
-            read[table] = index
             values = self.local[table].weights.view(-1).index_select(0, index)
             for k, piece in zip(ks, values.split([indices[k].numel() for k in ks])):
                 pieces[k] = piece
-        return pieces, read
+        return pieces
 
     def update(self, table: str, index: torch.Tensor, grad: torch.Tensor) -> None:
         """One optimizer step of ``table``'s ``w`` at ``index`` (duplicates summed), in place.

@@ -393,7 +393,7 @@ class ShardedMEmComEmbeddingBagCollection(
                 weights.append(None if reads_w[k] else weight)
                 indices.append(index)
             if self._lookup_path == GATHERED:
-                looked_up, _ = self._entity_weight_shards.gather(tables, indices)
+                looked_up = self._entity_weight_shards.gather(tables, indices)
                 for tbe, pending in pending_features(self._lookup_tbes[lookup], tables, indices):
                     self._entity_weight_gradient.expect(tbe, pending)
             else:
