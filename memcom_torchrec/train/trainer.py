@@ -10,7 +10,6 @@ overlaps the next batch's input all-to-all with the current step.
 
 import logging
 import os
-import resource
 import time
 from dataclasses import asdict
 from typing import Any, Dict, List, Tuple
@@ -19,7 +18,6 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
@@ -37,6 +35,7 @@ from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.modules.methods import get_method, method_sharders
 from memcom_torchrec.train.config import TrainConfig
 from memcom_torchrec.train.distributed_env import init_distributed
+from memcom_torchrec.train.rank_stats import peak_rss_mb, rank_stats, reset_peak_rss
 from memcom_torchrec.train.results import EpochScore, RunResult, TrainState
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -110,7 +109,9 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
     totals = RankingTotals()
     # Every rank runs the same number of batches (scoring runs collectives when sharded).
     max_batches = -(-cfg.eval_users // (world * cfg.eval_batch_size)) if cfg.eval_users else len(loader)
-    for i, batch in enumerate(tqdm(loader, desc=f"eval {split}", disable=rank != 0, leave=False, mininterval=5.0)):
+    bar = tqdm(loader, total=min(max_batches, len(loader)), desc=f"eval {split}", disable=rank != 0, leave=False,
+               mininterval=5.0)
+    for i, batch in enumerate(bar):
         if i >= max_batches:
             break
         real = len(batch)
@@ -138,67 +139,6 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
         "compression_ratio": sum(m.num_embeddings * m.embedding_dim for m in mems) / params,
         "table_compression_ratios": {m.table: m.compression_ratio for m in mems},
         "tables": {m.table: asdict(m) for m in mems},
-    }
-
-
-def reset_peak_rss() -> None:
-    """Starts a new peak-RSS window (Linux: ``/proc/self/clear_refs``; elsewhere peaks only grow)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since the last ``reset_peak_rss``, MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def rank_stats(
-    model: DistributedModelParallel, rows: int, seconds: float, train_peak_rss_mb: float, peak_rss: float
-) -> Dict[str, float]:
-    """What this rank held and did: training rows/s, peak RSS, local embedding bytes.
-
-    Args:
-        model (DistributedModelParallel): the sharded model.
-        rows (int): training rows (interactions) this rank stepped through.
-        seconds (float): training time (the training loops only).
-        train_peak_rss_mb (float): peak RSS of the training loops (``peak_rss_mb``).
-        peak_rss (float): peak RSS of the run, evaluation included.
-
-    Returns:
-        Dict[str, float]: ``train_rows_per_second``, ``train_seconds``,
-        ``train_peak_rss_mb``, ``peak_rss_mb`` (evaluation included),
-        ``embedding_param_bytes`` (local shards of every fused table, ``w``
-        included) and ``embedding_optimizer_bytes`` (their fused optimizer state).
-    """
-
-    def local_bytes(x: Any) -> int:  # this rank's part of a (sharded) tensor, state dict or list
-        if isinstance(x, ShardedTensor):
-            return sum(s.tensor.numel() * s.tensor.element_size() for s in x.local_shards())
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size() if x.dim() > 0 else 0
-        if isinstance(x, dict):
-            return sum(local_bytes(v) for v in x.values())
-        return 0
-
-    fused = model.fused_optimizer
-    params = sum(local_bytes(p) for p in fused.params.values())
-    return {
-        "train_rows_per_second": rows / seconds if seconds > 0 else 0.0,
-        "train_seconds": seconds,
-        "train_peak_rss_mb": train_peak_rss_mb,
-        "peak_rss_mb": peak_rss,
-        "embedding_param_bytes": float(params),
-        "embedding_optimizer_bytes": float(local_bytes(dict(fused.state))),
     }
 
 
