@@ -53,6 +53,7 @@ from memcom_torchrec import (  # noqa: E402
     table_memory,
 )
 from memcom_torchrec.distributed.memcom_embeddingbag import WEIGHTED_TBE  # noqa: E402
+from memcom_torchrec.train.rank_stats import local_tensor_bytes  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -150,22 +151,7 @@ def make_step(dmp: DistributedModelParallel) -> Callable[[KeyedJaggedTensor, tor
 
 def measured_bytes(dmp: DistributedModelParallel) -> Tuple[int, int]:
     """(parameter bytes, optimizer-state bytes) actually held by this rank."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    def nbytes(x: Any) -> int:
-        if isinstance(x, ShardedTensor):
-            return sum(s.tensor.numel() * s.tensor.element_size() for s in x.local_shards())
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size() if x.dim() > 0 else 0
-        if isinstance(x, dict):
-            return sum(nbytes(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return sum(nbytes(v) for v in x)
-        return 0
-
-    params = nbytes(dict(dmp.state_dict()))
-    state = nbytes(dmp.fused_optimizer.state_dict()["state"])
-    return params, state
+    return local_tensor_bytes(dict(dmp.state_dict())), local_tensor_bytes(dmp.fused_optimizer.state_dict()["state"])
 
 
 def run_rounds(args, models, batches) -> Dict[str, List[float]]:

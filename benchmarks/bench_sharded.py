@@ -58,6 +58,7 @@ from memcom_torchrec import (  # noqa: E402
     MEmComEmbeddingBagConfig,
     table_memory,
 )
+from memcom_torchrec.train.rank_stats import local_tensor_bytes  # noqa: E402
 
 log = logging.getLogger("bench_sharded")
 VARIANTS = ["memcom", "stock", "stock_weighted"]
@@ -268,20 +269,8 @@ def make_step(dmp: DistributedModelParallel, variant: str) -> Callable[[Dict[str
 
 
 def local_bytes(dmp: DistributedModelParallel) -> Tuple[int, int]:
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    def nbytes(x: Any) -> int:
-        if isinstance(x, ShardedTensor):
-            return sum(s.tensor.numel() * s.tensor.element_size() for s in x.local_shards())
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size() if x.dim() > 0 else 0
-        if isinstance(x, dict):
-            return sum(nbytes(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return sum(nbytes(v) for v in x)
-        return 0
-
-    return nbytes(dict(dmp.state_dict())), nbytes(dmp.fused_optimizer.state_dict()["state"])
+    """(parameter bytes, optimizer-state bytes) this rank holds."""
+    return local_tensor_bytes(dict(dmp.state_dict())), local_tensor_bytes(dmp.fused_optimizer.state_dict()["state"])
 
 
 # ---------------------------------------------------------------- worker

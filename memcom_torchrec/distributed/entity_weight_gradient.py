@@ -1,4 +1,4 @@
-"""The gradient of MEmCom's ``w`` from gathers of ``U`` (the CPU lookup path).
+"""The gradient of MEmCom's ``w`` computed beside FBGEMM, not by it (the CPU lookup path).
 
 A MEmCom bag is ``sum_j w[i_j] * U[h(i_j)]``, so the gradient of one looked-up
 ``w[i_j]`` is ``<U[h(i_j)], grad_bag>``, with ``U``'s values from before the
@@ -6,7 +6,7 @@ step's update. FBGEMM computes it when its per-sample weights require a
 gradient, but on CPU that kernel
 (``split_embedding_codegen_grad_indice_weights_cpu``) costs as much as the
 lookup itself (``benchmarks/RESULTS_core.md``). This path computes it instead
-with ATen's fused per-sample-weight gradient of ``embedding_bag`` (4x
+with ATen's fused per-sample-weight gradient of ``embedding_bag`` (2-4x
 cheaper on these CPUs, and cheaper than gathering the rows and multiplying):
 
 1. the sharded module feeds FBGEMM plain values of ``w`` as per-sample weights

@@ -34,6 +34,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def local_tensor_bytes(x: Any) -> int:
+    """Bytes this rank holds of a tensor, a ``ShardedTensor`` (its local shards), or a dict / list of them."""
+    if isinstance(x, ShardedTensor):
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in x.local_shards())
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size() if x.dim() > 0 else 0
+    if isinstance(x, dict):
+        return sum(local_tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(local_tensor_bytes(v) for v in x)
+    return 0
+
+
 def rank_stats(
     model: DistributedModelParallel, rows: int, seconds: float, train_peak_rss_mb: float, peak_rss: float
 ) -> Dict[str, float]:
@@ -53,22 +66,13 @@ def rank_stats(
         included) and ``embedding_optimizer_bytes`` (their fused optimizer state).
     """
 
-    def local_bytes(x: Any) -> int:  # this rank's part of a (sharded) tensor, state dict or list
-        if isinstance(x, ShardedTensor):
-            return sum(s.tensor.numel() * s.tensor.element_size() for s in x.local_shards())
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size() if x.dim() > 0 else 0
-        if isinstance(x, dict):
-            return sum(local_bytes(v) for v in x.values())
-        return 0
-
     fused = model.fused_optimizer
-    params = sum(local_bytes(p) for p in fused.params.values())
+    params = sum(local_tensor_bytes(p) for p in fused.params.values())
     return {
         "train_rows_per_second": rows / seconds if seconds > 0 else 0.0,
         "train_seconds": seconds,
         "train_peak_rss_mb": train_peak_rss_mb,
         "peak_rss_mb": peak_rss,
         "embedding_param_bytes": float(params),
-        "embedding_optimizer_bytes": float(local_bytes(dict(fused.state))),
+        "embedding_optimizer_bytes": float(local_tensor_bytes(dict(fused.state))),
     }
