@@ -134,3 +134,13 @@ class HostReads(TorchDispatchMode):
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.is_nonzero.default):
             self.reads.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def in_key_order(kt: Any, keys: List[str]) -> torch.Tensor:
+    """A KeyedTensor's values with its keys in ``keys``' order.
+
+    A sharded EBC orders its output keys by the plan (table-wise: by rank), not
+    as the unsharded module does; tests compare and project by key through this.
+    """
+    values = kt.to_dict()
+    return torch.cat([values[k] for k in keys], dim=1)
