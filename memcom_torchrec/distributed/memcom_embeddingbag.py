@@ -104,14 +104,19 @@ class MEmComEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
             self.input_features.record_stream(stream)
 
 
+def check_lookup_path(lookup_path: str) -> None:
+    """Raises ``ValueError`` naming the choices if ``lookup_path`` is not one of ``LOOKUP_PATHS``."""
+    if lookup_path not in LOOKUP_PATHS:
+        raise ValueError(f"unknown MEmCom lookup_path '{lookup_path}'; use one of {LOOKUP_PATHS}")
+
+
 def resolve_lookup_path(lookup_path: str, device: torch.device) -> str:
     """The gradient path of ``w`` for a device: ``"auto"`` is ``"gathered"`` on CPU, ``"weighted_tbe"`` elsewhere.
 
     Raises:
         ValueError: an unknown path.
     """
-    if lookup_path not in LOOKUP_PATHS:
-        raise ValueError(f"unknown MEmCom lookup_path '{lookup_path}'; use one of {LOOKUP_PATHS}")
+    check_lookup_path(lookup_path)
     if lookup_path == "auto":
         return GATHERED if device.type == "cpu" else WEIGHTED_TBE
     return lookup_path
@@ -221,6 +226,10 @@ class ShardedMEmComEmbeddingBagCollection(
             for f, spec in self._feature_specs.items()
             if spec.is_memcom and plan[spec.table].sharding_type == ShardingType.TABLE_WISE.value
         }
+        # Whether some ids must be hashed before the all-to-all (row-wise tables route by row of U).
+        self._hash_before_dist = any(
+            spec.is_memcom and f not in self._hashed_on_owner for f, spec in self._feature_specs.items()
+        )
         # The input all-to-all carries weights only when some id needs one.
         self._carries_weights = self._is_weighted or any(
             spec.is_memcom and spec.table in self._trained_tables and f not in self._hashed_on_owner
@@ -330,8 +339,8 @@ class ShardedMEmComEmbeddingBagCollection(
         ctx.input_features = features
         trained = set(self._trained_tables)
         hashed_on_owner = self._hashed_on_owner
-        if not self._carries_weights and len(hashed_on_owner) == len(self._feature_specs):
-            routed = features  # every table whole on one rank: ids travel unhashed
+        if not self._carries_weights and not self._hash_before_dist:
+            routed = features  # nothing to hash or weigh before the all-to-all: ids travel as given
         else:
 
             def carry(spec: FeatureSpec, rows: torch.Tensor, cols: torch.Tensor, weight: Optional[torch.Tensor]):
@@ -515,8 +524,7 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         lookup_path: str = "auto",
     ) -> None:
         super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        if lookup_path not in LOOKUP_PATHS:
-            raise ValueError(f"unknown MEmCom lookup_path '{lookup_path}'; use one of {LOOKUP_PATHS}")
+        check_lookup_path(lookup_path)
         self._lookup_path = lookup_path
         self._ebc_sharder = EmbeddingBagCollectionSharder(
             fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
