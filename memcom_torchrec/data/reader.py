@@ -111,13 +111,17 @@ def _list_parts(arr: pa.ChunkedArray, max_len: Optional[int]) -> Tuple[np.ndarra
     return vals[offs[0]:offs[-1]], lengths.astype(np.int32)
 
 
-def table_to_batch(table: pa.Table, history_len: Optional[int] = None, with_exclude: bool = False) -> Batch:
+def table_to_batch(
+    table: pa.Table, history_len: Optional[int] = None, with_exclude: bool = False, with_user: bool = True
+) -> Batch:
     """Converts rows (columns user, item, history[, exclude]) into a `Batch`, vectorised.
 
     Args:
         table: the rows of one batch (possibly zero rows).
         history_len: keep at most this many most-recent history items (None: all stored).
         with_exclude: also build the `exclude` KJT (the table must have the column).
+        with_user: put the `user_id` feature in `sparse_features` (False: `history` only,
+            for models that take no user id, e.g. the phone-shaped ones).
 
     Returns:
         The batch.
@@ -125,10 +129,14 @@ def table_to_batch(table: pa.Table, history_len: Optional[int] = None, with_excl
     n = table.num_rows
     user = table.column(USER).to_numpy()
     hist_vals, hist_lens = _list_parts(table.column(HISTORY), history_len)
-    values = np.concatenate([user, hist_vals]).astype(np.int64, copy=False)
-    lengths = np.concatenate([np.ones(n, dtype=np.int32), hist_lens])
+    if with_user:
+        keys = SPARSE_KEYS
+        values = np.concatenate([user, hist_vals]).astype(np.int64, copy=False)
+        lengths = np.concatenate([np.ones(n, dtype=np.int32), hist_lens])
+    else:
+        keys, values, lengths = [SPARSE_KEYS[1]], hist_vals.astype(np.int64, copy=False), hist_lens
     kjt = KeyedJaggedTensor(
-        keys=SPARSE_KEYS, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths), stride=n
+        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths), stride=n
     )
     labels = torch.from_numpy(np.array(table.column(ITEM).to_numpy(), dtype=np.int64))
     exclude = None
@@ -196,6 +204,7 @@ class InteractionBatchReader(IterableDataset):
         epoch: epoch number (mixed into the seed); see `set_epoch`.
         history_len: truncate histories to the last `history_len` items (None: as stored).
         with_exclude: attach `exclude` to eval batches (default: True for valid/test).
+        with_user: include the `user_id` feature (see `table_to_batch`).
 
     Example::
 
@@ -219,6 +228,7 @@ class InteractionBatchReader(IterableDataset):
         epoch: int = 0,
         history_len: Optional[int] = None,
         with_exclude: Optional[bool] = None,
+        with_user: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -236,6 +246,7 @@ class InteractionBatchReader(IterableDataset):
         self.epoch = epoch
         self.history_len = history_len
         self.with_exclude = (split != "train") if with_exclude is None else with_exclude
+        self.with_user = with_user
         self.columns = [USER, ITEM, HISTORY] + ([EXCLUDE] if self.with_exclude else [])
         self.files = split_files(data_dir, self.manifest, split)
         units: List[Tuple[int, int, int]] = []
@@ -345,7 +356,7 @@ class InteractionBatchReader(IterableDataset):
                 table = table.take(pa.array(rng.permutation(table.num_rows)))
             for j in range(w * bpw, min((w + 1) * bpw, self.num_batches)):
                 lo = (j - w * bpw) * bs
-                yield table_to_batch(table.slice(lo, bs), self.history_len, self.with_exclude)
+                yield table_to_batch(table.slice(lo, bs), self.history_len, self.with_exclude, self.with_user)
 
 
 def make_dataloader(
@@ -362,6 +373,7 @@ def make_dataloader(
     num_workers: int = 1,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    with_user: bool = True,
 ) -> DataLoader:
     """A torch DataLoader over an `InteractionBatchReader` (batches are built in the workers).
 
@@ -371,13 +383,15 @@ def make_dataloader(
         num_workers: DataLoader worker processes (0: read in the calling process).
         pin_memory: pin batches (uses `Batch.pin_memory`) for fast host-to-device copies.
         prefetch_factor: batches prefetched per worker.
+        with_user: include the `user_id` feature (see `table_to_batch`).
 
     Returns:
         A DataLoader yielding exactly `len(reader)` batches per epoch; call
         `loader.dataset.set_epoch(e)` before each epoch to reshuffle.
     """
     reader = InteractionBatchReader(
-        data_dir, split, batch_size, rank, world_size, shuffle, shuffle_buffer, seed, epoch, history_len
+        data_dir, split, batch_size, rank, world_size, shuffle, shuffle_buffer, seed, epoch, history_len,
+        with_user=with_user,
     )
     kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

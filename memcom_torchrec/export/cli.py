@@ -2,7 +2,7 @@
 
 Example::
 
-    memcom-export --checkpoint runs/ml100k_memcom --out model.pte --dtype compact
+    memcom-export --checkpoint runs/ml100k_memcom --out model.pte --dtype int8
 """
 
 import argparse
@@ -21,12 +21,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint root or checkpoint directory")
     p.add_argument("--out", required=True, help="path of the .pte to write")
     p.add_argument("--dtype", choices=DTYPES, default=FP32,
-                   help="fp32, or compact: uint8 tables with fp16 per-row scale/bias, fp16 MEmCom w")
+                   help="fp32; int8 / int4: every table quantised (ExecuTorch's embedding_byte / embedding_4bit "
+                        "kernels), linear layers int8 with dynamic int8 activations (XNNPACK), w and biases fp16")
     p.add_argument("--backend", choices=BACKENDS, default=XNNPACK,
                    help="xnnpack: delegate what XNNPACK supports; portable: portable kernels only")
     p.add_argument("--pt2", default="", help="path of the torch.export program (default: --out with .pt2)")
     p.add_argument("--no-pt2", action="store_true", help="do not write the torch.export program")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest batch accepted")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"largest batch accepted (default {DEFAULT_MAX_BATCH}; 32 for the mlp scorer, whose working "
+                        "memory grows with batch x items)")
     p.add_argument("--max-history", type=int, default=DEFAULT_MAX_HISTORY,
                    help="history ids per row the memory plan allows (max_batch * this in all)")
     return p.parse_args(argv)
@@ -55,8 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(json.dumps(asdict(result), indent=2))
     print(
-        f"wrote {result.pte} ({result.pte_bytes / 1e6:.2f} MB, {result.dtype}, {result.backend}; embedding tables "
-        f"{result.embedding_bytes / 1e3:.0f} KB); parity of the .pte with the eager model over batches of 1, 4 and 37: "
+        f"wrote {result.pte} ({result.pte_bytes / 1e6:.3f} MB, {result.kind}, {result.dtype}, {result.backend}; "
+        f"embedding tables {result.embedding_bytes / 1e3:.0f} KB, linear layers {result.dense_bytes / 1e3:.0f} KB); parity of the .pte with the eager model over batches of 1, 4 and 37: "
         f"max |diff| = {result.parity_max_abs_diff:.2e}",
         file=sys.stderr,
     )

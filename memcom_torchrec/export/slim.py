@@ -1,11 +1,11 @@
-"""Slim single-device next-item models: plain tensors in, logits out, core ATen ops only.
+"""Slim single-device recommenders: plain tensors in, a score per item out, core ATen ops only.
 
-A trained ``NextItemClassifier`` holds TorchRec/FBGEMM collections that a phone
-runtime cannot run (``aten::_embedding_bag`` and FBGEMM ops have no ExecuTorch
-kernels). ``build_slim_model`` copies its tables into small lookup modules that
-use only ``embedding`` (a bounds-checked gather), element-wise ops and a segment
-sum (``cumsum`` + ``scatter_add`` to find each id's bag, ``index_put`` with
-``accumulate=True`` to sum it), then the MLP and the output layer.
+A trained model holds TorchRec/FBGEMM collections that a phone runtime cannot
+run (``aten::_embedding_bag`` and FBGEMM ops have no ExecuTorch kernels).
+``build_slim_model`` copies its tables into small lookup modules that use only
+``embedding`` (a bounds-checked gather), element-wise ops and a segment sum
+(``cumsum`` + ``scatter_add`` to find each id's bag, ``index_put`` with
+``accumulate=True`` to sum it), then the query network and the scorer.
 
 Per-id embeddings by the roles of a table's tensors, as each collection hands
 them over (``dense_tables``; ``n`` entities), whatever method built the table:
@@ -15,11 +15,24 @@ them over (``dense_tables``; ``n`` entities), whatever method built the table:
 - ``Q``, ``R``: ``Q[i // p] * R[i mod p]`` (quotient-remainder; with ``w``: memcom_qr);
 - ``w``: the above times ``w[i]``.
 
-Storage (``dtype``): ``"fp32"`` keeps every table in float32; ``"compact"``
-stores every embedding table (``U``, ``Q``, ``R`` and plain tables) as uint8
-rows with a float16 scale and bias per row, dequantised in the graph
-(``q * scale + bias``), and MEmCom's ``w`` as float16. The MLP and the output
-layer stay float32.
+Scorers (what turns the query ``q`` into a score per item):
+
+- ``linear``: the classifier's output layer (one uncompressed row per item);
+- ``tied`` / ``dot``: ``<q, e_i>`` (+ ``b_i``) with ``e_i`` from the compressed item
+  table. For ``U`` layouts it is computed as ``w_i * (q U^T)[i mod m]``:
+  ``O(m*d + n)`` per request, not ``O(n*d)``;
+- ``mlp``: RankNet's pair network over ``[q, e_i]``.
+
+Storage (``dtype``): ``"fp32"``; ``"int8"`` / ``"int4"`` quantise with torchao's
+own configs (``quantize_slim``): every embedding table (``U``, ``Q``, ``R``, plain
+tables) weight-only, row-wise asymmetric int8 / group-wise (32) int4, which
+ExecuTorch runs with its ``quantized_decomposed::embedding_byte`` /
+``embedding_4bit`` kernels; every linear layer int8 weights with dynamically
+quantised int8 activations (XNNPACK's kernel); per-entity scalars (MEmCom's
+``w``, the item biases) float16. int4 keeps the linear layers at int8: XNNPACK's
+int4 linear kernel differs from torchao's eager reference by ~3e-3 (measured,
+``benchmarks/RESULTS_export.md``), so a ``.pte`` could not be checked against
+its eager twin; the linear layers are small next to the tables.
 
 Invalid input:
 
@@ -27,26 +40,25 @@ Invalid input:
   ``feature 'history': id 1703 is out of range for table 'item' (num_embeddings=1682)``;
 - exported programs: there is no exception to raise inside a graph, so every
   lookup index of an invalid id is replaced by the table's row count, which the
-  bounds check of the ``embedding`` kernel rejects; inconsistent lengths make
-  ``scatter_add``/``index_put`` go out of bounds the same way. ExecuTorch then
-  fails the call (``Method.execute`` returns ``InvalidArgument``, 0x12; the
-  Python binding raises ``RuntimeError``; the log names the kernel, e.g.
-  ``op_embedding.cpp: Check failed (indices_ptr[i] < weight_height)``), and the
-  ``torch.export`` program raises ``IndexError``/``RuntimeError`` from the same
-  op. Nothing is clamped: a bad id never yields a wrong score silently.
+  bounds check of the ``embedding`` kernel (and of the quantised embedding
+  kernels) rejects; inconsistent lengths make ``scatter_add``/``index_put`` go
+  out of bounds the same way. ExecuTorch then fails the call (the Python
+  binding raises ``RuntimeError``; the log names the kernel), and the
+  ``torch.export`` program raises from the same op. Nothing is clamped: a bad
+  id never yields a wrong score silently.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from memcom_torchrec.models.layers import HISTORY_FEATURE, USER_FEATURE
 from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
 
-FP32, COMPACT = "fp32", "compact"
-DTYPES = (FP32, COMPACT)
-HISTORY_FEATURE, USER_FEATURE = "history", "user_id"
+FP32, INT8, INT4 = "fp32", "int8", "int4"
+DTYPES = (FP32, INT8, INT4)
 
 # The table layouts a slim lookup computes: sorted tensor roles (see the module docstring).
 LAYOUTS = (("weight",), ("U",), ("U", "w"), ("Q", "R"), ("Q", "R", "w"))
@@ -55,97 +67,54 @@ LAYOUTS = (("weight",), ("U",), ("U", "w"), ("Q", "R"), ("Q", "R", "w"))
 # ---------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------
-def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise asymmetric uint8 quantisation with float16 scale and bias.
-
-    Row ``r`` is stored as ``q[r] (uint8)`` with ``x ~= q * scale[r] + bias[r]``;
-    ``scale = (max - min) / 255`` and ``bias = min`` are rounded to float16
-    first, and ``q`` is computed against the rounded values.
-
-    Args:
-        weight (torch.Tensor): ``rows x d`` float table.
-
-    Returns:
-        Tuple[torch.Tensor, torch.Tensor]: ``q`` (``rows x d`` uint8) and
-        ``scale_bias`` (``rows x 2`` float16: column 0 scale, column 1 bias).
-
-    Raises:
-        ValueError: a value is not finite or exceeds float16's range.
-    """
-    w = weight.detach().float()
-    if not torch.isfinite(w).all():
-        raise ValueError("cannot quantise a table with non-finite values")
-    lo, hi = w.min(dim=1).values, w.max(dim=1).values
-    if max(lo.abs().max().item(), hi.abs().max().item()) > 65000.0:
-        raise ValueError("table values exceed float16's range; keep dtype='fp32'")
-    scale = ((hi - lo) / 255.0).half()
-    bias = lo.half()
-    s, b = scale.float(), bias.float()
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round((w - b[:, None]) / safe[:, None]).clamp(0, 255)
-    q = torch.where(s[:, None] > 0, q, torch.zeros_like(q)).to(torch.uint8)
-    return q, torch.stack([scale, bias], dim=1)
-
-
-def dequantize_rows(q: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
-    """Float32 table of ``quantize_rows``' output (the same arithmetic as the graph)."""
-    sb = scale_bias.float()
-    return q.float() * sb[:, :1] + sb[:, 1:]
-
-
 class RowTable(nn.Module):
-    """A ``rows x d`` embedding table, float32 or uint8 with per-row float16 scale/bias.
+    """A ``rows x d`` embedding table (an ``nn.Embedding``, so torchao can quantise it).
 
     Args:
         weight (torch.Tensor): the float table.
-        compact (bool): store it quantised (``quantize_rows``).
     """
 
-    def __init__(self, weight: torch.Tensor, compact: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.compact = compact
-        self.num_rows, self.dim = int(weight.shape[0]), int(weight.shape[1])
-        if compact:
-            q, sb = quantize_rows(weight)
-            self.register_buffer("q", q)
-            self.register_buffer("scale_bias", sb)
-        else:
-            self.register_buffer("weight", weight.detach().float().clone().contiguous())
+        self.num_rows = int(weight.shape[0])
+        self.table = nn.Embedding(self.num_rows, int(weight.shape[1]))
+        self.table.weight = nn.Parameter(weight.detach().float().clone().contiguous(), requires_grad=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` as float32 (``len(idx) x d``); an index outside ``[0, rows)`` fails."""
-        if not self.compact:
-            return nn.functional.embedding(idx, self.weight)
-        sb = nn.functional.embedding(idx, self.scale_bias).float()
-        return nn.functional.embedding(idx, self.q).float() * sb[:, :1] + sb[:, 1:]
+        return self.table(idx)
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 table this module computes with."""
-        return dequantize_rows(self.q, self.scale_bias) if self.compact else self.weight
+    def all_rows(self) -> torch.Tensor:
+        """The whole table as float32 (dequantised through the same kernel as a lookup)."""
+        return self.table(torch.arange(self.num_rows))
 
 
 class ScalarTable(nn.Module):
-    """One scalar per entity (MEmCom's ``w``), float32 or float16, as an ``n x 1`` table.
+    """One scalar per entity (MEmCom's ``w``) as an ``n x 1`` float32 or float16 buffer.
 
     Args:
         values (torch.Tensor): ``n`` values.
-        compact (bool): store float16.
     """
 
-    def __init__(self, values: torch.Tensor, compact: bool = False) -> None:
+    def __init__(self, values: torch.Tensor) -> None:
         super().__init__()
-        self.compact = compact
-        v = values.detach().float().reshape(-1, 1)
-        if compact and v.abs().max().item() > 65000.0:
-            raise ValueError("entity weights exceed float16's range; keep dtype='fp32'")
-        self.register_buffer("weight", (v.half() if compact else v).clone().contiguous())
+        self.register_buffer("weight", values.detach().float().reshape(-1, 1).clone().contiguous())
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """``len(idx) x 1`` float32 values; an index outside ``[0, n)`` fails."""
         return nn.functional.embedding(idx, self.weight).float()
 
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float().reshape(-1)
+    def column(self) -> torch.Tensor:
+        """All ``n`` values as a float32 row vector (``1 x n``)."""
+        return self.weight.float().reshape(1, -1)
+
+
+def half_buffer(module: nn.Module, name: str) -> None:
+    """Stores ``module``'s buffer ``name`` as float16 (raises if a value exceeds float16's range)."""
+    t = getattr(module, name)
+    if t.abs().max().item() > 65000.0:
+        raise ValueError(f"{type(module).__name__}.{name} exceeds float16's range; keep dtype='fp32'")
+    setattr(module, name, t.half())
 
 
 # ---------------------------------------------------------------------------
@@ -180,10 +149,9 @@ class SlimLookup(nn.Module):
         tables (Dict[str, torch.Tensor]): float tensors by role: ``weight``
             (plain), ``U`` and optionally ``w`` (MEmCom / hashing), ``Q`` and
             ``R`` (QR), ``Q``, ``R`` and ``w`` (MEmCom-QR).
-        compact (bool): store tables quantised (see ``RowTable``/``ScalarTable``).
     """
 
-    def __init__(self, info: TableInfo, tables: Dict[str, torch.Tensor], compact: bool = False) -> None:
+    def __init__(self, info: TableInfo, tables: Dict[str, torch.Tensor]) -> None:
         super().__init__()
         if info.roles not in LAYOUTS:
             raise ValueError(
@@ -191,7 +159,6 @@ class SlimLookup(nn.Module):
                 f"{[list(r) for r in LAYOUTS]}"
             )
         self.info = info
-        self.compact = compact
         missing = [k for k in info.roles if k not in tables]
         if missing:
             raise ValueError(f"table '{info.name}' ({'+'.join(info.roles)}) lacks tensor(s) {missing}")
@@ -210,12 +177,12 @@ class SlimLookup(nn.Module):
                     f"expected {expected[k]}"
                 )
         if "Q" in info.roles:
-            self.quotient = RowTable(tables["Q"], compact)
-            self.remainder = RowTable(tables["R"], compact)
+            self.quotient = RowTable(tables["Q"])
+            self.remainder = RowTable(tables["R"])
         else:
-            self.rows = RowTable(tables["weight" if "weight" in info.roles else "U"], compact)
+            self.rows = RowTable(tables["weight" if "weight" in info.roles else "U"])
         if "w" in info.roles:
-            self.entity_weights = ScalarTable(tables["w"], compact)
+            self.entity_weights = ScalarTable(tables["w"])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
@@ -249,15 +216,20 @@ class SlimLookup(nn.Module):
                 f"(num_embeddings={self.info.num_embeddings})"
             )
 
-    def dequantized_tables(self) -> Dict[str, torch.Tensor]:
-        """The float32 tensors this lookup computes with, by role (input of a float twin)."""
-        out = {"Q": self.quotient.dequantized(), "R": self.remainder.dequantized()} if "Q" in self.info.roles else {
-            self.info.roles[0]: self.rows.dequantized()}
-        if "w" in self.info.roles:
-            out["w"] = self.entity_weights.dequantized()
-        return out
+    def catalogue(self) -> torch.Tensor:
+        """Every entity's vector, ``n x d`` (what ``self(arange(n))`` computes)."""
+        return self(torch.arange(self.info.num_embeddings))
 
+    def catalogue_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """``<q_b, e_i>`` for every row ``b`` and entity ``i``: ``B x n``.
 
+        ``U`` layouts score the ``m`` shared rows once and gather: ``w_i * (q U^T)[i mod m]``.
+        """
+        n, m = self.info.num_embeddings, self.info.num_buckets
+        if "U" not in self.info.roles:
+            return nn.functional.linear(q, self.catalogue())
+        scores = nn.functional.linear(q, self.rows.all_rows()).index_select(1, torch.remainder(torch.arange(n), m))
+        return scores * self.entity_weights.column() if "w" in self.info.roles else scores
 def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Sums consecutive rows of ``values`` into ``len(lengths)`` bags (empty bags: 0).
 
@@ -281,36 +253,89 @@ def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# The model
+# Scorers: query -> a score per item
 # ---------------------------------------------------------------------------
-class SlimNextItemModel(nn.Module):
-    """``NextItemClassifier`` without TorchRec: plain tensors in, logits out.
+class LinearScorer(nn.Module):
+    """The classifier's output layer: ``q @ O^T + b`` (one uncompressed row per item)."""
+
+    def __init__(self, output: nn.Linear) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, q: torch.Tensor, items: SlimLookup) -> torch.Tensor:
+        return self.output(q)
+
+
+class DotScorer(nn.Module):
+    """``<q, e_i>`` (+ ``b_i``) with ``e_i`` from the item table (``SlimLookup.catalogue_scores``).
 
     Args:
-        history (SlimLookup): lookup of the ``history`` feature (a bag per row).
-        user (SlimLookup): lookup of the ``user_id`` feature (one id per row).
-        mlp (nn.Module): the classifier's MLP (copied, eval mode).
-        output (nn.Module): the classifier's output layer.
+        bias (Optional[torch.Tensor]): ``n`` item biases (the ``tied`` scorer), or None (RankNet's ``dot``).
+    """
+
+    def __init__(self, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.item_bias = ScalarTable(bias) if bias is not None else None
+
+    def forward(self, q: torch.Tensor, items: SlimLookup) -> torch.Tensor:
+        scores = items.catalogue_scores(q)
+        return scores + self.item_bias.column() if self.item_bias is not None else scores
+
+
+class PairMLPScorer(nn.Module):
+    """RankNet's ``mlp`` scorer over ``[q, e_i]`` for every item (``models.ranknet.PairScorer``)."""
+
+    def __init__(self, pair_scorer: nn.Module) -> None:
+        super().__init__()
+        self.pair_scorer = pair_scorer
+
+    def forward(self, q: torch.Tensor, items: SlimLookup) -> torch.Tensor:
+        return self.pair_scorer(q, items.catalogue())
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+class SlimModel(nn.Module):
+    """A trained next-item classifier or RankNet without TorchRec: plain tensors in, scores out.
+
+    Args:
+        history (SlimLookup): lookup of the ``history`` feature (a bag per row); also
+            the item table the scorer reads.
+        user (Optional[SlimLookup]): lookup of the ``user_id`` feature (one id per
+            row), or None for a phone-shaped model (no user table, no user input).
+        query (nn.Module): pooled features -> the query (the MLP, and the projection
+            to ``d`` where the scorer needs one).
+        scorer (nn.Module): ``LinearScorer``, ``DotScorer`` or ``PairMLPScorer``.
+        kind (str): what it was built from, e.g. ``next_item/tied`` (for reports).
 
     Example::
 
         slim = build_slim_model(trained.model)
-        logits = slim(history_ids, history_lengths, user_ids)  # B x num_items
+        scores = slim(history_ids, history_lengths)            # phone-shaped: B x num_items
+        scores = slim(history_ids, history_lengths, user_ids)  # with a user table
     """
 
-    def __init__(self, history: SlimLookup, user: SlimLookup, mlp: nn.Module, output: nn.Module) -> None:
+    def __init__(
+        self, history: SlimLookup, user: Optional[SlimLookup], query: nn.Module, scorer: nn.Module, kind: str = ""
+    ) -> None:
         super().__init__()
         self.history = history
         self.user = user
-        self.mlp = mlp
-        self.output = output
+        self.query = query
+        self.scorer = scorer
+        self.kind = kind
 
     @property
     def num_items(self) -> int:
-        return int(self.output.out_features)
+        return self.history.info.num_embeddings
+
+    @property
+    def input_names(self) -> List[str]:
+        return ["history_ids", "history_lengths"] + (["user_ids"] if self.user is not None else [])
 
     def forward(
-        self, history_ids: torch.Tensor, history_lengths: torch.Tensor, user_ids: torch.Tensor
+        self, history_ids: torch.Tensor, history_lengths: torch.Tensor, user_ids: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Scores every item for each request.
 
@@ -318,37 +343,44 @@ class SlimNextItemModel(nn.Module):
             history_ids (torch.Tensor): ``N`` int64 item ids, the histories of all
                 rows back to back.
             history_lengths (torch.Tensor): ``B`` int64 history lengths (0 allowed).
-            user_ids (torch.Tensor): ``B`` int64 user ids, one per row.
+            user_ids (Optional[torch.Tensor]): ``B`` int64 user ids (only if the model has a user table).
 
         Returns:
-            torch.Tensor: ``B x num_items`` float32 logits.
+            torch.Tensor: ``B x num_items`` float32 scores.
 
         Raises:
-            ValueError: (eager only) ids out of range, inconsistent lengths, bad dtypes.
+            ValueError: (eager only) ids out of range, inconsistent lengths, bad dtypes, a missing
+                or unexpected ``user_ids``.
         """
         if not torch.compiler.is_compiling():
             self.check_inputs(history_ids, history_lengths, user_ids)
         hist = segment_sum(self.history(history_ids), history_lengths)
         if self.history.info.mean_pooling:
             hist = hist / torch.where(history_lengths > 0, history_lengths, 1).unsqueeze(1).to(hist.dtype)
-        user = self.user(user_ids)
-        return self.output(self.mlp(torch.cat([hist, user], dim=1)))
+        x = hist if self.user is None else torch.cat([hist, self.user(user_ids)], dim=1)
+        return self.scorer(self.query(x), self.history)
 
     def check_inputs(
-        self, history_ids: torch.Tensor, history_lengths: torch.Tensor, user_ids: torch.Tensor
+        self, history_ids: torch.Tensor, history_lengths: torch.Tensor, user_ids: Optional[torch.Tensor] = None
     ) -> None:
         """Raises ``ValueError`` describing the first problem with the inputs."""
         self.history.check_ids(HISTORY_FEATURE, history_ids)
-        self.user.check_ids(USER_FEATURE, user_ids)
+        if (user_ids is None) != (self.user is None):
+            raise ValueError(
+                f"this model takes {self.input_names}: "
+                + ("user_ids are missing" if user_ids is None else "it has no user table, drop user_ids")
+            )
         if history_lengths.dim() != 1 or history_lengths.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"feature '{HISTORY_FEATURE}': lengths must be a 1-D int64 tensor, got "
                 f"{history_lengths.dtype} of shape {tuple(history_lengths.shape)}"
             )
-        if history_lengths.shape[0] != user_ids.shape[0]:
-            raise ValueError(
-                f"batch mismatch: {history_lengths.shape[0]} history lengths but {user_ids.shape[0]} user ids"
-            )
+        if self.user is not None:
+            self.user.check_ids(USER_FEATURE, user_ids)
+            if history_lengths.shape[0] != user_ids.shape[0]:
+                raise ValueError(
+                    f"batch mismatch: {history_lengths.shape[0]} history lengths but {user_ids.shape[0]} user ids"
+                )
         if history_lengths.numel() and int(history_lengths.min()) < 0:
             raise ValueError(f"feature '{HISTORY_FEATURE}': negative length {int(history_lengths.min())}")
         total = int(history_lengths.sum()) if history_lengths.numel() else 0
@@ -359,9 +391,9 @@ class SlimNextItemModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# From a trained collection
+# From a trained model
 # ---------------------------------------------------------------------------
-def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> SlimLookup:
+def lookup_for_feature(collection: nn.Module, feature: str) -> SlimLookup:
     """The slim lookup of the table that feeds ``feature``."""
     configs = collection.embedding_bag_configs()
     config = next((t for t in configs if feature in (t.feature_names or [t.name])), None)
@@ -382,89 +414,143 @@ def lookup_for_feature(collection: nn.Module, feature: str, compact: bool) -> Sl
         mean_pooling=pooling == "MEAN",
         num_buckets=buckets,
     )
-    return SlimLookup(info, {k: v.detach().cpu() for k, v in tensors.items()}, compact)
+    return SlimLookup(info, {k: v.detach().cpu() for k, v in tensors.items()})
 
 
-def _dense_copy(module: nn.Module) -> nn.Module:
-    """A float32 CPU copy without dropout (inference)."""
-    layers = [m for m in (module if isinstance(module, nn.Sequential) else [module]) if not isinstance(m, nn.Dropout)]
+def _dense_copy(*modules: nn.Module) -> nn.Module:
+    """A float32 CPU copy of ``modules`` in sequence, without dropout (inference)."""
     import copy
 
-    out = copy.deepcopy(nn.Sequential(*layers) if isinstance(module, nn.Sequential) else layers[0])
+    layers = [
+        m
+        for module in modules
+        for m in (module if isinstance(module, nn.Sequential) else [module])
+        if not isinstance(m, nn.Dropout)
+    ]
+    out = copy.deepcopy(nn.Sequential(*layers))
     return out.float().cpu().eval().requires_grad_(False)
 
 
-def build_slim_model(model: nn.Module, dtype: str = FP32) -> SlimNextItemModel:
-    """Copies a trained next-item model into a ``SlimNextItemModel``.
+def build_slim_model(model: nn.Module, dtype: str = FP32) -> SlimModel:
+    """Copies a trained next-item classifier or RankNet into a ``SlimModel``.
 
     Args:
-        model (nn.Module): an unsharded ``NextItemClassifier`` (or the
-            ``NextItemTrain`` wrapping it) whose tables are materialised.
-        dtype (str): ``"fp32"`` or ``"compact"`` (uint8 rows + float16 scale/bias,
-            float16 ``w``).
+        model (nn.Module): an unsharded ``NextItemClassifier`` or ``RankNet`` (or the
+            ``...Train`` module wrapping it) whose tables are materialised.
+        dtype (str): ``fp32``, ``int8`` or ``int4`` (see ``quantize_slim``).
 
     Returns:
-        SlimNextItemModel: in eval mode, sharing no storage with ``model``.
+        SlimModel: in eval mode, sharing no storage with ``model``.
 
     Raises:
-        ValueError: unknown dtype, a feature without a table, tables on meta.
+        ValueError: unknown dtype or model, a feature without a table, tables on meta.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {list(DTYPES)}")
     inner = getattr(model, "model", model)
-    for attr in ("embeddings", "mlp", "output"):
-        if not hasattr(inner, attr):
-            raise ValueError(f"{type(inner).__name__} is not a NextItemClassifier (no '{attr}')")
-    if list(getattr(inner, "features", [HISTORY_FEATURE, USER_FEATURE])) != [HISTORY_FEATURE, USER_FEATURE]:
-        raise ValueError(f"expected features {[HISTORY_FEATURE, USER_FEATURE]}, got {inner.features}")
-    compact = dtype == COMPACT
-    slim = SlimNextItemModel(
-        history=lookup_for_feature(inner.embeddings, HISTORY_FEATURE, compact),
-        user=lookup_for_feature(inner.embeddings, USER_FEATURE, compact),
-        mlp=_dense_copy(inner.mlp),
-        output=_dense_copy(inner.output),
-    )
-    return slim.eval()
+    scorer_name = getattr(inner, "scorer", None)
+    features = list(getattr(inner, "features", []))
+    if scorer_name is None or features not in ([HISTORY_FEATURE], [HISTORY_FEATURE, USER_FEATURE]):
+        raise ValueError(f"{type(inner).__name__} is not a NextItemClassifier or RankNet of this package")
+    history = lookup_for_feature(inner.embeddings, HISTORY_FEATURE)
+    user = lookup_for_feature(inner.embeddings, USER_FEATURE) if USER_FEATURE in features else None
+    if scorer_name == "linear":
+        query, scorer = _dense_copy(inner.mlp), LinearScorer(_dense_copy(inner.output)[0])
+    elif scorer_name == "tied":
+        query, scorer = _dense_copy(inner.mlp, inner.head), DotScorer(inner.item_bias.detach().cpu())
+    elif scorer_name == "dot":
+        query, scorer = _dense_copy(inner.query), DotScorer()
+    elif scorer_name == "mlp":
+        query, scorer = _dense_copy(inner.query), PairMLPScorer(_dense_copy(inner.pair_scorer)[0])
+    else:
+        raise ValueError(f"no slim scorer for '{scorer_name}'")
+    model_kind = "ranknet" if hasattr(inner, "query") else "next_item"
+    slim = SlimModel(history, user, query, scorer, kind=f"{model_kind}/{scorer_name}").eval()
+    return quantize_slim(slim, dtype)
 
 
-def dequantized_twin(slim: SlimNextItemModel) -> SlimNextItemModel:
-    """The float32 slim model holding the tables a compact model computes with.
+def quantize_slim(slim: SlimModel, dtype: str) -> SlimModel:
+    """Quantises a float slim model in place with torchao (see the module docstring); returns it.
 
-    A compact model and its twin compute the same function (up to float
-    rounding); the twin of a float32 model is a copy of it.
+    The result is the program's eager twin: torchao's tensors compute with the
+    dequantised weights (and, in the linear layers, the same dynamic int8
+    activation quantisation XNNPACK applies), so a ``.pte`` lowered from it must
+    match it to float rounding.
     """
-    import copy
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {list(DTYPES)}")
+    if dtype == FP32:
+        return slim
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import (
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        quantize_,
+    )
 
-    def twin(lookup: SlimLookup) -> SlimLookup:
-        return SlimLookup(lookup.info, {k: v.clone() for k, v in lookup.dequantized_tables().items()}, False)
+    dim = slim.history.info.embedding_dim
+    group = PerGroup(32) if dtype == INT4 and dim % 32 == 0 else PerAxis(0)
+    tables = IntxWeightOnlyConfig(
+        weight_dtype=torch.int4 if dtype == INT4 else torch.int8, granularity=group,
+        mapping_type=MappingType.ASYMMETRIC,
+    )
+    quantize_(slim, tables, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    linears = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_(slim, linears, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    for module in slim.modules():
+        if isinstance(module, ScalarTable):
+            half_buffer(module, "weight")
+    slim.dtype = dtype
+    return slim
 
-    return SlimNextItemModel(twin(slim.history), twin(slim.user), copy.deepcopy(slim.mlp), copy.deepcopy(slim.output)).eval()
+
+# ---------------------------------------------------------------------------
+# Sizes and inputs
+# ---------------------------------------------------------------------------
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor stores; a torchao quantised tensor counts its packed data, scales and zero points."""
+    if hasattr(t, "qdata"):
+        bits = {torch.int4: 4, torch.int8: 8}.get(getattr(t, "target_dtype", torch.int8), 8)
+        extras = [getattr(t, a) for a in ("scale", "zero_point") if getattr(t, a, None) is not None]
+        return t.qdata.numel() * bits // 8 + sum(e.numel() * e.element_size() for e in extras)
+    return t.numel() * t.element_size()
 
 
 def state_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer of a module (what a program stores)."""
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
 
 
-def embedding_bytes(slim: SlimNextItemModel) -> int:
-    """Bytes of the slim model's embedding tables (history + user lookups)."""
-    return state_bytes(slim.history) + state_bytes(slim.user)
+def embedding_bytes(slim: SlimModel) -> int:
+    """Bytes of the slim model's embedding tables (history + user lookups, ``w`` included)."""
+    return state_bytes(slim.history) + (state_bytes(slim.user) if slim.user is not None else 0)
 
 
-def kjt_to_inputs(features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pyre-ignore
-    """``(history_ids, history_lengths, user_ids)`` of a next-item KeyedJaggedTensor.
+def dense_bytes(slim: SlimModel) -> int:
+    """Bytes of the linear layers and item biases (query network + scorer)."""
+    return state_bytes(slim.query) + state_bytes(slim.scorer)
+
+
+def kjt_to_inputs(features, with_user: bool = True) -> Tuple[torch.Tensor, ...]:  # pyre-ignore
+    """``(history_ids, history_lengths[, user_ids])`` of a next-item KeyedJaggedTensor.
 
     Raises:
-        ValueError: a row with other than one user id.
+        ValueError: a row with other than one user id, or no ``user_id`` feature where one is wanted.
     """
     d = features.to_dict()
-    hist, user = d[HISTORY_FEATURE], d[USER_FEATURE]
+    hist = d[HISTORY_FEATURE]
+    if not with_user:
+        return hist.values().long(), hist.lengths().long()
+    if USER_FEATURE not in d:
+        raise ValueError(f"the model takes a '{USER_FEATURE}' feature; the batch has {sorted(d)}")
+    user = d[USER_FEATURE]
     if user.lengths().numel() and not bool((user.lengths() == 1).all()):
         raise ValueError(f"feature '{USER_FEATURE}': the slim model takes exactly one id per row")
     return hist.values().long(), hist.lengths().long(), user.values().long()
 
 
-def example_inputs(slim: SlimNextItemModel, batch: int = 3, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+def example_inputs(slim: SlimModel, batch: int = 3, seed: int = 0) -> Tuple[torch.Tensor, ...]:
     """Valid random inputs (with an empty history) for tracing and tests."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 6, (batch,), generator=g)
@@ -472,5 +558,7 @@ def example_inputs(slim: SlimNextItemModel, batch: int = 3, seed: int = 0) -> Tu
     if batch > 1:
         lengths[1] = max(int(lengths[1]), 2)
     ids = torch.randint(0, slim.history.info.num_embeddings, (int(lengths.sum()),), generator=g)
+    if slim.user is None:
+        return ids, lengths
     users = torch.randint(0, slim.user.info.num_embeddings, (batch,), generator=g)
     return ids, lengths, users

@@ -26,11 +26,10 @@ def embedding_tables(cfg: ModelConfig, num_users: int, num_items: int) -> List[E
     Raises:
         ValueError: the method cannot build a table at the ratio (e.g. QR above its maximum).
     """
-    item_features = [HISTORY_FEATURE] + ([CANDIDATE_FEATURE] if cfg.model == "ranknet" else [])
-    specs = [
-        TableSpec("item", num_items, item_features, PoolingType.MEAN),
-        TableSpec("user", num_users, [USER_FEATURE], PoolingType.SUM),
-    ]
+    item_features = [HISTORY_FEATURE] + ([CANDIDATE_FEATURE] if cfg.scores_catalogue else [])
+    specs = [TableSpec("item", num_items, item_features, PoolingType.MEAN)]
+    if cfg.use_user_id:
+        specs.append(TableSpec("user", num_users, [USER_FEATURE], PoolingType.SUM))
     method = EmbeddingMethodConfig(
         method=cfg.method,
         compression_ratio=cfg.compression_ratio,
@@ -65,10 +64,11 @@ def build_model(
     embeddings = build_collection(tables, device=device)
     if seed is not None:
         torch.manual_seed(seed)
+    shape = dict(hidden=cfg.hidden, dropout=cfg.dropout, use_user_id=cfg.use_user_id, scorer=cfg.scorer)
     if cfg.model == "ranknet":
-        ranker = RankNet(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout)
+        ranker = RankNet(embeddings, cfg.embedding_dim, num_items, **shape)
         return RankNetTrain(ranker, cfg.num_negatives), tables
-    return NextItemTrain(NextItemClassifier(embeddings, cfg.embedding_dim, num_items, cfg.hidden, cfg.dropout)), tables
+    return NextItemTrain(NextItemClassifier(embeddings, cfg.embedding_dim, num_items, **shape)), tables
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -132,7 +132,8 @@ def load_trained_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
     path = resolve_checkpoint(checkpoint)
     meta = read_meta(path)
     cfg = _model_config(meta, path)
-    num_items, num_users = _table_size(meta, "item", path), _table_size(meta, "user", path)
+    num_items = _table_size(meta, "item", path)
+    num_users = _table_size(meta, "user", path) if cfg.use_user_id else 0
     try:
         model, _ = build_model(cfg, num_users, num_items, torch.device("cpu"))
     except ValueError as e:

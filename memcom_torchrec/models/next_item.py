@@ -1,38 +1,47 @@
-"""Next-item classification: user history (and id) -> softmax over the catalogue."""
+"""Next-item classification: user history (and id) -> a score for every item of the catalogue.
 
-from typing import List, Sequence, Tuple
+Two scorers (``NEXT_ITEM_SCORERS``):
+
+- ``linear``: an output layer with one uncompressed row per item, ``logit_i = <h, o_i> + b_i``;
+- ``tied``: the logits come from the (possibly compressed) input item table,
+  ``logit_i = <q, e_i> + b_i`` with ``q`` the MLP's output projected to ``d``.
+  For MEmCom that is ``w_i * (q U^T)[i mod m] + b_i``: the model holds no
+  ``n x hidden`` output layer, which is what makes a phone model slim.
+"""
+
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-USER_FEATURE, HISTORY_FEATURE = "user_id", "history"
+from memcom_torchrec.models.layers import (  # noqa: F401  (feature names are part of this module's API)
+    CANDIDATE_FEATURE,
+    HISTORY_FEATURE,
+    USER_FEATURE,
+    CatalogueModel,
+    mlp,
+    query_features,
+)
+
+LINEAR, TIED = "linear", "tied"
+NEXT_ITEM_SCORERS = (LINEAR, TIED)
 
 
-def mlp(in_dim: int, hidden: Sequence[int], dropout: float) -> Tuple[nn.Sequential, int]:
-    """ReLU MLP; returns the module and its output width."""
-    layers: List[nn.Module] = []
-    for h in hidden:
-        layers += [nn.Linear(in_dim, h), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        in_dim = h
-    return nn.Sequential(*layers), in_dim
-
-
-class NextItemClassifier(nn.Module):
+class NextItemClassifier(CatalogueModel):
     """Pooled history (+ user) embeddings -> MLP -> logits over every item.
-
-    The embedding collection may be compressed; the output layer (one row per
-    item) stays uncompressed: the compression ratio counts the input tables.
 
     Args:
         embeddings (nn.Module): KJT -> KeyedTensor collection with features
-            ``history`` (the bag of recent items) and ``user_id``.
+            ``history`` (the bag of recent items), ``user_id`` (if ``use_user_id``)
+            and ``candidate`` on the item table (if ``scorer="tied"``).
         embedding_dim (int): width of every pooled feature.
         num_items (int): catalogue size (logits).
         hidden (Sequence[int]): MLP widths.
         dropout (float): MLP dropout.
+        use_user_id (bool): pool the user id into the query (False: a phone-shaped
+            model that needs only the user's recent items).
+        scorer (str): ``linear`` or ``tied`` (see the module docstring).
 
     Example::
 
@@ -46,18 +55,27 @@ class NextItemClassifier(nn.Module):
         num_items: int,
         hidden: Sequence[int] = (256,),
         dropout: float = 0.0,
+        use_user_id: bool = True,
+        scorer: str = LINEAR,
     ) -> None:
-        super().__init__()
-        self.embeddings = embeddings
-        self.features = [HISTORY_FEATURE, USER_FEATURE]
+        if scorer not in NEXT_ITEM_SCORERS:
+            raise ValueError(f"unknown next_item scorer '{scorer}'; choose one of {list(NEXT_ITEM_SCORERS)}")
+        super().__init__(embeddings, num_items, query_features(use_user_id))
+        self.scorer = scorer
         self.mlp, out = mlp(embedding_dim * len(self.features), hidden, dropout)
-        self.output = nn.Linear(out, num_items)
+        if scorer == LINEAR:
+            self.output = nn.Linear(out, num_items)
+        else:
+            self.head = nn.Linear(out, embedding_dim)
+            self.item_bias = nn.Parameter(torch.zeros(num_items))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features (KJT with the model's features). Returns: ``B x num_items`` logits."""
-        pooled = self.embeddings(features).to_dict()
-        x = torch.cat([pooled[HISTORY_FEATURE], pooled[USER_FEATURE]], dim=1)
-        return self.output(self.mlp(x))
+        if self.scorer == LINEAR:
+            pooled = self.embeddings(features).to_dict()
+            return self.output(self.mlp(torch.cat([pooled[f] for f in self.features], dim=1)))
+        x, items = self.lookup_catalogue(features)
+        return self.head(self.mlp(x)) @ items.t() + self.item_bias
 
 
 class NextItemTrain(nn.Module):

@@ -1,72 +1,82 @@
 """RankNet-style ranking: a (user, item) scorer trained with a pairwise loss against sampled negatives.
 
-The query side pools the user's history (and user id) and maps it through an
-MLP to a ``d``-vector; an item is its (possibly compressed) embedding from the
-same item table the history uses; the score is their dot product. Training
-uses RankNet's pairwise logistic loss ``log(1 + exp(s_neg - s_pos))`` against
-``num_negatives`` uniformly sampled items per positive. Full-ranking evaluation
-scores every item (``query @ item_table``), so the metric code is the same as
-for the classifier.
+The query side pools the user's history (and user id, unless phone-shaped)
+and maps it through an MLP to a ``d``-vector ``q``; an item is its (possibly
+compressed) embedding ``e_i`` from the same item table the history uses. Two
+scorers (``RANKNET_SCORERS``):
+
+- ``dot``: ``<q, e_i>``. With MEmCom every item of a bucket is ``w_i U[h]``, so
+  a dot product orders a bucket's items by ``w_i`` for every user;
+- ``mlp``: the paper's ranking setup, a small network over ``[q, e_i]``
+  (``Linear(2d, d) -> ReLU -> Linear(d, 1)``), which can order them per user.
+
+Training uses RankNet's pairwise logistic loss ``log(1 + exp(s_neg - s_pos))``
+against ``num_negatives`` uniformly sampled items per positive. Full-ranking
+evaluation scores every item, so the metric code is the same as for the classifier.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.models.next_item import HISTORY_FEATURE, USER_FEATURE, mlp
+from memcom_torchrec.models.layers import (  # noqa: F401  (re-exported: part of this module's API)
+    CANDIDATE_FEATURE,
+    CatalogueModel,
+    mlp,
+    query_features,
+    ranking_features,
+)
 
-CANDIDATE_FEATURE = "candidate"
+DOT, MLP = "dot", "mlp"
+RANKNET_SCORERS = (DOT, MLP)
 
 
-def ranking_features(features: KeyedJaggedTensor, candidates: torch.Tensor) -> KeyedJaggedTensor:
-    """One KJT for a step: ``B`` query rows, then one row per candidate.
+class PairScorer(nn.Module):
+    """The ``mlp`` scorer: ``Linear(2d, d) -> ReLU -> Linear(d, 1)`` over ``[q, e]``.
 
-    Query rows carry the batch's history and user bags and an empty candidate
-    bag; candidate rows carry one item id and empty history/user bags. One
-    lookup (one all-to-all, one fused update of the item table) serves both.
+    The first layer is split into its query and item halves, so scoring ``B``
+    queries against ``C`` items costs ``(B + C) x d x d`` for the first layer
+    plus ``B x C x d`` for the rest, and never builds ``B x C x 2d`` inputs.
 
     Args:
-        features (KeyedJaggedTensor): the batch (keys ``user_id``, ``history``; ``B`` rows).
-        candidates (torch.Tensor): item ids, any shape (``C`` in all).
-
-    Returns:
-        KeyedJaggedTensor: keys ``[history, user_id, candidate]``, ``B + C`` rows.
+        embedding_dim (int): ``d``.
     """
-    b = features.stride()
-    ids = candidates.reshape(-1).long()
-    c = ids.numel()
-    device = features.values().device
-    lengths = features.lengths().long().view(len(features.keys()), b)
-    keys = features.keys()
-    hist, user = lengths[keys.index(HISTORY_FEATURE)], lengths[keys.index(USER_FEATURE)]
-    offsets = features.offset_per_key()
-    hk, uk = keys.index(HISTORY_FEATURE), keys.index(USER_FEATURE)
-    values = torch.cat([
-        features.values()[offsets[hk] : offsets[hk + 1]].long(),
-        features.values()[offsets[uk] : offsets[uk + 1]].long(),
-        ids.to(device),
-    ])
-    zb = torch.zeros(b, dtype=torch.long, device=device)
-    zc = torch.zeros(c, dtype=torch.long, device=device)
-    all_lengths = torch.cat([hist, zc, user, zc, zb, torch.ones(c, dtype=torch.long, device=device)])
-    return KeyedJaggedTensor(
-        keys=[HISTORY_FEATURE, USER_FEATURE, CANDIDATE_FEATURE], values=values, lengths=all_lengths, stride=b + c
-    )
+
+    def __init__(self, embedding_dim: int) -> None:
+        super().__init__()
+        self.query_proj = nn.Linear(embedding_dim, embedding_dim)
+        self.item_proj = nn.Linear(embedding_dim, embedding_dim, bias=False)
+        self.out = nn.Linear(embedding_dim, 1)
+
+    def forward(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of ``q`` (``B x d``) against ``items``: ``B x C x d`` (one set per row) or ``C x d`` (shared).
+
+        Returns:
+            torch.Tensor: ``B x C``.
+        """
+        a = self.query_proj(q)  # B x d
+        c = self.item_proj(items)
+        hidden = torch.relu(a.unsqueeze(1) + (c if c.dim() == 3 else c.unsqueeze(0)))
+        return self.out(hidden).squeeze(-1)
 
 
-class RankNet(nn.Module):
-    """Dot-product (query, item) scorer on a shared item table.
+class RankNet(CatalogueModel):
+    """(query, item) scorer on a shared item table.
 
     Args:
         embeddings (nn.Module): KJT -> KeyedTensor collection with features
-            ``history`` and ``candidate`` in the item table, ``user_id`` in the user table.
+            ``history`` and ``candidate`` in the item table (and ``user_id`` in the user table).
         embedding_dim (int): ``d``.
         num_items (int): catalogue size.
         hidden (Sequence[int]): query MLP widths.
         dropout (float): MLP dropout.
         eval_chunk (int): items embedded at once when scoring the whole catalogue.
+        use_user_id (bool): pool the user id into the query.
+        scorer (str): ``dot`` or ``mlp`` (see the module docstring).
+        score_chunk (int): items scored at once by the ``mlp`` scorer in full ranking
+            (bounds its ``B x chunk x d`` hidden activations).
 
     Example::
 
@@ -82,53 +92,40 @@ class RankNet(nn.Module):
         hidden: Sequence[int] = (256,),
         dropout: float = 0.0,
         eval_chunk: int = 65536,
+        use_user_id: bool = True,
+        scorer: str = DOT,
+        score_chunk: int = 1024,
     ) -> None:
-        super().__init__()
-        self.embeddings = embeddings
-        self.num_items = num_items
-        self.eval_chunk = eval_chunk
-        body, out = mlp(2 * embedding_dim, hidden, dropout)
+        if scorer not in RANKNET_SCORERS:
+            raise ValueError(f"unknown ranknet scorer '{scorer}'; choose one of {list(RANKNET_SCORERS)}")
+        super().__init__(embeddings, num_items, query_features(use_user_id), eval_chunk)
+        self.scorer = scorer
+        self.score_chunk = score_chunk
+        body, out = mlp(embedding_dim * len(self.features), hidden, dropout)
         self.query = nn.Sequential(body, nn.Linear(out, embedding_dim))
-        self._item_vectors: Optional[torch.Tensor] = None  # eval-mode cache of every item's vector
+        if scorer == MLP:
+            self.pair_scorer = PairScorer(embedding_dim)
 
-    def _lookup(self, features: KeyedJaggedTensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Query vectors (``B x d``) and candidate embeddings (``candidates.shape + (d,)``), one lookup."""
-        b = features.stride()
-        pooled = self.embeddings(ranking_features(features, candidates)).to_dict()
-        q = self.query(torch.cat([pooled[HISTORY_FEATURE][:b], pooled[USER_FEATURE][:b]], dim=1))
-        return q, pooled[CANDIDATE_FEATURE][b:].view(*candidates.shape, -1)
+    def score(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of queries ``q`` (``B x d``) against ``items`` (``B x C x d``, or ``C x d`` shared): ``B x C``."""
+        if self.scorer == DOT:
+            return (items * q.unsqueeze(1)).sum(-1) if items.dim() == 3 else q @ items.t()
+        if items.dim() == 3:
+            return self.pair_scorer(q, items)
+        return torch.cat(
+            [self.pair_scorer(q, items[s : s + self.score_chunk]) for s in range(0, items.shape[0], self.score_chunk)],
+            dim=1,
+        )
 
     def forward(self, features: KeyedJaggedTensor, candidates: torch.Tensor) -> torch.Tensor:
         """Args: features, candidates (``B x C`` item ids). Returns: ``B x C`` scores."""
-        q, items = self._lookup(features, candidates)
-        return (items * q.unsqueeze(1)).sum(-1)
+        x, items = self.lookup(features, candidates)
+        return self.score(self.query(x), items)
 
     def score_all(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Scores of every item: ``B x num_items`` (every rank must call it: it runs collectives when sharded).
-
-        In eval mode without autograd the catalogue's vectors are embedded once
-        and kept until the module goes back to training (``train()``), so an
-        evaluation embeds the catalogue once, not once per batch.
-        """
-        device = features.values().device
-        cache = not self.training and not torch.is_grad_enabled()
-        if cache and self._item_vectors is not None:
-            q, _ = self._lookup(features, torch.zeros(1, dtype=torch.long, device=device))  # the query only
-            return q @ self._item_vectors.t()
-        q, chunks = None, []
-        for start in range(0, self.num_items, self.eval_chunk):
-            items = torch.arange(start, min(start + self.eval_chunk, self.num_items), device=device)
-            q, vectors = self._lookup(features, items)
-            chunks.append(vectors)
-        items = torch.cat(chunks)
-        if cache:
-            self._item_vectors = items
-        return q @ items.t()
-
-    def train(self, mode: bool = True) -> "RankNet":
-        """Sets the mode; drops the cached catalogue vectors (their tables may change)."""
-        self._item_vectors = None
-        return super().train(mode)
+        """Scores of every item: ``B x num_items`` (every rank must call it: see ``lookup_catalogue``)."""
+        x, items = self.lookup_catalogue(features)
+        return self.score(self.query(x), items)
 
 
 class RankNetTrain(nn.Module):

@@ -87,12 +87,12 @@ def build_optimizer(cfg: TrainConfig, model: DistributedModelParallel) -> Tuple[
 def make_pipeline(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
     """TorchRec's sparse-dist pipeline (next batch's input all-to-all overlapped with this step).
 
-    Every collection (TorchRec's, MEmCom, QR) is pipelined. RankNet builds its
-    candidate KJT from sampled negatives inside its forward, so TorchRec cannot
-    start that input dist early: it runs with the plain pipeline (forward,
-    backward, step).
+    Every collection (TorchRec's, MEmCom, QR) is pipelined. Models that read
+    items through a ``candidate`` feature (RankNet, the ``tied`` scorer) build
+    that KJT inside their forward, so TorchRec cannot start that input dist
+    early: they run with the plain pipeline (forward, backward, step).
     """
-    if cfg.model == "ranknet":
+    if cfg.scores_catalogue:
         return TrainPipelineBase(model, optimizer, device)
     return TrainPipelineSparseDist(model, optimizer, device)
 
@@ -104,7 +104,7 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
     model.eval()
     loader = make_dataloader(
         cfg.data_dir, split, cfg.eval_batch_size, rank, world, shuffle=False, history_len=cfg.history_len,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers, with_user=cfg.use_user_id,
     )
     totals = RankingTotals()
     # Every rank runs the same number of batches (scoring runs collectives when sharded).
@@ -180,7 +180,7 @@ def train(cfg: TrainConfig) -> RunResult:
         epoch = state.epoch
         loader = make_dataloader(
             cfg.data_dir, "train", cfg.batch_size, rank, world, shuffle=True, seed=cfg.seed, epoch=epoch,
-            history_len=cfg.history_len, num_workers=cfg.num_workers,
+            history_len=cfg.history_len, num_workers=cfg.num_workers, with_user=cfg.use_user_id,
         )
         # Every rank steps through the same number of batches of the same size
         # (TorchRec's row-wise output dist needs it): trailing batches are padded.

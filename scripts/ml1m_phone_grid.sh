@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# ML-1M grid of phone-shaped next-item models (issue 12): no user id, `tied` scorer (logits from the
+# input item table), every method at several ratios, each method's learning rate from the 16x
+# replica search (README "ML-1M: where MEmCom stands", step 1), dropout 0.25, <= 12 epochs, patience 2.
+# Two queues run side by side (2 cores); results append to $OUT/results.csv as each run ends.
+#   bash scripts/ml1m_phone_grid.sh            # the grid
+#   QUEUE=a bash scripts/ml1m_phone_grid.sh    # one queue only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/ml1m_phone}
+DATA=${DATA:-data/ml-1m}
+[ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
+cell() {  # method ratio lr seed [extra trainer flags]
+  local m=$1 r=$2 lr=$3 s=$4; shift 4
+  OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "${CELL_OUT:-$OUT}" --methods "$m" \
+      --ratios "$r" --embedding-lrs "$lr" --seeds "$s" --launcher python -- \
+      --model next_item --scorer tied --use-user-id false --epochs 12 --patience 2 --dropout 0.25 "$@"
+}
+queue_a() {
+  cell uncompressed 1 0.2 0; cell memcom 8 0.1 0; cell qr 8 0.05 0; cell memcom_qr 16 0.1 0
+  cell hashing 16 0.1 0; cell memcom 32 0.2 0
+}
+queue_b() {
+  cell memcom 4 0.2 0; cell qr 4 0.05 0; cell memcom 16 0.1 0; cell qr 16 0.05 0; cell memcom_qr 8 0.1 0
+  cell hashing 4 0.1 0
+}
+case "${QUEUE:-both}" in
+  a) queue_a ;;
+  b) queue_b ;;
+  *) queue_a & queue_b & wait ;;
+esac
