@@ -469,35 +469,70 @@ def build_slim_model(model: nn.Module, dtype: str = FP32) -> SlimModel:
     return quantize_slim(slim, dtype)
 
 
+class DequantLinear(nn.Module):
+    """A linear layer whose weight is stored as an ``out x in`` table (``nn.Embedding``) for torchao.
+
+    ``forward`` reads the whole table through the embedding kernel (for a
+    quantised table: ``embedding_byte`` / ``embedding_4bit``, which dequantise
+    exactly as torchao's eager tensor does) and applies ``linear``.
+
+    Args:
+        linear (nn.Linear): the float layer.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_rows = RowTable(linear.weight)
+        if linear.bias is not None:
+            self.register_buffer("bias", linear.bias.detach().float().clone())
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight_rows.all_rows(), self.bias)
+
+
+def _swap_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, DequantLinear(child))
+        else:
+            _swap_linears(child)
+
+
 def quantize_slim(slim: SlimModel, dtype: str) -> SlimModel:
     """Quantises a float slim model in place with torchao (see the module docstring); returns it.
 
-    The result is the program's eager twin: torchao's tensors compute with the
-    dequantised weights (and, in the linear layers, the same dynamic int8
-    activation quantisation XNNPACK applies), so a ``.pte`` lowered from it must
-    match it to float rounding.
+    Every weight matrix, embedding tables and linear layers alike, becomes an
+    ``nn.Embedding`` quantised by torchao's ``IntxWeightOnlyConfig`` (asymmetric;
+    int8 one scale per row, int4 one per 32 columns where the width allows), which
+    ExecuTorch lowers to ``quantized_decomposed::embedding_byte`` / ``embedding_4bit``;
+    per-entity scalars (``w``, item biases) become float16. The result is the
+    program's eager twin: torchao's tensors compute with the dequantised weights,
+    so a ``.pte`` lowered from it matches it to float rounding.
+
+    (XNNPACK's dynamically quantised int8 linear layers were tried first: they
+    round activations differently from torchao's eager reference, 4.8e-3 off on one
+    row of a batch of 37 (``benchmarks/RESULTS_export.md``), so such a program
+    cannot be checked against an eager twin; weight-only layers are exact.)
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {list(DTYPES)}")
     if dtype == FP32:
         return slim
     from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import (
-        Int8DynamicActivationIntxWeightConfig,
-        IntxWeightOnlyConfig,
-        MappingType,
-        quantize_,
-    )
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType, quantize_
 
-    dim = slim.history.info.embedding_dim
-    group = PerGroup(32) if dtype == INT4 and dim % 32 == 0 else PerAxis(0)
-    tables = IntxWeightOnlyConfig(
-        weight_dtype=torch.int4 if dtype == INT4 else torch.int8, granularity=group,
-        mapping_type=MappingType.ASYMMETRIC,
-    )
-    quantize_(slim, tables, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
-    linears = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    quantize_(slim, linears, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    _swap_linears(slim.query)
+    _swap_linears(slim.scorer)
+    weight_dtype = torch.int4 if dtype == INT4 else torch.int8
+    for grouped in (False, True):
+        config = IntxWeightOnlyConfig(
+            weight_dtype=weight_dtype, granularity=PerGroup(32) if grouped else PerAxis(0),
+            mapping_type=MappingType.ASYMMETRIC,
+        )
+        quantize_(slim, config, filter_fn=lambda m, fqn, g=grouped: isinstance(m, nn.Embedding) and g == (
+            dtype == INT4 and m.embedding_dim % 32 == 0 and m.embedding_dim > 32))
     for module in slim.modules():
         if isinstance(module, ScalarTable):
             half_buffer(module, "weight")

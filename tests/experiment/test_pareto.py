@@ -1,0 +1,82 @@
+"""memcom-pareto: programs measured by the runtime on the whole test split, the frontier, bad input."""
+
+import csv
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from memcom_torchrec.experiment.pareto import frontier, main, measure_grid, report
+from memcom_torchrec.models.builder import build_model, load_trained_model
+from memcom_torchrec.models.checkpoint import save_checkpoint
+from memcom_torchrec.train.config import TrainConfig
+
+
+def _point(method: str, dtype: str, size: int, ndcg: float, valid: float = 0.1):
+    return {"method": method, "dtype": dtype, "pte_bytes": str(size), "ndcg@k": str(ndcg), "run_dir": method + dtype,
+            "valid_ndcg@k": str(valid)}
+
+
+def test_frontier_keeps_points_nothing_beats():
+    pts = [_point("a", "fp32", 1000, 0.10), _point("a", "int8", 300, 0.099), _point("b", "int8", 200, 0.08),
+           _point("c", "int8", 250, 0.07), _point("d", "int4", 100, 0.05), _point("e", "int4", 100, 0.06)]
+    assert [(p["method"], p["dtype"]) for p in frontier(pts)] == [
+        ("e", "int4"), ("b", "int8"), ("a", "int8"), ("a", "fp32")]
+
+
+def test_bad_input_is_named_before_any_work(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"unknown dtype\(s\) \['int3'\]"):
+        measure_grid(str(tmp_path / "r.csv"), "data", str(tmp_path), ["int8", "int3"])
+    with pytest.raises(ValueError, match="no results file"):
+        measure_grid(str(tmp_path / "r.csv"), "data", str(tmp_path), ["int8"])
+    path = tmp_path / "r.csv"
+    path.write_text("method,run_dir\nmemcom,/nowhere/run\n")
+    assert main(["--results", str(path), "--data-dir", "d", "--out-dir", str(tmp_path / "o")]) == 2
+    assert "lists run directories that are not here: ['/nowhere/run']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_points_are_the_programs_own_figures(ml100k_dir: str, tmp_path):
+    """Each point's nDCG is what its .pte scores on every test user, which equals the eager twin's."""
+    pytest.importorskip("executorch")
+    from memcom_torchrec.data import make_dataloader, read_manifest
+    from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
+    from memcom_torchrec.export import build_slim_model, kjt_to_inputs
+
+    manifest = read_manifest(ml100k_dir)
+    rows = []
+    for method in ("uncompressed", "memcom"):
+        cfg = TrainConfig(method=method, compression_ratio=16.0 if method == "memcom" else 1.0, embedding_dim=32,
+                          hidden=[32], use_user_id=False, scorer="tied", history_len=10)
+        torch.manual_seed(1)
+        model, _ = build_model(cfg, int(manifest["num_users"]), int(manifest["num_items"]), torch.device("cpu"), seed=1)
+        run = str(tmp_path / "runs" / method)
+        save_checkpoint(os.path.join(run, "best"), 1, model, meta={"config": asdict(cfg)})
+        rows.append({"method": method, "compression_ratio": cfg.compression_ratio, "item_table_ratio": "",
+                     "seed": 0, "valid_ndcg@k": 0.1 if method == "uncompressed" else 0.05, "run_dir": run})
+    results = tmp_path / "results.csv"
+    with open(results, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = str(tmp_path / "pareto")
+    points = measure_grid(str(results), ml100k_dir, out, ["fp32", "int8"], batch_size=128, repeats=3)
+    assert len(points) == 4 and all(int(p["test_users"]) == int(manifest["num_users"]) for p in points)
+    assert all(float(p["parity"]) <= 1e-5 and os.path.getsize(p["pte"]) == int(p["pte_bytes"]) for p in points)
+    by = {(p["method"], p["dtype"]): p for p in points}
+    assert int(by["memcom", "int8"]["table_bytes"]) < int(by["memcom", "fp32"]["table_bytes"]) / 2  # w: fp16
+    # the eager twin of one program, scored here on the same split
+    model, _ = load_trained_model(rows[1]["run_dir"])
+    slim = build_slim_model(model, "int8")
+    totals = RankingTotals()
+    with torch.no_grad():
+        for batch in make_dataloader(ml100k_dir, "test", 128, history_len=10, num_workers=0, with_user=False):
+            ranks = target_ranks(slim(*kjt_to_inputs(batch.sparse_features, False)), batch.labels,
+                                 batch.exclude.lengths(), batch.exclude.values())
+            totals = totals.add(ranking_totals(ranks, 10))
+    assert abs(float(by["memcom", "int8"]["ndcg@k"]) - totals.mean_ndcg) < 1e-6
+    # resumes: nothing is measured twice
+    assert len(measure_grid(str(results), ml100k_dir, out, ["fp32", "int8"], batch_size=128, repeats=3)) == 4
+    md = report(out)
+    assert "Base: uncompressed fp32" in md and os.path.exists(os.path.join(out, "pareto.png"))
