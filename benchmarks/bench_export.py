@@ -1,11 +1,12 @@
-"""Per-request latency and file sizes of exported next-item models.
+"""Per-request latency and file sizes of exported models (any model kind and scorer, fp32 / int8 / int4).
 
 Latency: one request (batch 1, a history of ``--history`` items) through the
 eager TorchRec model, the eager slim model, and the ``.pte`` programs (portable
 kernels only, and XNNPACK) run by ExecuTorch's runtime on this CPU; median of
 ``--repeats`` calls after warm-up. Sizes: the ``.pte`` files of the fp32
-uncompressed run (``--baseline``, if given), the fp32 and compact exports of
-``--checkpoint``; ratios are to the first row of each table.
+uncompressed run (``--baseline``, if given), the fp32, int8 and int4 exports of
+``--checkpoint``; ratios are to the first row of each table. (``memcom-pareto``
+measures whole grids, with each program's own nDCG.)
 
     .venv/bin/python benchmarks/bench_export.py --checkpoint /tmp/run1 --baseline /tmp/run_unc
 """
@@ -20,7 +21,15 @@ from typing import Callable, Dict, List
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.export import build_slim_model, embedding_bytes, load_pte, load_trained_model, run_pte, write_programs
+from memcom_torchrec.export import (
+    DTYPES,
+    build_slim_model,
+    embedding_bytes,
+    load_pte,
+    load_trained_model,
+    run_pte,
+    write_programs,
+)
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 20) -> float:
@@ -38,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="run to benchmark (MEmCom)")
     p.add_argument("--baseline", default="", help="uncompressed run for the size baseline")
-    p.add_argument("--data-dir", default="", help="prepared dataset: also report test nDCG@10 fp32 vs compact")
+    p.add_argument("--data-dir", default="", help="prepared dataset: also report test nDCG@10 of each dtype's eager twin")
     p.add_argument("--history", type=int, default=50)
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the eager models")
@@ -48,13 +57,16 @@ def main() -> None:
 
     model, meta = load_trained_model(args.checkpoint)
     slim = build_slim_model(model)
-    num_items, num_users = slim.history.info.num_embeddings, slim.user.info.num_embeddings
+    with_user = slim.user is not None
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, num_items, (args.history,), generator=g)
-    lengths, users = torch.tensor([args.history]), torch.randint(0, num_users, (1,), generator=g)
+    ids = torch.randint(0, slim.num_items, (args.history,), generator=g)
+    lengths = torch.tensor([args.history])
+    users = torch.randint(0, slim.user.info.num_embeddings, (1,), generator=g) if with_user else None
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=["history", "user_id"], values=torch.cat([ids, users]), lengths=torch.tensor([args.history, 1])
-    )
+    ) if with_user else KeyedJaggedTensor.from_lengths_sync(keys=["history"], values=ids, lengths=lengths)
+    inner = model.model
+    torchrec_scores = inner.score_all if hasattr(inner, "score_all") else inner
 
     sizes: List[Dict[str, object]] = []
     if args.baseline:
@@ -63,7 +75,7 @@ def main() -> None:
         r = write_programs(base, os.path.join(out, "uncompressed_fp32.pte"), "xnnpack", dtype="fp32")
         sizes.append({"name": f"{base_meta['config']['method']} fp32", "r": r, "emb": embedding_bytes(base)})
     programs = {}
-    for dtype in ("fp32", "compact"):
+    for dtype in DTYPES:
         s = build_slim_model(model, dtype)
         for backend in ("portable", "xnnpack"):
             r = write_programs(s, os.path.join(out, f"{dtype}_{backend}.pte"), backend, dtype=dtype)
@@ -71,10 +83,10 @@ def main() -> None:
             if backend == "xnnpack":
                 sizes.append({"name": f"{meta['config']['method']} {dtype}", "r": r, "emb": embedding_bytes(s)})
 
-    x = (ids, lengths, users)
+    x = (ids, lengths, users) if with_user else (ids, lengths)
     rows = []
     with torch.no_grad():
-        rows.append(("eager TorchRec model", median_ms(lambda: model.model(kjt), args.repeats)))
+        rows.append(("eager TorchRec model", median_ms(lambda: torchrec_scores(kjt), args.repeats)))
         rows.append(("eager slim model (fp32)", median_ms(lambda: slim(*x), args.repeats)))
     for (dtype, backend), r in programs.items():
         method = load_pte(r.pte)
@@ -96,18 +108,18 @@ def main() -> None:
         from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
         from memcom_torchrec.export import kjt_to_inputs
 
-        twins = {"fp32": slim, "compact": build_slim_model(model, "compact")}
+        twins = {dtype: build_slim_model(model, dtype) for dtype in DTYPES}
         totals = {k: RankingTotals() for k in twins}
         with torch.no_grad():
             for batch in make_dataloader(args.data_dir, "test", 1024, history_len=meta["config"]["history_len"],
-                                         num_workers=0):
-                xb, ex = kjt_to_inputs(batch.sparse_features), batch.exclude
+                                         num_workers=0, with_user=with_user):
+                xb, ex = kjt_to_inputs(batch.sparse_features, with_user), batch.exclude
                 for k, m in twins.items():
                     ranks = target_ranks(m(*xb), batch.labels, ex.lengths(), ex.values())
                     totals[k] = totals[k].add(ranking_totals(ranks, 10))
-        a, b = totals["fp32"].mean_ndcg, totals["compact"].mean_ndcg
-        print(f"\ntest nDCG@10 ({totals['fp32'].count} users): fp32 {a:.5f}, compact {b:.5f} "
-              f"({(b - a) / a * 100:+.2f}% relative)")
+        a = totals["fp32"].mean_ndcg
+        print(f"\ntest nDCG@10 ({totals['fp32'].count} users): " + ", ".join(
+            f"{k} {t.mean_ndcg:.5f} ({(t.mean_ndcg - a) / a * 100:+.2f}%)" for k, t in totals.items()))
     portable = programs[("fp32", "portable")]
     print(f"\nportable-only fp32 .pte: {portable.pte_bytes:,} bytes; operators: {', '.join(portable.operators)}")
 

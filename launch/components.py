@@ -401,7 +401,7 @@ def export(
     Needs the ``export`` extra (executorch) where the job runs.
 
     Args:
-        export_args: further ``memcom-export`` flags after ``--`` (``--dtype compact``, ``--backend portable``,
+        export_args: further ``memcom-export`` flags after ``--`` (``--dtype int8``, ``--backend portable``,
             ``--max-batch N``...; see ``memcom-export --help``)
         checkpoint: run directory, checkpoint root or checkpoint directory
         out: path of the .pte to write

@@ -123,8 +123,8 @@ def test_other_components(ml100k: str, tmp_path) -> None:
         components.prepare_data("prepare", "--from", str(tmp_path / "log.csv"), "--out", "x")
     with pytest.raises(components.LaunchError, match="has no checkpoint"):
         components.evaluate(run_dir=str(tmp_path), data_dir=ml100k)
-    app = components.export("--dtype", "compact", checkpoint=str(tmp_path), out="model.pte")
-    assert f"-m memcom_torchrec.export --checkpoint {tmp_path} --out model.pte --dtype compact" in app.roles[0].args[1]
+    app = components.export("--dtype", "int8", checkpoint=str(tmp_path), out="model.pte")
+    assert f"-m memcom_torchrec.export --checkpoint {tmp_path} --out model.pte --dtype int8" in app.roles[0].args[1]
     with pytest.raises(components.LaunchError, match="checkpoint .*does not exist"):
         components.export(checkpoint=str(tmp_path / "nope"), out="model.pte")
 
