@@ -33,6 +33,7 @@ from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_r
 from memcom_torchrec.export.lowering import XNNPACK, load_pte, run_pte, write_programs
 from memcom_torchrec.export.slim import DTYPES, SlimModel, build_slim_model, kjt_to_inputs
 from memcom_torchrec.models.builder import load_trained_model
+from memcom_torchrec.modules.methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ COLUMNS = [
     "method", "compression_ratio", "item_table_ratio", "dtype", "kind", "seed", "pte_bytes", "table_bytes",
     "linear_bytes", "ndcg@k", "hr@k", "test_users", "valid_ndcg@k", "latency_ms", "parity", "run_dir", "pte",
 ]
-MEMCOM_FAMILY = ("memcom", "memcom_qr")
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def frontier(points: List[Dict[str, str]]) -> List[Dict[str, str]]:
 
 def baseline(points: List[Dict[str, str]]) -> Optional[Dict[str, str]]:
     """The uncompressed fp32 point best on validation (the bar's reference), if any."""
-    base = [p for p in points if p["method"] == "uncompressed" and p["dtype"] == "fp32"]
+    base = [p for p in points if not get_method(p["method"]).compresses and p["dtype"] == "fp32"]
     return max(base, key=lambda p: float(p["valid_ndcg@k"] or "nan")) if base else None
 
 
@@ -200,7 +200,7 @@ def report(out_dir: str) -> str:
         md += (f"\nBase: uncompressed fp32 ({b_bytes / 1e3:.1f} KB, nDCG@10 {b_ndcg:.4f}, best on validation). "
                f"The bar: a MEmCom-family point at <= {b_bytes / 16e3:.1f} KB (1/16) with nDCG@10 >= "
                f"{0.95 * b_ndcg:.4f} (-5%), on the frontier.\n")
-        hits = [p for p in points if p["method"] in MEMCOM_FAMILY and int(p["pte_bytes"]) * 16 <= b_bytes
+        hits = [p for p in points if get_method(p["method"]).memcom_family and int(p["pte_bytes"]) * 16 <= b_bytes
                 and float(p["ndcg@k"]) >= 0.95 * b_ndcg and (p["run_dir"], p["dtype"]) in front]
         md += ("Met by: " + ", ".join(f"{p['method']} {float(p['compression_ratio']):g}x {p['dtype']}" for p in hits)
                if hits else "Not met by any point.") + "\n"

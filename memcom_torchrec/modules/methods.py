@@ -67,6 +67,8 @@ class EmbeddingMethod:
         collection (str): ``"module:Class"`` of the unsharded collection.
         sharder (str): ``"module:Class"`` of the sharder of its sharded twin.
         compresses (bool): False only for the uncompressed baseline.
+        memcom_family (bool): a trained scalar per entity (``w``) on a shared table:
+            the methods the project's bars are about (reports single them out).
     """
 
     name: str
@@ -77,6 +79,7 @@ class EmbeddingMethod:
     collection: str
     sharder: str
     compresses: bool = True
+    memcom_family: bool = False
 
     def table_config(self, spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
         """The config of ``spec`` at ``ratio``.
@@ -248,6 +251,7 @@ MEMCOM: EmbeddingMethod = register_method(EmbeddingMethod(
     config_class=_MEMCOM_CONFIG,
     collection=_MEMCOM_COLLECTION,
     sharder=_MEMCOM_SHARDER,
+    memcom_family=True,
 ))
 QR: EmbeddingMethod = register_method(EmbeddingMethod(
     name="qr",
@@ -266,4 +270,5 @@ MEMCOM_QR: EmbeddingMethod = register_method(EmbeddingMethod(
     config_class=_QR_CONFIG,
     collection=_QR_COLLECTION,
     sharder=_QR_SHARDER,
+    memcom_family=True,
 ))
