@@ -17,15 +17,20 @@ def _train_body(rank: int, world_size: int, cfg: TrainConfig) -> None:
 
 
 @pytest.mark.parametrize(
-    "model,method,world_size",
-    [("next_item", "uncompressed", 1), ("next_item", "hashing", 1), ("next_item", "qr", 1),
-     ("next_item", "memcom", 2), ("next_item", "memcom_qr", 2),
-     ("ranknet", "memcom", 2)],
+    "model,method,world_size,scorer,use_user_id",
+    [("next_item", "uncompressed", 1, "", True), ("next_item", "hashing", 1, "", True), ("next_item", "qr", 1, "", True),
+     ("next_item", "memcom", 2, "", True), ("next_item", "memcom_qr", 2, "", True),
+     ("ranknet", "memcom", 2, "", True),
+     # phone-shaped (no user id): the tied classifier and the paper's pair-scoring ranker
+     ("next_item", "qr", 2, "tied", False), ("ranknet", "memcom", 1, "mlp", False)],
 )
-def test_method_trains_and_beats_popularity(ml100k_dir: str, tmp_path, model: str, method: str, world_size: int) -> None:
+def test_method_trains_and_beats_popularity(
+    ml100k_dir: str, tmp_path, model: str, method: str, world_size: int, scorer: str, use_user_id: bool
+) -> None:
     cfg = TrainConfig(
         data_dir=ml100k_dir, out_dir=str(tmp_path / method), model=model, method=method, compression_ratio=4.0,
         epochs=2 if model == "next_item" else 3, batch_size=512 // world_size, eval_batch_size=512, hidden=[128],
+        scorer=scorer, use_user_id=use_user_id,
     )
     run_multiprocess(_train_body, world_size=world_size, cfg=cfg)
     with open(os.path.join(cfg.out_dir, "metrics.json")) as f:
