@@ -325,6 +325,7 @@ class SlimModel(nn.Module):
         self.query = query
         self.scorer = scorer
         self.kind = kind
+        self.dtype = FP32  # set by quantize_slim
 
     @property
     def num_items(self) -> int:

@@ -16,8 +16,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from memcom_torchrec.models.config import ModelConfig
 from memcom_torchrec.models.embeddings import EmbeddingMethodConfig, TableSpec, build_collection, table_configs
-from memcom_torchrec.models.next_item import HISTORY_FEATURE, USER_FEATURE, NextItemClassifier, NextItemTrain
-from memcom_torchrec.models.ranknet import CANDIDATE_FEATURE, RankNet, RankNetTrain
+from memcom_torchrec.models.layers import CANDIDATE_FEATURE, HISTORY_FEATURE, USER_FEATURE
+from memcom_torchrec.models.next_item import NextItemClassifier, NextItemTrain
+from memcom_torchrec.models.ranknet import RankNet, RankNetTrain
 
 
 def embedding_tables(cfg: ModelConfig, num_users: int, num_items: int) -> List[EmbeddingBagConfig]:

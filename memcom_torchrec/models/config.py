@@ -4,8 +4,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, List, Mapping
 
 MODELS = ("next_item", "ranknet")
-# Each model's scorers, its default first (kept here, torch-free, for the CLIs; the
-# models define them: NextItemClassifier and RankNet).
+# Each model's scorers, its default first (here, torch-free, for configs and CLIs;
+# NextItemClassifier and RankNet implement them).
 SCORERS = {"next_item": ("linear", "tied"), "ranknet": ("dot", "mlp")}
 
 

@@ -15,17 +15,11 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.models.layers import (  # noqa: F401  (feature names are part of this module's API)
-    CANDIDATE_FEATURE,
-    HISTORY_FEATURE,
-    USER_FEATURE,
-    CatalogueModel,
-    mlp,
-    query_features,
-)
+from memcom_torchrec.models.config import SCORERS
+from memcom_torchrec.models.layers import CatalogueModel, mlp, query_features
 
-LINEAR, TIED = "linear", "tied"
-NEXT_ITEM_SCORERS = (LINEAR, TIED)
+NEXT_ITEM_SCORERS = SCORERS["next_item"]
+LINEAR, TIED = NEXT_ITEM_SCORERS
 
 
 class NextItemClassifier(CatalogueModel):

@@ -21,16 +21,11 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.models.layers import (  # noqa: F401  (re-exported: part of this module's API)
-    CANDIDATE_FEATURE,
-    CatalogueModel,
-    mlp,
-    query_features,
-    ranking_features,
-)
+from memcom_torchrec.models.config import SCORERS
+from memcom_torchrec.models.layers import CatalogueModel, mlp, query_features
 
-DOT, MLP = "dot", "mlp"
-RANKNET_SCORERS = (DOT, MLP)
+RANKNET_SCORERS = SCORERS["ranknet"]
+DOT, MLP = RANKNET_SCORERS
 
 
 class PairScorer(nn.Module):
