@@ -154,6 +154,24 @@ def measure_grid(
     return read_points(path)
 
 
+def remeasure_latency(out_dir: str, repeats: int = 100) -> List[Dict[str, str]]:
+    """Times every point's ``.pte`` again and rewrites ``pareto.csv`` (for a quiet machine: the
+    first timings share the CPU with whatever else ran)."""
+    path = os.path.join(out_dir, "pareto.csv")
+    points = read_points(path)
+    for p in tqdm(points, desc="latency", mininterval=5.0):
+        model, meta = load_trained_model(p["run_dir"])
+        slim = build_slim_model(model, p["dtype"])
+        p["latency_ms"] = f"{request_latency_ms(p['pte'], slim, int(meta['config']['history_len']), repeats):.3f}"
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(points)
+    os.replace(tmp, path)
+    return points
+
+
 def frontier(points: List[Dict[str, str]]) -> List[Dict[str, str]]:
     """The points no other point beats on both ``.pte`` bytes (smaller) and nDCG@k (higher); by size."""
     ordered = sorted(points, key=lambda p: (int(p["pte_bytes"]), -float(p["ndcg@k"])))
@@ -262,6 +280,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="requests per runtime call when evaluating")
     p.add_argument("--repeats", type=int, default=100, help="batch-1 requests timed per program (median)")
     p.add_argument("--report-only", action="store_true", help="redraw pareto.md / .png from pareto.csv")
+    p.add_argument("--remeasure-latency", action="store_true",
+                   help="time every program of pareto.csv again (on a quiet machine), then report")
     return p.parse_args(argv)
 
 
@@ -269,7 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if not args.report_only:
+        if args.remeasure_latency:
+            remeasure_latency(args.out_dir, args.repeats)
+        elif not args.report_only:
             measure_grid(args.results, args.data_dir, args.out_dir, args.dtypes, args.batch_size, args.repeats)
         print(report(args.out_dir))
     except ImportError as e:

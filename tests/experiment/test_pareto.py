@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from memcom_torchrec.experiment.pareto import frontier, main, measure_grid, report
+from memcom_torchrec.experiment.pareto import frontier, main, measure_grid, read_points, remeasure_latency, report
 from memcom_torchrec.models.builder import build_model, load_trained_model
 from memcom_torchrec.models.checkpoint import save_checkpoint
 from memcom_torchrec.train.config import TrainConfig
@@ -78,5 +78,9 @@ def test_points_are_the_programs_own_figures(ml100k_dir: str, tmp_path):
     assert abs(float(by["memcom", "int8"]["ndcg@k"]) - totals.mean_ndcg) < 1e-6
     # resumes: nothing is measured twice
     assert len(measure_grid(str(results), ml100k_dir, out, ["fp32", "int8"], batch_size=128, repeats=3)) == 4
+    before = [p["latency_ms"] for p in read_points(os.path.join(out, "pareto.csv"))]
+    after = remeasure_latency(out, repeats=3)
+    assert len(after) == 4 and all(float(p["latency_ms"]) > 0 for p in after) and len(before) == 4
+    assert [p["ndcg@k"] for p in after] == [p["ndcg@k"] for p in read_points(os.path.join(out, "pareto.csv"))]
     md = report(out)
     assert "Base: uncompressed fp32" in md and os.path.exists(os.path.join(out, "pareto.png"))
