@@ -14,7 +14,7 @@ cell() {  # method ratio lr seed [extra trainer flags]
   local m=$1 r=$2 lr=$3 s=$4; shift 4
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "${CELL_OUT:-$OUT}" --methods "$m" \
       --ratios "$r" --embedding-lrs "$lr" --seeds "$s" --launcher python -- \
-      --model next_item --scorer tied --epochs 12 --patience 2 --dropout 0.25 --use-user-id "${USER_ID:-false}" "$@"
+      --model next_item --scorer tied --use-user-id "${USER_ID:-false}" --epochs 12 --patience 2 --dropout 0.25 "$@"
 }
 # Run order, after the first results: the tied scorer costs the shared-table methods far more than
 # expected (MEmCom 4x -32%, QR 4x -20% against -6% with the linear scorer and a user id), so the
