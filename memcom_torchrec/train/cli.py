@@ -14,9 +14,9 @@ from memcom_torchrec.train.trainer import TrainConfig, train
 def config_parser(cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag`` per dataclass field (lists as space-separated values)."""
     parser = argparse.ArgumentParser(description=description or cls.__doc__.splitlines()[0])
-    defaults = cls()
     for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
+        # the field's declared default, not an instance's (__post_init__ may resolve some, e.g. the scorer)
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)

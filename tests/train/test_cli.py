@@ -14,9 +14,17 @@ def test_every_field_is_a_flag() -> None:
     assert len(flags) == len(TrainConfig.__dataclass_fields__)
 
 
+def test_each_model_gets_its_own_default_scorer() -> None:
+    assert parse_config(["--model", "ranknet"]).scorer == "dot"
+    assert parse_config([]).scorer == "linear"
+    cfg = parse_config(["--model", "ranknet", "--scorer", "mlp", "--use-user-id", "false"])
+    assert (cfg.scorer, cfg.use_user_id) == ("mlp", False)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "memcon"], "error: unknown embedding method 'memcon'; choose one of ['uncompressed'"),
     (["--model", "deep"], "error: unknown model 'deep'; choose one of ['next_item', 'ranknet']"),
+    (["--scorer", "mlp"], "error: unknown scorer 'mlp' for model 'next_item'; choose one of ['linear', 'tied']"),
 ])
 def test_bad_values_are_usage_errors(argv, message, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
