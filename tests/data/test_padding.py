@@ -40,3 +40,19 @@ def test_padding_rows_do_not_change_the_loss() -> None:
     torch.testing.assert_close(loss, padded)
     expected = nn.functional.cross_entropy(model.model(_batch().sparse_features), _batch().labels)
     torch.testing.assert_close(loss, expected)
+
+
+def test_batches_without_the_user_feature() -> None:
+    """Phone-shaped models read only the history: the reader drops ``user_id`` (and padding keeps it out)."""
+    import pyarrow as pa
+
+    from memcom_torchrec.data.reader import table_to_batch
+
+    table = pa.table({"user": [3, 4], "item": [7, 8], "history": [[1, 2, 5], []]})
+    with_user, without = table_to_batch(table), table_to_batch(table, with_user=False)
+    assert with_user.sparse_features.keys() == ["user_id", "history"]
+    assert without.sparse_features.keys() == ["history"]
+    assert torch.equal(without.sparse_features["history"].values(), with_user.sparse_features["history"].values())
+    assert torch.equal(without.sparse_features.lengths(), torch.tensor([3, 0], dtype=torch.int32))
+    padded = pad_batch(without, 4)
+    assert padded.sparse_features.keys() == ["history"] and padded.sparse_features.lengths().tolist() == [3, 0, 0, 0]
