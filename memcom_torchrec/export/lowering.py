@@ -106,7 +106,8 @@ def lower(program: ExportedProgram, backend: str = XNNPACK):  # pyre-ignore
     Quantised programs (torchao's ``dequantize_affine`` + ``embedding``) go through
     ExecuTorch's quant-fusion pass, which turns each such pair into one
     ``quantized_decomposed::embedding_byte`` / ``embedding_4bit`` call on the packed
-    table; XNNPACK takes the dynamically quantised linear layers.
+    table (linear layers of a quantised slim model are such tables too: ``slim.DequantLinear``);
+    XNNPACK takes float linear layers.
 
     Returns:
         ExecutorchProgramManager: ``.buffer`` is the ``.pte`` file's bytes.
@@ -126,7 +127,8 @@ def lower(program: ExportedProgram, backend: str = XNNPACK):  # pyre-ignore
         )
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        # XNNPACK takes the linear layers (float or dynamically quantised) only: with every
+        # XNNPACK takes the linear layers only (float, or dynamically quantised as in
+        # benchmarks/probe_quant_linears.py, hence the quant-affine configs): with every
         # op delegated, a broadcast multiply [B, n] * [1, n] returned wrong scores once a
         # method had run at another batch size (measured: 10.4 off after a batch of 1).
         partitioners = [XnnpackPartitioner(
