@@ -79,13 +79,13 @@ def _locked(path: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _rewrite(path: str, rows: List[Dict[str, object]]) -> None:
-    """Replaces results.csv by ``rows`` (``FIELDS`` columns), atomically."""
+def rewrite_csv(path: str, rows: List[Dict[str, object]], fields: Sequence[str] = FIELDS) -> None:
+    """Replaces a CSV (results.csv: ``FIELDS`` columns) by ``rows``, atomically."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
     os.replace(tmp, path)
 
 
@@ -101,7 +101,7 @@ def _check_columns(path: str) -> None:
         return
     if not header or not {LEGACY_COLUMNS.get(h, h) for h in header} <= set(FIELDS):
         raise ValueError(f"{path}: columns {header} do not match this version's {FIELDS}; use another --out-dir")
-    _rewrite(path, read_results(path))
+    rewrite_csv(path, read_results(path))
 
 
 def append_result(path: str, row: Dict[str, object]) -> None:
@@ -316,7 +316,7 @@ def report(out_dir: str, data_dir: Optional[str] = None, threshold: float = 0.04
             raise ValueError(f"no results in {csv_path}")
         _check_columns(csv_path)  # refuses a foreign file before it is rewritten below
         _relative_loss(rows)
-        _rewrite(csv_path, rows)  # the relative losses, written back
+        rewrite_csv(csv_path, rows)  # the relative losses, written back
     pop = None
     if data_dir is not None:
         from memcom_torchrec.eval.popularity import popularity_totals

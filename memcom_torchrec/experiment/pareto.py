@@ -30,7 +30,9 @@ from tqdm import tqdm
 
 from memcom_torchrec.data import make_dataloader
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
-from memcom_torchrec.export.lowering import XNNPACK, load_pte, run_pte, write_programs
+from memcom_torchrec.experiment.grid import read_results, rewrite_csv
+from memcom_torchrec.export.cli import cli_error
+from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte, run_pte, write_programs
 from memcom_torchrec.export.slim import DTYPES, SlimModel, build_slim_model, kjt_to_inputs
 from memcom_torchrec.models.builder import load_trained_model
 from memcom_torchrec.modules.methods import get_method
@@ -121,8 +123,7 @@ def measure_grid(
         raise ValueError(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
     if not os.path.exists(results):
         raise ValueError(f"no results file {results}: run memcom-experiment first")
-    with open(results, newline="") as f:
-        runs = list(csv.DictReader(f))
+    runs = read_results(results)
     missing = [r["run_dir"] for r in runs if not os.path.isdir(r["run_dir"])]
     if missing:
         raise ValueError(f"{results} lists run directories that are not here: {missing[:3]}")
@@ -136,7 +137,7 @@ def measure_grid(
         config = meta["config"]
         name = f"{os.path.basename(run['run_dir'].rstrip('/'))}_{dtype}.pte"
         pte = os.path.join(out_dir, "programs", name)
-        max_batch = min(batch_size, 32) if slim.kind.endswith("/mlp") else batch_size
+        max_batch = min(batch_size, default_max_batch(slim))
         res = write_programs(slim, pte, XNNPACK, pt2=None, max_batch=max_batch,
                              max_history=int(config["history_len"]), dtype=dtype, method=run["method"])
         totals = evaluate_program(pte, slim, data_dir, int(config["history_len"]), max_batch, int(config.get("k", 10)))
@@ -163,12 +164,7 @@ def remeasure_latency(out_dir: str, repeats: int = 100) -> List[Dict[str, str]]:
         model, meta = load_trained_model(p["run_dir"])
         slim = build_slim_model(model, p["dtype"])
         p["latency_ms"] = f"{request_latency_ms(p['pte'], slim, int(meta['config']['history_len']), repeats):.3f}"
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(points)
-    os.replace(tmp, path)
+    rewrite_csv(path, points, COLUMNS)
     return points
 
 
@@ -294,12 +290,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif not args.report_only:
             measure_grid(args.results, args.data_dir, args.out_dir, args.dtypes, args.batch_size, args.repeats)
         print(report(args.out_dir))
-    except ImportError as e:
-        print(f"memcom-pareto: {e}; install the extra: pip install 'memcom_torchrec[export]'", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"memcom-pareto: {e}", file=sys.stderr)
-        return 2
+    except (ImportError, ValueError) as e:
+        return cli_error("memcom-pareto", e)
     return 0
 
 

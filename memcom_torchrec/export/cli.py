@@ -35,6 +35,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def cli_error(prog: str, e: Exception) -> int:
+    """Prints ``e`` as one line for the command ``prog`` (an ImportError with the extra to install); returns 2."""
+    hint = "; install the extra: pip install 'memcom_torchrec[export]'" if isinstance(e, ImportError) else ""
+    print(f"{prog}: {e}{hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -50,12 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_batch=args.max_batch,
             max_history=args.max_history,
         )
-    except ImportError as e:
-        print(f"memcom-export: {e}; install the extra: pip install 'memcom_torchrec[export]'", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"memcom-export: {e}", file=sys.stderr)
-        return 2
+    except (ImportError, ValueError) as e:
+        return cli_error("memcom-export", e)
     print(json.dumps(asdict(result), indent=2))
     print(
         f"wrote {result.pte} ({result.pte_bytes / 1e6:.3f} MB, {result.kind}, {result.dtype}, {result.backend}; "

@@ -165,7 +165,7 @@ def _rewrite_many(path: str) -> None:
     for _ in range(150):
         with experiment._locked(path):
             if os.path.exists(path):
-                experiment._rewrite(path, read_results(path))  # what report() does with the relative losses
+                experiment.rewrite_csv(path, read_results(path))  # what report() does with the relative losses
 
 
 def test_concurrent_grids_lose_no_rows(tmp_path) -> None:
