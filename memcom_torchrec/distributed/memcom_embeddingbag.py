@@ -27,6 +27,16 @@ module wraps a stock ``ShardedEmbeddingBagCollection`` holding every table's
 the same row blocks), appears in ``state_dict`` as a ``ShardedTensor`` named
 ``_entity_weights.<table>`` like the unsharded module, and its optimizer state
 sits in ``fused_optimizer``.
+
+The MEmCom-family variants (``memcom_configs``: a second hash, a stored
+assignment) map ids to cells of the same grid, so the layout, the plan and the
+update are MEmCom's. Their ids are always mapped before the all-to-all (like
+row-wise tables, whatever the sharding): every rank holds the (small, replicated)
+stored assignment as ``_assignments.<table>``, a plain tensor in ``state_dict``
+that DCP saves once, and a second hash turns each id into two ids of the bag.
+A stored assignment is set before training (``set_assignment``, or a loaded
+checkpoint); changing it while training would move entities between rows
+owned by different ranks, which this module does not do.
 """
 
 import contextlib
@@ -72,6 +82,7 @@ from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import (
     FeatureSpec,
     MEmComEmbeddingBagCollection,
+    StoredAssignments,
     apply_mean_pooling,
     hash_features,
     hash_ids,
@@ -220,12 +231,14 @@ class ShardedMEmComEmbeddingBagCollection(
         inner = self._embedding_bag_collection
         self._device = device or torch.device("cpu")
         self._lookup_path = resolve_lookup_path(lookup_path, self._device)
-        # Features whose ids travel unhashed (their table is whole on one rank).
+        # Features whose ids travel unhashed (their table is whole on one rank; the variants' never do).
         self._hashed_on_owner = {
             f
             for f, spec in self._feature_specs.items()
-            if spec.is_memcom and plan[spec.table].sharding_type == ShardingType.TABLE_WISE.value
+            if spec.is_memcom and not spec.is_variant
+            and plan[spec.table].sharding_type == ShardingType.TABLE_WISE.value
         }
+        self._assignments = StoredAssignments(self._embedding_bag_configs, self._device)
         # Whether some ids must be hashed before the all-to-all (row-wise tables route by row of U).
         self._hash_before_dist = any(
             spec.is_memcom and f not in self._hashed_on_owner for f, spec in self._feature_specs.items()
@@ -353,6 +366,7 @@ class ShardedMEmComEmbeddingBagCollection(
                 carry,
                 skip=hashed_on_owner,
                 weighted=self._carries_weights,
+                assignments=self._assignments.tensors(),
             )
         inner = self._embedding_bag_collection
         if inner._has_uninitialized_input_dist and hashed_on_owner:
@@ -461,6 +475,18 @@ class ShardedMEmComEmbeddingBagCollection(
         return awaitable
 
     # ------------------------------------------------------------ the rest
+    def set_assignment(self, table_name: str, cells: torch.Tensor) -> None:
+        """Stores a table's entity -> cell map on this rank (the same on every rank; before training).
+
+        Raises:
+            ValueError: naming the table, if ``cells`` is not a valid assignment for it.
+        """
+        self._assignments.set(table_name, cells.to(self._device))
+
+    def assignment(self, table_name: str) -> torch.Tensor:
+        """The stored cells of a ``"frequency"`` / ``"clustered"`` table."""
+        return self._assignments.get(table_name)
+
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
         return self._optim

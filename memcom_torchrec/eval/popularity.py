@@ -4,18 +4,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from memcom_torchrec.data.manifest import ITEM, read_manifest, split_files
+from memcom_torchrec.data.manifest import ITEM, USER, read_manifest, split_files
 from memcom_torchrec.data.reader import InteractionBatchReader
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
 
 
-def item_counts(data_dir: str) -> torch.Tensor:
-    """Training interactions per item (``num_items`` float64)."""
+def item_counts(data_dir: str, column: str = ITEM) -> torch.Tensor:
+    """Training interactions per item (``num_items`` float64), or per user with ``column=USER``."""
     manifest = read_manifest(data_dir)
-    counts = np.zeros(int(manifest["num_items"]), dtype=np.float64)
+    counts = np.zeros(int(manifest["num_users" if column == USER else "num_items"]), dtype=np.float64)
     for f in split_files(data_dir, manifest, "train"):
-        items = pq.read_table(f["path"], columns=[ITEM]).column(ITEM).to_numpy()
-        counts += np.bincount(items, minlength=counts.size)
+        ids = pq.read_table(f["path"], columns=[column]).column(column).to_numpy()
+        counts += np.bincount(ids, minlength=counts.size)
     return torch.from_numpy(counts)
 
 

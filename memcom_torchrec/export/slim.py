@@ -13,7 +13,10 @@ them over (``dense_tables``; ``n`` entities), whatever method built the table:
 - ``weight``: ``weight[i]`` (a plain table);
 - ``U``: ``U[i mod m]`` (hashing trick; with ``w``: MEmCom);
 - ``Q``, ``R``: ``Q[i // p] * R[i mod p]`` (quotient-remainder; with ``w``: memcom_qr);
-- ``w``: the above times ``w[i]``.
+- ``w``: the above times ``w[i]``;
+- ``U``, ``rows``, ``w``: ``sum_j w[i, j] * U[rows[i, j]]`` (the MEmCom-family
+  variants: a second hash, or a stored assignment), ``rows`` kept in the program
+  as int16 (int32 when ``m`` > 32,767).
 
 Scorers (what turns the query ``q`` into a score per item):
 
@@ -61,7 +64,7 @@ FP32, INT8, INT4 = "fp32", "int8", "int4"
 DTYPES = (FP32, INT8, INT4)
 
 # The table layouts a slim lookup computes: sorted tensor roles (see the module docstring).
-LAYOUTS = (("weight",), ("U",), ("U", "w"), ("Q", "R"), ("Q", "R", "w"))
+LAYOUTS = (("weight",), ("U",), ("U", "w"), ("Q", "R"), ("Q", "R", "w"), ("U", "rows", "w"))
 
 
 # ---------------------------------------------------------------------------
@@ -146,9 +149,10 @@ class SlimLookup(nn.Module):
 
     Args:
         info (TableInfo): the table.
-        tables (Dict[str, torch.Tensor]): float tensors by role: ``weight``
+        tables (Dict[str, torch.Tensor]): tensors by role: ``weight``
             (plain), ``U`` and optionally ``w`` (MEmCom / hashing), ``Q`` and
-            ``R`` (QR), ``Q``, ``R`` and ``w`` (MEmCom-QR).
+            ``R`` (QR), ``Q``, ``R`` and ``w`` (MEmCom-QR), ``U``, integer ``rows``
+            and ``w`` (``n x k`` each; the MEmCom-family variants).
     """
 
     def __init__(self, info: TableInfo, tables: Dict[str, torch.Tensor]) -> None:
@@ -163,12 +167,14 @@ class SlimLookup(nn.Module):
         if missing:
             raise ValueError(f"table '{info.name}' ({'+'.join(info.roles)}) lacks tensor(s) {missing}")
         n, d, m = info.num_embeddings, info.embedding_dim, info.num_buckets
+        hashes = int(tables["rows"].shape[1]) if "rows" in info.roles and tables["rows"].dim() == 2 else 1
         expected = {
             "weight": (n, d),
             "U": (m, d),
-            "w": (n,),
+            "w": (n, hashes) if "rows" in info.roles else (n,),
             "Q": (-(-n // m) if m else 0, d),
             "R": (m, d),
+            "rows": (n, hashes),
         }
         for k in info.roles:
             if tuple(tables[k].shape) != expected[k]:
@@ -183,11 +189,22 @@ class SlimLookup(nn.Module):
             self.rows = RowTable(tables["weight" if "weight" in info.roles else "U"])
         if "w" in info.roles:
             self.entity_weights = ScalarTable(tables["w"])
+        self.num_hashes = hashes
+        if "rows" in info.roles:
+            # entity -> rows of U, as small as m allows (int16 up to 32,767 rows)
+            dtype = torch.int16 if m <= (1 << 15) - 1 else torch.int32
+            self.register_buffer("bucket_rows", tables["rows"].to(dtype).reshape(-1).clone().contiguous())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
         n, m, roles = self.info.num_embeddings, self.info.num_buckets, self.info.roles
         valid = (ids >= 0) & (ids < n)
+        if "rows" in roles:  # sum_j w[i, j] U[rows[i, j]]; the poisoned index n*k fails every lookup
+            k = self.num_hashes
+            slots = (torch.where(valid, ids, n).unsqueeze(1) * k + torch.arange(k)).reshape(-1)
+            parts = self.rows(self.bucket_rows.index_select(0, torch.where(slots < n * k, slots, 0)).long()
+                              + torch.where(slots < n * k, 0, m))
+            return (self.entity_weights(slots) * parts).view(-1, k, self.info.embedding_dim).sum(1)
         if "weight" in roles:
             v = self.rows(torch.where(valid, ids, n))
         elif "U" in roles:
@@ -228,6 +245,10 @@ class SlimLookup(nn.Module):
         n, m = self.info.num_embeddings, self.info.num_buckets
         if "U" not in self.info.roles:
             return nn.functional.linear(q, self.catalogue())
+        if "rows" in self.info.roles:  # sum_j w[i, j] (q U^T)[rows[i, j]]
+            per_row = nn.functional.linear(q, self.rows.all_rows())
+            parts = per_row.index_select(1, self.bucket_rows.long()) * self.entity_weights.column()
+            return parts.view(q.shape[0], n, self.num_hashes).sum(2)
         scores = nn.functional.linear(q, self.rows.all_rows()).index_select(1, torch.remainder(torch.arange(n), m))
         return scores * self.entity_weights.column() if "w" in self.info.roles else scores
 def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,8 @@ def table_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
                     sig[field] = getattr(t, field)
             if getattr(t, "entity_weights", False):  # memcom_qr (absent for qr: older checkpoints still match)
                 sig["entity_weights"] = True
+            if getattr(t, "is_variant", False):  # the MEmCom-family variants (absent for MEmCom: older ones match)
+                sig.update(num_hashes=t.num_hashes, assignment=t.assignment, head_fraction=t.head_fraction)
             out[f"{name}:{t.name}" if name else t.name] = sig
     return out
 

@@ -7,7 +7,7 @@ export, and what ``DistributedModelParallel`` shards (with
 """
 
 from dataclasses import dataclass
-from typing import AbstractSet, Callable, Dict, List, Optional, Tuple, Union
+from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig, assignment_dtype, hash_multiplier
 from memcom_torchrec.modules.validation import validate_feature_specs
 
 
@@ -34,6 +34,10 @@ class FeatureSpec:
         entities_per_bucket (int): columns ``Q`` of the ``w`` grid (0: no ``w``).
         is_memcom (bool): whether ids are hashed ``i -> i mod m``.
         mean_pooling (bool): whether the pooled sum is divided by the bag length.
+        num_hashes (int): rows of ``U`` per entity (2: a second hash, see ``memcom_configs``).
+        bucket_capacity (int): cells per row per hash ``C`` (the second hash's columns start at ``C``).
+        hash_multiplier (int): ``a`` of the second hash's permutation ``(a*i) mod n`` (0: none).
+        stored_assignment (bool): cells come from the table's stored assignment.
     """
 
     feature: str
@@ -43,6 +47,15 @@ class FeatureSpec:
     entities_per_bucket: int
     is_memcom: bool
     mean_pooling: bool
+    num_hashes: int = 1
+    bucket_capacity: int = 0
+    hash_multiplier: int = 0
+    stored_assignment: bool = False
+
+    @property
+    def is_variant(self) -> bool:
+        """Whether ids map to cells other than MEmCom's ``(i mod m, i // m)``."""
+        return self.num_hashes != 1 or self.stored_assignment
 
 
 def feature_specs(tables: List[EmbeddingBagConfig]) -> Dict[str, FeatureSpec]:
@@ -64,8 +77,42 @@ def feature_specs(tables: List[EmbeddingBagConfig]) -> Dict[str, FeatureSpec]:
                 entities_per_bucket=t.entity_weight_shape[1] if memcom else 0,
                 is_memcom=memcom,
                 mean_pooling=t.pooling == PoolingType.MEAN,
+                num_hashes=t.num_hashes if memcom else 1,
+                bucket_capacity=t.bucket_capacity if memcom else 0,
+                hash_multiplier=hash_multiplier(t.num_embeddings) if memcom and t.num_hashes > 1 else 0,
+                stored_assignment=memcom and t.stores_assignment,
             )
     return specs
+
+
+def check_assignment(config: MEmComEmbeddingBagConfig, cells: Any) -> Optional[str]:
+    """Why ``cells`` is not a valid stored assignment of ``config`` (``None`` if it is).
+
+    Valid: an integer tensor of ``n`` distinct cells in ``[0, m * columns)``.
+    """
+    where = f"MEmCom table '{config.name}' (assignment '{config.assignment}')"
+    if not isinstance(cells, torch.Tensor):
+        return f"{where}: the assignment must be a tensor, got {type(cells).__name__}"
+    if cells.dtype not in (torch.int16, torch.int32, torch.int64):
+        return f"{where}: the assignment must hold integer cells, got {cells.dtype}"
+    if tuple(cells.shape) != (config.num_embeddings,):
+        return (
+            f"{where}: the assignment has shape {tuple(cells.shape)}, expected ({config.num_embeddings},) "
+            "(one cell per entity): it belongs to another table or config"
+        )
+    if cells.device.type == "meta":
+        return None
+    c = cells.long()
+    bad = (c < 0) | (c >= config.num_cells)
+    if bool(bad.any()):
+        entity = int(bad.nonzero()[0])
+        return (
+            f"{where}: entity {entity} is assigned cell {int(c[entity])}, outside the grid's "
+            f"{config.num_cells} cells (num_buckets={config.num_buckets}): it belongs to another config"
+        )
+    if torch.unique(c).numel() != c.numel():
+        return f"{where}: the assignment puts two entities in one cell (not one-to-one)"
+    return None
 
 
 def inner_table_configs(tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagConfig]:
@@ -94,17 +141,36 @@ def inner_table_configs(tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagCo
     return inner
 
 
-def hash_ids(ids: torch.Tensor, spec: FeatureSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+def hash_ids(
+    ids: torch.Tensor, spec: FeatureSpec, assignment: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Splits ids into the row of ``U`` and the column of the ``w`` grid.
 
     Args:
         ids (torch.Tensor): entity ids of one MEmCom feature.
         spec (FeatureSpec): the feature's spec.
+        assignment (Optional[torch.Tensor]): the table's stored cells (``stored_assignment``).
 
     Returns:
-        Tuple[torch.Tensor, torch.Tensor]: ``(i mod m, i // m)``.
+        Tuple[torch.Tensor, torch.Tensor]: ``(i mod m, i // m)`` for MEmCom; for the
+        variants, ``num_hashes`` pairs per id, an id's pairs next to each other
+        (``len(ids) * num_hashes`` of each).
     """
     m = spec.num_buckets
+    if spec.stored_assignment:
+        if assignment is None:
+            raise ValueError(f"table '{spec.table}' has no stored assignment")
+        cells = assignment.index_select(0, ids.long()).long()
+        return torch.remainder(cells, m), torch.div(cells, m, rounding_mode="floor")
+    if spec.num_hashes == 2:
+        ids = ids.long()
+        second = torch.remainder(ids * spec.hash_multiplier, spec.num_embeddings)
+        rows = torch.stack([torch.remainder(ids, m), torch.remainder(second, m)], dim=1)
+        cols = torch.stack(
+            [torch.div(ids, m, rounding_mode="floor"), spec.bucket_capacity + torch.div(second, m, rounding_mode="floor")],
+            dim=1,
+        )
+        return rows.reshape(-1), cols.reshape(-1)
     return torch.remainder(ids, m), torch.div(ids, m, rounding_mode="floor")
 
 
@@ -190,6 +256,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     torch.empty(t.entity_weight_shape, device=device)
                 )
         self._device: torch.device = torch.device(self._embedding_bag_collection.device)
+        self._assignments = StoredAssignments(tables, self._device)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ API
@@ -208,6 +275,18 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def feature_specs(self) -> Dict[str, FeatureSpec]:
         """Returns: per-feature lookup specs."""
         return self._feature_specs
+
+    def set_assignment(self, table_name: str, cells: torch.Tensor) -> None:
+        """Stores a table's entity -> cell map (``"frequency"`` / ``"clustered"`` tables).
+
+        Raises:
+            ValueError: naming the table, if ``cells`` is not a valid assignment for it.
+        """
+        self._assignments.set(table_name, cells)
+
+    def assignment(self, table_name: str) -> torch.Tensor:
+        """The stored cells of a ``"frequency"`` / ``"clustered"`` table (``n``)."""
+        return self._assignments.get(table_name)
 
     def reset_parameters(self) -> None:
         """Re-initialises ``U`` (each config's ``init_fn``) and sets ``w`` to its init value."""
@@ -233,11 +312,26 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if not isinstance(config, MEmComEmbeddingBagConfig):
             raise KeyError(f"'{table_name}' is not a MEmCom table of this collection")
         U = self._embedding_bag_collection.embedding_bags[table_name].weight
+        if config.is_variant:
+            rows, cols = self.entity_cells(table_name)
+            grid = self._entity_weights[table_name]
+            return U, grid.reshape(-1)[rows * grid.shape[1] + cols]
         if table_name in self._entity_weights:
             w = entity_weights_to_dense(self._entity_weights[table_name], config.num_embeddings)
         else:
             w = torch.ones(config.num_embeddings, device=U.device)  # the hashing trick: no w
         return U, w
+
+    def entity_cells(self, table_name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row of ``U`` and column of the ``w`` grid of every entity of a MEmCom table.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: ``(rows, cols)``, each ``n x num_hashes`` (int64).
+        """
+        spec = next(s for s in self._feature_specs.values() if s.table == table_name and s.is_memcom)
+        ids = torch.arange(spec.num_embeddings, device=self._device)
+        rows, cols = hash_ids(ids, spec, self._assignments.maybe_get(table_name))
+        return rows.view(spec.num_embeddings, -1), cols.view(spec.num_embeddings, -1)
 
     def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
         """Every tensor of one table by role, as an exporter needs them.
@@ -248,7 +342,9 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         Returns:
             Dict[str, torch.Tensor]: ``{"U", "w"}`` (MEmCom: entity ``i`` is
             ``w[i] * U[i mod m]``), ``{"U"}`` (hashing: ``U[i mod m]``) or
-            ``{"weight"}`` (a plain ``n x d`` table).
+            ``{"weight"}`` (a plain ``n x d`` table), ``{"U", "rows", "w"}`` (the
+            MEmCom-family variants: entity ``i`` is ``sum_j w[i, j] * U[rows[i, j]]``,
+            ``rows`` and ``w`` of shape ``n x num_hashes``).
 
         Raises:
             KeyError: no such table.
@@ -259,6 +355,8 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if not isinstance(config, MEmComEmbeddingBagConfig):
             return {"weight": self._embedding_bag_collection.embedding_bags[table_name].weight}
         U, w = self.memcom_parameters(table_name)
+        if config.is_variant:
+            return {"U": U, "rows": self.entity_cells(table_name)[0], "w": w}
         return {"U": U, "w": w} if table_name in self._entity_weights else {"U": U}
 
     # -------------------------------------------------------------- forward
@@ -302,7 +400,72 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             w = self._entity_weights[spec.table].view(-1)[rows * spec.entities_per_bucket + cols]
             return w if weight is None else w * weight
 
-        return hash_features(features, self._feature_specs, self._is_weighted, weight_fn)
+        return hash_features(
+            features, self._feature_specs, self._is_weighted, weight_fn, assignments=self._assignments.tensors()
+        )
+
+
+class StoredAssignments(nn.Module):
+    """The stored entity -> cell maps of a collection's ``"frequency"``/``"clustered"`` tables.
+
+    One buffer per table (``_assignments.<table>`` in ``state_dict``), int16 or int32
+    (``memcom_configs.assignment_dtype``), initialised to MEmCom's own cells
+    (entity ``i`` in cell ``i``). Every tensor loaded into it (``load_state_dict``,
+    DCP) is checked against its config first (``check_assignment``).
+
+    Args:
+        tables (List[EmbeddingBagConfig]): the collection's tables.
+        device (torch.device): where the buffers live.
+    """
+
+    def __init__(self, tables: List[EmbeddingBagConfig], device: torch.device) -> None:
+        super().__init__()
+        self._configs: Dict[str, MEmComEmbeddingBagConfig] = {
+            t.name: t for t in tables if isinstance(t, MEmComEmbeddingBagConfig) and t.stores_assignment
+        }
+        for name, t in self._configs.items():
+            self.register_buffer(name, torch.arange(t.num_embeddings, device=device).to(assignment_dtype(t.num_cells)))
+        self._register_load_state_dict_pre_hook(self._check_loaded)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """Table -> cells."""
+        return {name: getattr(self, name) for name in self._configs}
+
+    def maybe_get(self, table: str) -> Optional[torch.Tensor]:
+        """A table's cells, or ``None`` if it stores none."""
+        return getattr(self, table) if table in self._configs else None
+
+    def get(self, table: str) -> torch.Tensor:
+        """A table's cells.
+
+        Raises:
+            KeyError: the table stores no assignment.
+        """
+        if table not in self._configs:
+            raise KeyError(f"table '{table}' stores no assignment (only 'frequency' / 'clustered' tables do)")
+        return getattr(self, table)
+
+    def set(self, table: str, cells: torch.Tensor) -> None:
+        """Replaces a table's cells after checking them (``ValueError`` naming the table)."""
+        current = self.get(table)
+        error = check_assignment(self._configs[table], cells)
+        if error is not None:
+            raise ValueError(error)
+        with torch.no_grad():
+            current.copy_(cells.to(current.dtype))
+
+    def _check_loaded(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        for name, config in self._configs.items():
+            key = prefix + name
+            if key in state_dict:
+                error = check_assignment(config, state_dict[key])
+                if error is None and state_dict[key].dtype != getattr(self, name).dtype:
+                    error = (
+                        f"MEmCom table '{name}': the checkpoint's assignment is {state_dict[key].dtype}, "
+                        f"the config's {getattr(self, name).dtype} (another grid size)"
+                    )
+                if error is not None:
+                    raise ValueError(f"cannot load {key}: {error}")
 
 
 def hash_features(
@@ -312,12 +475,14 @@ def hash_features(
     weight_fn: Callable[[FeatureSpec, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], Optional[torch.Tensor]],
     skip: AbstractSet[str] = frozenset(),
     weighted: bool = True,
+    assignments: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> KeyedJaggedTensor:
     """The weighted KJT the lookups of ``U`` consume.
 
     MEmCom ids ``i`` become ``i mod m``; every id gets a weight:
     ``weight_fn(spec, i mod m, i // m, input_weight)`` for MEmCom features, the
-    input weight (or 1) otherwise.
+    input weight (or 1) otherwise. The variants map ids through ``hash_ids``
+    (stored cells, or ``num_hashes`` rows per id: those bags grow ``num_hashes``-fold).
 
     Args:
         features (KeyedJaggedTensor): validated input.
@@ -328,32 +493,41 @@ def hash_features(
             hashes them where it lives); they keep their input weight (or 1).
         weighted (bool): False returns no weights (only valid where no id
             needs one: an unweighted input and no ``weight_fn`` value).
+        assignments (Optional[Mapping[str, torch.Tensor]]): table -> stored cells.
 
     Returns:
-        KeyedJaggedTensor: same keys and lengths, hashed ids, float32 weights.
+        KeyedJaggedTensor: same keys, hashed ids, float32 weights; the lengths of
+        features with ``num_hashes > 1`` multiplied by it.
     """
     offsets = features.offset_per_key()
     all_ids = features.values().long()
     all_weights = features.weights() if is_weighted else None
     values, weights = [], []
+    lengths = features.lengths()
+    repeat = [specs[key].num_hashes if specs[key].is_memcom and key not in skip else 1 for key in features.keys()]
     for k, key in enumerate(features.keys()):
         spec = specs[key]
         seg = slice(offsets[k], offsets[k + 1])
         ids = all_ids[seg]
         weight = None if all_weights is None else all_weights[seg]
         if spec.is_memcom and key not in skip:
-            rows, cols = hash_ids(ids, spec)
+            rows, cols = hash_ids(ids, spec, (assignments or {}).get(spec.table))
+            if weight is not None and repeat[k] > 1:
+                weight = weight.repeat_interleave(repeat[k])
             weight = weight_fn(spec, rows, cols, weight)
             ids = rows
         if weight is None:
             weight = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
         values.append(ids)
         weights.append(weight.float())
+    if any(r > 1 for r in repeat):
+        scale = torch.tensor(repeat, dtype=lengths.dtype, device=lengths.device)
+        lengths = (lengths.view(len(repeat), -1) * scale.unsqueeze(1)).reshape(-1)
     return KeyedJaggedTensor(
         keys=features.keys(),
         values=torch.cat(values),
         weights=torch.cat(weights) if weighted else None,
-        lengths=features.lengths(),
+        lengths=lengths,
         stride=features.stride(),
     )
 

@@ -6,10 +6,15 @@ Every figure the CLI, benchmarks and tests print about table sizes comes from
 
 from dataclasses import dataclass
 
+import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
-from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_configs import (
+    MEmComEmbeddingBagConfig,
+    assignment_dtype,
+    variant_compression_ratio,
+)
 from memcom_torchrec.modules.qr_configs import QREmbeddingBagConfig
 
 
@@ -46,12 +51,16 @@ class TableMemory:
         num_embeddings (int): entities ``n``.
         embedding_dim (int): ``d``.
         num_rows (int): rows of ``d`` actually stored (``m`` for MEmCom, ``ceil(n/p) + p`` for QR).
-        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom (and QR with ``w``).
-        param_bytes (int): bytes of stored parameters (``w``'s grid padding included).
+        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom (and QR with ``w``),
+            ``m*d + 2n`` for ``memcom_2hash``.
+        param_bytes (int): bytes of stored parameters (``w``'s grid padding included)
+            and of a stored assignment.
         optimizer_state_bytes (int): bytes of optimizer state.
         uncompressed_param_bytes (int): ``n*d`` parameters' bytes.
         uncompressed_optimizer_state_bytes (int): optimizer state of the ``n x d`` table.
-        compression_ratio (float): ``n*d / num_parameters``.
+        compression_ratio (float): ``n*d / num_parameters``; for the MEmCom-family
+            variants ``n*d`` over everything stored (``memcom_configs.stored_floats``).
+        assignment_bytes (int): bytes of a stored entity -> cell map (0: computed).
     """
 
     table: str
@@ -64,6 +73,7 @@ class TableMemory:
     uncompressed_param_bytes: int
     uncompressed_optimizer_state_bytes: int
     compression_ratio: float
+    assignment_bytes: int = 0
 
 
 def table_memory(
@@ -83,14 +93,22 @@ def table_memory(
     rows = n
     stored_w = 0  # w (fp32, its own optimizer state): MEmCom's (m, Q) grid, memcom_qr's n scalars
     params = n * d
+    ratio = None
+    assignment_bytes = 0
     if isinstance(config, MEmComEmbeddingBagConfig):
         rows = config.num_buckets
         if config.train_entity_weights:
             m, q = config.entity_weight_shape
             stored_w = m * q
-            params = rows * d + n
+            params = rows * d + n * config.num_hashes
         else:
             params = rows * d
+        if config.stores_assignment:
+            assignment_bytes = n * torch.tensor([], dtype=assignment_dtype(config.num_cells)).element_size()
+        if config.is_variant:
+            ratio = variant_compression_ratio(
+                n, d, rows, config.num_hashes, config.assignment, config.head_fraction
+            )
     elif isinstance(config, QREmbeddingBagConfig):
         rows = config.num_rows  # ceil(n/p) quotient rows + p remainder rows
         params = config.num_parameters
@@ -104,10 +122,11 @@ def table_memory(
         embedding_dim=d,
         num_rows=rows,
         num_parameters=params,
-        param_bytes=rows * d * elem + stored_w * 4,
+        param_bytes=rows * d * elem + stored_w * 4 + assignment_bytes,
         optimizer_state_bytes=state,
         uncompressed_param_bytes=n * d * elem,
         uncompressed_optimizer_state_bytes=_state_floats(optimizer, n, d) * 4,
-        compression_ratio=n * d / params,
+        compression_ratio=n * d / params if ratio is None else ratio,
+        assignment_bytes=assignment_bytes,
     )
 

@@ -30,7 +30,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from memcom_torchrec.modules.memcom_configs import compression_ratio
+from memcom_torchrec.modules.memcom_configs import (
+    CLUSTERED,
+    FREQUENCY,
+    compression_ratio,
+    max_variant_compression_ratio,
+)
 from memcom_torchrec.modules.qr_configs import max_qr_compression_ratio
 
 
@@ -69,6 +74,9 @@ class EmbeddingMethod:
         compresses (bool): False only for the uncompressed baseline.
         memcom_family (bool): a trained scalar per entity (``w``) on a shared table:
             the methods the project's bars are about (reports single them out).
+        warmup_method (str): a method trained first at the same ratio whose item
+            vectors choose this method's stored assignment ("": none; see
+            ``train.assignment``).
     """
 
     name: str
@@ -80,6 +88,7 @@ class EmbeddingMethod:
     sharder: str
     compresses: bool = True
     memcom_family: bool = False
+    warmup_method: str = ""
 
     def table_config(self, spec: TableSpec, embedding_dim: int, ratio: float) -> EmbeddingBagConfig:
         """The config of ``spec`` at ``ratio``.
@@ -217,6 +226,17 @@ def _compressed_config(config_class: str, **options: Any) -> Callable[[TableSpec
     return make
 
 
+def _variant_max_ratio(**options: Any) -> Callable[[int, int], float]:
+    def best(n: int, d: int) -> float:
+        return max_variant_compression_ratio(n, d, **options)
+
+    return best
+
+
+# The frequency head's share of U's rows (not searched: the same budget as every method, see the README).
+HEAD_FRACTION: float = 0.25
+
+
 def _qr_max_ratio(entity_weights: bool) -> Callable[[int, int], float]:
     def best(n: int, d: int) -> float:
         return max_qr_compression_ratio(n, d, n if entity_weights else 0)[1]
@@ -271,4 +291,35 @@ MEMCOM_QR: EmbeddingMethod = register_method(EmbeddingMethod(
     collection=_QR_COLLECTION,
     sharder=_QR_SHARDER,
     memcom_family=True,
+))
+MEMCOM_2HASH: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="memcom_2hash",
+    description="Hash Embeddings' k=2 case, w[i,0] U[i mod m] + w[i,1] U[h2(i)] (two scalars per entity)",
+    make_config=_compressed_config(_MEMCOM_CONFIG, num_hashes=2),
+    max_compression_ratio=_variant_max_ratio(num_hashes=2),
+    config_class=_MEMCOM_CONFIG,
+    collection=_MEMCOM_COLLECTION,
+    sharder=_MEMCOM_SHARDER,
+    memcom_family=True,
+))
+MEMCOM_FREQ: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="memcom_freq",
+    description="MEmCom with a frequency-aware head: the most frequent items alone in a row of U (stored assignment)",
+    make_config=_compressed_config(_MEMCOM_CONFIG, assignment=FREQUENCY, head_fraction=HEAD_FRACTION),
+    max_compression_ratio=_variant_max_ratio(assignment=FREQUENCY, head_fraction=HEAD_FRACTION),
+    config_class=_MEMCOM_CONFIG,
+    collection=_MEMCOM_COLLECTION,
+    sharder=_MEMCOM_SHARDER,
+    memcom_family=True,
+))
+MEMCOM_CLUSTERED: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="memcom_clustered",
+    description="MEmCom on a learned assignment: items clustered on a memcom_2hash warm-up (stored assignment)",
+    make_config=_compressed_config(_MEMCOM_CONFIG, assignment=CLUSTERED),
+    max_compression_ratio=_variant_max_ratio(assignment=CLUSTERED),
+    config_class=_MEMCOM_CONFIG,
+    collection=_MEMCOM_COLLECTION,
+    sharder=_MEMCOM_SHARDER,
+    memcom_family=True,
+    warmup_method=MEMCOM_2HASH.name,
 ))

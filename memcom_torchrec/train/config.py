@@ -38,6 +38,8 @@ class TrainConfig(ModelConfig):
             evaluation split (about ``eval_users / world`` per rank, whole
             batches; 0: every user). A fixed sample, for catalogues too large
             to rank every user against (the 2M-item scale run).
+        warmup_epochs (int): epochs of the warm-up method before a method with a
+            learned assignment (``memcom_clustered``) is clustered and trained.
 
     The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
     ``embedding_dim``, ``hidden``, ``dropout``, ``num_negatives``) are documented in ``ModelConfig``.
@@ -62,6 +64,7 @@ class TrainConfig(ModelConfig):
     sharding_type: str = ""
     k: int = 10
     eval_users: int = 0
+    warmup_epochs: int = 3
 
 
 def train_flags() -> Dict[str, str]:

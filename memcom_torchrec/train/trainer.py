@@ -33,6 +33,7 @@ from memcom_torchrec.models.builder import build_model
 from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.modules.methods import get_method, method_sharders
+from memcom_torchrec.train.assignment import clustered_init, set_frequency_assignments
 from memcom_torchrec.train.config import TrainConfig
 from memcom_torchrec.train.distributed_env import init_distributed
 from memcom_torchrec.train.rank_stats import peak_rss_mb, rank_stats, reset_peak_rss
@@ -136,7 +137,9 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
     return {
         "embedding_params": params,
         "embedding_bytes": sum(m.param_bytes for m in mems),
-        "compression_ratio": sum(m.num_embeddings * m.embedding_dim for m in mems) / params,
+        # stored floats per table, n*d / its ratio (the variants count w's grid and their assignment)
+        "compression_ratio": sum(m.num_embeddings * m.embedding_dim for m in mems)
+        / sum(m.num_embeddings * m.embedding_dim / m.compression_ratio for m in mems),
         "table_compression_ratios": {m.table: m.compression_ratio for m in mems},
         "tables": {m.table: asdict(m) for m in mems},
     }
@@ -159,6 +162,13 @@ def train(cfg: TrainConfig) -> RunResult:
 
     state = TrainState()
     latest = latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    # Stored assignments are chosen before training (a resumed run loads its own from the checkpoint).
+    set_frequency_assignments(cfg, model, tables)
+    if latest is None and get_method(cfg.method).warmup_method:
+        start = clustered_init(cfg, rank, num_users, num_items, train)
+        load_checkpoint(start, model)
+        if rank == 0:
+            logger.info("starting from %s", start)
     if latest is not None:
         dense.init_state()
         meta = load_checkpoint(latest, model, optimizers)

@@ -45,6 +45,9 @@ def tiny_model(method: str, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    for t in tables:  # a stored assignment (memcom_freq, memcom_clustered): a random one-to-one map
+        if getattr(t, "stores_assignment", False):
+            model.model.embeddings.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
     return model.eval(), cfg
 
 
@@ -266,7 +269,9 @@ QUANT_OPS = {"int8": "quantized_decomposed::embedding_byte.out", "int4": "quanti
      ("uncompressed", SHAPES[0], "xnnpack", "int8"), ("hashing", SHAPES[2], "xnnpack", "fp32"),
      ("qr", SHAPES[1], "xnnpack", "int8"), ("memcom_qr", SHAPES[1], "xnnpack", "int4"),
      ("memcom", SHAPES[3], "xnnpack", "int8"), ("qr", SHAPES[3], "portable", "fp32"),
-     ("hashing", SHAPES[1], "portable", "int4")],
+     ("hashing", SHAPES[1], "portable", "int4"), ("memcom_2hash", SHAPES[1], "xnnpack", "int8"),
+     ("memcom_2hash", SHAPES[2], "xnnpack", "fp32"), ("memcom_clustered", SHAPES[1], "xnnpack", "int4"),
+     ("memcom_freq", SHAPES[0], "portable", "fp32"), ("memcom_freq", SHAPES[1], "xnnpack", "int8")],
     ids=lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
 def test_pte_equals_eager(tmp_path, method, shape, backend, dtype):
@@ -320,13 +325,15 @@ def test_quantized_program_stores_each_table_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,shape", [("fp32", SHAPES[0]), ("int8", SHAPES[1]), ("int4", SHAPES[1])],
-                         ids=["fp32-linear+user", "int8-tied", "int4-tied"])
-def test_exported_programs_reject_bad_input(tmp_path, dtype, shape):
+@pytest.mark.parametrize("method,dtype,shape", [("memcom", "fp32", SHAPES[0]), ("memcom", "int8", SHAPES[1]),
+                                                ("memcom", "int4", SHAPES[1]), ("memcom_2hash", "int8", SHAPES[1]),
+                                                ("memcom_clustered", "fp32", SHAPES[0])],
+                         ids=["fp32-linear+user", "int8-tied", "int4-tied", "2hash-int8-tied", "clustered-fp32-linear+user"])
+def test_exported_programs_reject_bad_input(tmp_path, method, dtype, shape):
     pytest.importorskip("executorch")
     from memcom_torchrec.export import load_pte, run_pte
 
-    model, _ = tiny_model("memcom", embedding_dim=32, **shaped(*shape))
+    model, _ = tiny_model(method, embedding_dim=32, **shaped(*shape))
     slim = build_slim_model(model, dtype)
     res = write_programs(slim, str(tmp_path / "m.pte"), "xnnpack", max_batch=64, max_history=16, dtype=dtype)
     pte, saved = load_pte(res.pte), torch.export.load(res.pt2).module()

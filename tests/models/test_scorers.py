@@ -30,12 +30,15 @@ def make_model(method: str, model: str, scorer: str, use_user_id: bool, seed: in
     cfg = ModelConfig(model=model, method=method, compression_ratio=2.0 if method != "uncompressed" else 1.0,
                       embedding_dim=DIM, hidden=[16], use_user_id=use_user_id, scorer=scorer)
     torch.manual_seed(seed)
-    train_model, _ = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("cpu"), seed=seed)
+    train_model, tables = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("cpu"), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in train_model.named_parameters():
             p.copy_((1.0 + 0.5 * torch.randn(p.shape, generator=g)) if "_entity_weights" in name
                     else 0.3 * torch.randn(p.shape, generator=g))
+    for t in tables:  # a stored assignment: a random one-to-one map
+        if getattr(t, "stores_assignment", False):
+            train_model.model.embeddings.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
     return train_model.model, cfg
 
 
@@ -55,6 +58,8 @@ def make_features(batch: int, use_user_id: bool, seed: int = 1) -> KeyedJaggedTe
 def item_vectors(t: Dict[str, torch.Tensor], n: int) -> torch.Tensor:
     """Every entity's vector from a table's tensors by role (the methods' definitions)."""
     i = torch.arange(n)
+    if "rows" in t:  # the MEmCom-family variants: sum_j w[i, j] U[rows[i, j]]
+        return (t["w"][i].unsqueeze(2) * t["U"][t["rows"][i]]).sum(1)
     if "weight" in t:
         e = t["weight"][i]
     elif "U" in t:

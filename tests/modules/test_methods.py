@@ -26,6 +26,9 @@ COLLECTIONS = {
     "memcom": MEmComEmbeddingBagCollection,
     "qr": QREmbeddingBagCollection,
     "memcom_qr": QREmbeddingBagCollection,
+    "memcom_2hash": MEmComEmbeddingBagCollection,
+    "memcom_freq": MEmComEmbeddingBagCollection,
+    "memcom_clustered": MEmComEmbeddingBagCollection,
 }
 
 
@@ -71,7 +74,7 @@ def test_one_sharder_per_sharded_twin() -> None:
 
 
 
-@pytest.mark.parametrize("name", ["hashing", "memcom", "qr", "memcom_qr"])
+@pytest.mark.parametrize("name", ["hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered"])
 def test_max_ratio_is_reachable_and_beyond_it_is_named(name: str) -> None:
     method = get_method(name)
     best = method.max_compression_ratio(N, D)
@@ -90,6 +93,11 @@ def test_max_ratios_match_the_formulas() -> None:
     assert get_method("qr").max_compression_ratio(N, D) == pytest.approx(N / rows)
     assert get_method("memcom_qr").max_compression_ratio(N, D) == pytest.approx(N * D / (rows * D + N))
     assert get_method("uncompressed").unreachable(N, D, 40.0) is None
+    # the variants count what they store: one row of U, the w grid, a stored assignment (int16 here)
+    assert get_method("memcom_2hash").max_compression_ratio(N, D) == pytest.approx(N * D / (D + 2 * N))
+    assert get_method("memcom_clustered").max_compression_ratio(N, D) == pytest.approx(N * D / (D + N + N / 2))
+    # a frequency table's smallest is two rows of U (a quarter of 2 rows is no head row: N cells in all)
+    assert get_method("memcom_freq").max_compression_ratio(N, D) == pytest.approx(N * D / (2 * D + N + N / 2))
 
 
 def test_bad_configs_are_named() -> None:

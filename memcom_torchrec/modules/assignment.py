@@ -1,0 +1,149 @@
+"""Stored assignments of the MEmCom family: which cell of the ``w`` grid (and so which row of ``U``) each entity gets.
+
+A cell ``s`` is row ``s mod m`` of ``U`` and column ``s // m`` of the ``(m, C)``
+grid of ``w`` (``memcom_configs``). Two ways to choose the cells:
+
+- ``frequency_assignment``: the ``H`` most frequent entities each alone in a row
+  (column 0 of rows ``0..H-1``); the rest dealt round-robin, most frequent first,
+  over the other ``m - H`` rows, so no tail row collects the popular tail.
+- ``clustered_assignment``: a balanced clustering of item vectors into ``m``
+  lines through the origin (MEmCom's bucket is a line: ``w_i * U_b``). Lloyd
+  iterations alternate "each item to the line it is closest to" and "each line
+  its members' principal direction"; the final assignment respects the grid's
+  capacity ``C`` per row (greedy over item/line pairs, best fit first). It also
+  returns MEmCom's best start from there: ``U_b`` the direction scaled to its
+  members' RMS projection, ``w_i`` the projection over that scale.
+
+Both are deterministic for a given input (and seed).
+"""
+
+from typing import Tuple
+
+import torch
+
+from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig
+
+# Above this many item/line pairs the balanced assignment's sort would need gigabytes.
+MAX_ASSIGNMENT_PAIRS: int = 50_000_000
+
+
+def cells_from_rows(rows: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Cells for entities given their rows of ``U``: members of a row take columns 0, 1, ... in entity order.
+
+    Args:
+        rows (torch.Tensor): ``n`` rows in ``[0, m)``.
+        num_buckets (int): ``m``.
+
+    Returns:
+        torch.Tensor: ``n`` cells, ``row + m * column`` (int64).
+    """
+    order = torch.argsort(rows, stable=True)
+    sorted_rows = rows[order]
+    counts = torch.bincount(sorted_rows, minlength=num_buckets)
+    starts = torch.cumsum(counts, 0) - counts
+    column = torch.arange(rows.numel()) - starts[sorted_rows]
+    cells = torch.empty_like(rows)
+    cells[order] = sorted_rows + num_buckets * column
+    return cells
+
+
+def frequency_assignment(counts: torch.Tensor, config: MEmComEmbeddingBagConfig) -> torch.Tensor:
+    """Cells of a ``"frequency"`` table from training counts.
+
+    Args:
+        counts (torch.Tensor): ``n`` training interactions per entity.
+        config (MEmComEmbeddingBagConfig): the table (``num_head_buckets`` ``H``, ``num_buckets`` ``m``).
+
+    Returns:
+        torch.Tensor: ``n`` cells (int64): head entity ``r`` (``r``-th most frequent,
+        ties by id) in row ``r``; tail entity ``t`` (by frequency) in row ``H + t mod (m - H)``.
+
+    Raises:
+        ValueError: ``counts`` has the wrong length.
+    """
+    n, m, head = config.num_embeddings, config.num_buckets, config.num_head_buckets
+    if counts.numel() != n:
+        raise ValueError(f"table '{config.name}': {counts.numel()} counts for {n} entities")
+    order = torch.argsort(-counts.double(), stable=True)  # most frequent first, ties by id
+    rows = torch.empty(n, dtype=torch.long)
+    rows[order[:head]] = torch.arange(head)
+    tail = n - head
+    rows[order[head:]] = head + torch.arange(tail) % (m - head)
+    cells = torch.empty(n, dtype=torch.long)
+    cells[order] = torch.cat([torch.arange(head), rows[order[head:]] + m * (torch.arange(tail) // (m - head))])
+    return cells
+
+
+def _principal_directions(vectors: torch.Tensor, rows: torch.Tensor, directions: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Each line's members' principal direction (power iteration from ``directions``; empty lines keep theirs)."""
+    m, d = directions.shape
+    for _ in range(steps):
+        proj = (vectors * directions[rows]).sum(1, keepdim=True)  # <e_i, u_b>
+        moved = torch.zeros(m, d, dtype=vectors.dtype).index_add_(0, rows, proj * vectors)  # M_b u_b
+        norm = moved.norm(dim=1, keepdim=True)
+        directions = torch.where(norm > 1e-12, moved / norm.clamp_min(1e-12), directions)
+    return directions
+
+
+def _balanced_rows(scores: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Rows for every item, at most ``capacity`` per row, best ``scores`` first (greedy)."""
+    n, m = scores.shape
+    rows = torch.full((n,), -1, dtype=torch.long)
+    load = torch.zeros(m, dtype=torch.long)
+    order = torch.argsort(scores.reshape(-1), descending=True, stable=True)
+    items, lines = (order // m).tolist(), (order % m).tolist()
+    rows_list, load_list, placed = rows.tolist(), load.tolist(), 0
+    for i, b in zip(items, lines):
+        if rows_list[i] < 0 and load_list[b] < capacity:
+            rows_list[i] = b
+            load_list[b] += 1
+            placed += 1
+            if placed == n:
+                break
+    return torch.tensor(rows_list, dtype=torch.long)
+
+
+def clustered_assignment(
+    vectors: torch.Tensor, config: MEmComEmbeddingBagConfig, seed: int = 0, iterations: int = 15
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cells of a ``"clustered"`` table, and MEmCom's ``U`` and ``w`` fitted to them.
+
+    Args:
+        vectors (torch.Tensor): ``n x d`` item vectors (e.g. a trained sketch's).
+        config (MEmComEmbeddingBagConfig): the table (``m`` rows, capacity ``C``).
+        seed (int): seeds the initial lines (``m`` distinct items).
+        iterations (int): Lloyd iterations before the balanced assignment.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ``cells`` (``n``, int64),
+        ``U`` (``m x d``) and ``w`` (``n``), with ``w[i] * U[cells[i] mod m]`` the
+        best fit of item ``i`` on its line.
+
+    Raises:
+        ValueError: wrong shape, or too many item/line pairs for the balanced assignment.
+    """
+    n, m, capacity = config.num_embeddings, config.num_buckets, config.bucket_capacity
+    if tuple(vectors.shape) != (n, config.embedding_dim):
+        raise ValueError(
+            f"table '{config.name}': item vectors of shape {tuple(vectors.shape)}, expected ({n}, {config.embedding_dim})"
+        )
+    if n * m > MAX_ASSIGNMENT_PAIRS:
+        raise ValueError(
+            f"table '{config.name}': {n} items x {m} rows exceed {MAX_ASSIGNMENT_PAIRS} pairs for the balanced "
+            "assignment; use the 'frequency' or 'hash' assignment for a table this large"
+        )
+    e = vectors.detach().double().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    directions = e[torch.randperm(n, generator=generator)[:m]]
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for _ in range(iterations):
+        rows = (e @ directions.t()).abs().argmax(1)
+        directions = _principal_directions(e, rows, directions)
+    rows = _balanced_rows((e @ directions.t()).pow(2), capacity)
+    directions = _principal_directions(e, rows, directions)
+    proj = (e * directions[rows]).sum(1)  # w_i * |U_b| with unit U_b
+    counts = torch.bincount(rows, minlength=m).clamp_min(1).double()
+    scale = (torch.zeros(m, dtype=e.dtype).index_add_(0, rows, proj.pow(2)) / counts).sqrt().clamp_min(1e-6)
+    U = directions * scale.unsqueeze(1)
+    w = proj / scale[rows]
+    return cells_from_rows(rows, m), U.float(), w.float()
