@@ -85,6 +85,23 @@ def _principal_directions(vectors: torch.Tensor, rows: torch.Tensor, directions:
     return directions
 
 
+def _seed_lines(vectors: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ for lines: each next line through an item drawn in proportion to its squared distance to the lines so far."""
+    units = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sq = vectors.pow(2).sum(1)
+    chosen = [int(torch.randint(vectors.shape[0], (1,), generator=generator))]
+    residual = sq - (vectors @ units[chosen[0]]).pow(2)
+    for _ in range(1, m):
+        weights = residual.clamp_min(0)
+        if float(weights.sum()) <= 0:  # every item already on a line: any item not yet chosen
+            weights = torch.ones_like(weights)
+            weights[chosen] = 0
+        nxt = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(nxt)
+        residual = torch.minimum(residual, sq - (vectors @ units[nxt]).pow(2))
+    return units[chosen]
+
+
 def _balanced_rows(scores: torch.Tensor, capacity: int) -> torch.Tensor:
     """Rows for every item, at most ``capacity`` per row, best ``scores`` first (greedy)."""
     n, m = scores.shape
@@ -111,7 +128,7 @@ def clustered_assignment(
     Args:
         vectors (torch.Tensor): ``n x d`` item vectors (e.g. a trained sketch's).
         config (MEmComEmbeddingBagConfig): the table (``m`` rows, capacity ``C``).
-        seed (int): seeds the initial lines (``m`` distinct items).
+        seed (int): seeds the initial lines (k-means++ over lines through ``m`` items).
         iterations (int): Lloyd iterations before the balanced assignment.
 
     Returns:
@@ -133,9 +150,7 @@ def clustered_assignment(
             "assignment; use the 'frequency' or 'hash' assignment for a table this large"
         )
     e = vectors.detach().double().cpu()
-    generator = torch.Generator().manual_seed(seed)
-    directions = e[torch.randperm(n, generator=generator)[:m]]
-    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    directions = _seed_lines(e, m, torch.Generator().manual_seed(seed))
     for _ in range(iterations):
         rows = (e @ directions.t()).abs().argmax(1)
         directions = _principal_directions(e, rows, directions)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# ML-1M grid of the MEmCom-family variants (issue 15) under the protocol of the README's
+# "ML-1M: where MEmCom stands" (next-item classifier, linear scorer, user id, dropout 0.25,
+# <= 12 epochs, patience 2), with MEmCom's own 16x choice of learning rate (0.1): the variants get
+# no search of their own (no GPU was lent for the replica; see the README). Results append to
+# $OUT/results.csv as each run ends, next to the committed cells of the other methods.
+#   bash scripts/ml1m_variants.sh            # both queues side by side (2 cores)
+#   QUEUE=a bash scripts/ml1m_variants.sh    # one queue only (a, b, c)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/ml1m_tuned}
+DATA=${DATA:-data/ml-1m}
+[ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
+cell() {  # method ratio lr seed
+  OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$OUT" --methods "$1" \
+      --ratios "$2" --embedding-lrs "$3" --seeds "$4" --launcher python -- --epochs 12 --patience 2 --dropout 0.25
+}
+queue_a() { cell memcom_clustered 16 0.1 0; cell memcom_freq 16 0.1 0; }
+queue_b() { cell memcom_2hash 16 0.1 0; }
+queue_c() { :; }
+case "${QUEUE:-all}" in
+  a) queue_a ;;
+  b) queue_b ;;
+  c) queue_c ;;
+  *) queue_a & queue_b & wait ;;
+esac
