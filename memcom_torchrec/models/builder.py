@@ -140,7 +140,7 @@ def load_trained_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
     except ValueError as e:
         raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
     try:
-        load_checkpoint(path, model)
+        load_checkpoint(path, model, local=True)
     except ValueError:
         raise
     except (RuntimeError, KeyError, CheckpointException) as e:  # DCP: tensors missing or misshapen

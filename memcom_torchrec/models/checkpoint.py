@@ -181,6 +181,7 @@ def load_checkpoint(
     path: str,
     model: nn.Module,
     optimizers: Optional[Dict[str, Any]] = None,
+    local: bool = False,
 ) -> Dict[str, Any]:
     """Loads a checkpoint into a sharded (any world size) or unsharded model.
 
@@ -188,6 +189,8 @@ def load_checkpoint(
         path (str): a checkpoint directory (or a root with ``LATEST``).
         model (nn.Module): the model to load into.
         optimizers (Optional[Dict[str, Any]]): optimizers saved under the same names.
+        local (bool): load into an unsharded model in this process only, without
+            collectives (even when a process group exists; other ranks need not call it).
 
     Returns:
         Dict[str, Any]: the checkpoint's ``meta.json``.
@@ -205,7 +208,7 @@ def load_checkpoint(
     state: Dict[str, Any] = {"model": model.state_dict()}
     for key, opt in (optimizers or {}).items():
         state[f"optim.{key}"] = opt.state_dict()
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    dcp.load(state, checkpoint_id=path, no_dist=local or not dist.is_initialized())
     model.load_state_dict(state["model"])
     for key, opt in (optimizers or {}).items():
         opt.load_state_dict(state[f"optim.{key}"])

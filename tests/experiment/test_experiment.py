@@ -99,10 +99,18 @@ def test_cells_a_method_cannot_reach_are_named_and_skipped(ml100k_dir: str, tmp_
     assert experiment.unreachable(ml100k_dir, "qr", 16.0, ["--compressed-tables", "user"]) is not None
     assert experiment.unreachable(ml100k_dir, "memcom", 40.0, []) is None
     assert experiment.unreachable(ml100k_dir, "uncompressed", 40.0, []) is None
+    # the variants: two scalars per entity cap memcom_2hash below d/2; an int16 assignment caps memcom_clustered
+    assert "unreachable with method 'memcom_2hash' for num_embeddings=1682, embedding_dim=64: at most 31.4" in (
+        experiment.unreachable(ml100k_dir, "memcom_2hash", 32.0, []))
+    assert "unreachable with method 'memcom_clustered'" in experiment.unreachable(ml100k_dir, "memcom_clustered", 42.0, [])
+    assert experiment.unreachable(ml100k_dir, "memcom_clustered", 40.0, []) is None
     out = str(tmp_path / "skipped")
     main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "qr", "--ratios", "40", "--launcher", "python"])
     printed = capsys.readouterr().out
     assert "skipping qr at 40x" in printed and "every cell was skipped" in printed
+    assert not os.listdir(os.path.join(out, "runs"))
+    main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "memcom_2hash", "--ratios", "32", "--launcher", "python"])
+    assert "skipping memcom_2hash at 32x" in capsys.readouterr().out
     assert not os.listdir(os.path.join(out, "runs"))
 
 
