@@ -64,7 +64,9 @@ def pack(data: str, out: str) -> None:
     from torchrec.modules.embedding_configs import PoolingType
 
     from memcom_torchrec.models.embeddings import build_collection
+    from memcom_torchrec.modules.assignment import frequency_assignment
     from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
+    from memcom_torchrec.modules.memcom_configs import FREQUENCY
     from memcom_torchrec.modules.methods import TableSpec, get_method, method_names
 
     manifest = json.load(open(os.path.join(data, "manifest.json")))
@@ -91,9 +93,14 @@ def pack(data: str, out: str) -> None:
         return d
 
     item = TableSpec("item", n_items, ["history"], PoolingType.MEAN)
-    layouts, methods, baseline = {}, [], None
+    train = split("train")
+    counts = torch.bincount(train["item"].long(), minlength=n_items)
+    layouts, methods, baseline, skipped = {}, [], None, []
     for name in method_names():
         method = get_method(name)
+        if method.warmup_method:  # its assignment comes from a trained warm-up, which the replica does not run
+            skipped.append(name)
+            continue
         if method.compresses:
             methods.append(name)
         else:
@@ -101,15 +108,22 @@ def pack(data: str, out: str) -> None:
         for r in RATIOS if method.compresses else [1.0]:
             if method.unreachable(n_items, DIM, r) is None:
                 config = method.table_config(item, DIM, r)
-                roles, buckets = table_layout(dense_tables(build_collection([config], device="meta"), "item"))
+                tensors = dense_tables(build_collection([config], device="meta"), "item")
+                roles, buckets = table_layout(tensors)
                 layouts[f"{name}@{r}"] = {"roles": list(roles), "buckets": buckets}
+                if "rows" in roles:  # the variants' rows of U per entity: a second hash, or a frequency head
+                    collection = build_collection([config], device="cpu")
+                    if config.assignment == FREQUENCY:
+                        collection.set_assignment("item", frequency_assignment(counts, config))
+                    layouts[f"{name}@{r}"]["rows"] = dense_tables(collection, "item")["rows"].to(torch.int32)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     torch.save(
         {"num_items": n_items, "num_users": n_users, "layouts": layouts, "methods": methods, "baseline": baseline,
-         "train": split("train"), "valid": split("valid"), "test": split("test")},
+         "train": train, "valid": split("valid"), "test": split("test")},
         out,
     )
-    print(f"packed {data} -> {out}; layouts {layouts}")
+    print(f"packed {data} -> {out}; layouts {[(k, v['roles'], v['buckets']) for k, v in layouts.items()]}; "
+          f"no replica for {skipped} (an assignment learned from a trained warm-up)")
 
 
 # ---------------------------------------------------------------------------
@@ -120,13 +134,15 @@ class ItemTable(nn.Module):
     """Item embeddings of one layout (as ``pack`` stores it); ``forward(ids)`` -> ``ids.shape + (d,)``.
 
     Roles: ``weight`` (``n x d``, row ``i``), ``U`` (``m`` rows, row ``i mod m``), ``Q`` and ``R``
-    (``Q[i // p] * R[i mod p]``, ``R`` initialised to 1), and ``w`` (times ``w[i]``, initialised to 1).
+    (``Q[i // p] * R[i mod p]``, ``R`` initialised to 1), and ``w`` (times ``w[i]``, initialised to 1);
+    ``U``, ``rows``, ``w``: ``sum_j w[i, j] U[rows[i, j]]`` (the MEmCom-family variants; ``rows``
+    stored in the layout, ``w`` a flat ``n*k`` vector, element-wise Adagrad as the product's).
     """
 
     def __init__(self, layout: Dict, n: int) -> None:
         super().__init__()
         self.roles, self.n, self.size = frozenset(layout["roles"]), n, int(layout["buckets"])
-        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}]
+        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}, {"U", "rows", "w"}]
         if set(self.roles) not in known:
             raise ValueError(f"no replica for a table with tensors {sorted(self.roles)}")
         bound = math.sqrt(1.0 / n)  # TorchRec's default init for an n-row table
@@ -138,10 +154,18 @@ class ItemTable(nn.Module):
             rows = -(-n // self.size)
             self.remainder = nn.Parameter(torch.ones(self.size, DIM))
         self.table = nn.Parameter(torch.empty(rows, DIM).uniform_(-bound, bound))
+        self.hashes = 1
+        if "rows" in self.roles:
+            self.register_buffer("rows", layout["rows"].long())
+            self.hashes = int(self.rows.shape[1])
         if "w" in self.roles:
-            self.w = nn.Parameter(torch.ones(n))
+            self.w = nn.Parameter(torch.ones(n * self.hashes))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if "rows" in self.roles:
+            k = self.hashes
+            w = self.w[ids.unsqueeze(-1) * k + torch.arange(k, device=ids.device)]
+            return (w.unsqueeze(-1) * self.table[self.rows[ids]]).sum(-2)
         if "weight" in self.roles:
             v = self.table[ids]
         elif "U" in self.roles:

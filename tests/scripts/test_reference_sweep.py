@@ -196,7 +196,12 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     subprocess.run([sys.executable, script, "pack", "--data", ml100k_dir, "--out", packed], check=True)
     pack = torch.load(packed)
     layouts = pack["layouts"]
-    assert pack["baseline"] == "uncompressed" and pack["methods"] == ["hashing", "memcom", "qr", "memcom_qr"]
+    assert pack["baseline"] == "uncompressed" and pack["methods"] == [
+        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq"]  # memcom_clustered needs a warm-up
+    assert layouts["memcom_2hash@16.0"]["roles"] == ["U", "rows", "w"] and layouts["memcom_2hash@16.0"]["rows"].shape == (1682, 2)
+    freq = layouts["memcom_freq@16.0"]["rows"][:, 0]
+    top = torch.argsort(-torch.bincount(pack["train"]["item"].long(), minlength=1682), stable=True)[0]
+    assert int((freq == freq[top]).sum()) == 1  # the most frequent item alone in its row
     assert "qr@40.0" not in layouts  # 40x is beyond QR for 1,682 items
     # sizes from the package's own rules (the registry's table configs)
     assert layouts["memcom@16.0"] == {"roles": ["U", "w"], "buckets": num_buckets_for_ratio(1682, D, 16.0)}
@@ -204,9 +209,40 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     assert layouts["memcom_qr@8.0"]["roles"] == ["Q", "R", "w"]
     assert layouts["uncompressed@1.0"] == {"roles": ["weight"], "buckets": 0}
     subprocess.run([sys.executable, script, "run", "--pack", packed, "--out", results, "--procs", "1", "--epochs", "1",
-                    "--lrs", "0.1", "--seeds", "--cells", "uncompressed@1.0", "memcom@16.0"], check=True)
+                    "--lrs", "0.1", "--seeds", "--cells", "uncompressed@1.0", "memcom@16.0", "memcom_2hash@16.0"],
+                   check=True)
     rows = [json.loads(line) for line in open(results)]
-    assert sorted(r["method"] for r in rows) == ["memcom", "uncompressed"]
+    assert sorted(r["method"] for r in rows) == ["memcom", "memcom_2hash", "uncompressed"]
     assert all(0.0 < r["test_ndcg"] < 1.0 for r in rows)
     subprocess.run([sys.executable, script, "report", "--results", results, "--out", table], check=True)
     assert "| memcom | 16x |" in open(table).read()
+
+
+@pytest.mark.parametrize("options", [dict(num_hashes=2), dict(assignment="frequency", head_fraction=0.3)],
+                         ids=["2hash", "frequency"])
+def test_replica_variant_table_matches_collection(options) -> None:
+    """The replica's ``U``/``rows``/``w`` table equals the collection: pooled output, gradients of U and w."""
+    common = dict(name="item", num_embeddings=N, embedding_dim=D, feature_names=["history"], pooling=PoolingType.MEAN)
+    torch.manual_seed(0)
+    real = MEmComEmbeddingBagCollection([MEmComEmbeddingBagConfig(num_buckets=7, **common, **options)])
+    cfg = real.embedding_bag_configs()[0]
+    if cfg.stores_assignment:
+        real.set_assignment("item", torch.randperm(cfg.num_cells)[:N])
+    with torch.no_grad():
+        real._entity_weights["item"].uniform_(0.5, 1.5)
+    tensors = real.dense_tables("item")
+    table = rs.ItemTable({"roles": ["U", "rows", "w"], "buckets": 7, "rows": tensors["rows"]}, N)
+    with torch.no_grad():
+        table.table.copy_(tensors["U"])
+        table.w.copy_(tensors["w"].reshape(-1))
+    h = histories()
+    got = replica_pooled(table, h)
+    expected = real(as_kjt(h))["history"]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    proj = torch.randn_like(got)
+    g_u, g_w = torch.autograd.grad((got * proj).sum(), [table.table, table.w])
+    grid = real._entity_weights["item"]
+    r_u, r_grid = torch.autograd.grad((expected * proj).sum(), [real._embedding_bag_collection.embedding_bags["item"].weight, grid])
+    rows, cols = real.entity_cells("item")
+    torch.testing.assert_close(g_u, r_u, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_w, r_grid[rows, cols].reshape(-1), atol=1e-6, rtol=1e-5)
