@@ -17,7 +17,7 @@ grid of ``w`` (``memcom_configs``). Two ways to choose the cells:
 Both are deterministic for a given input (and seed).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -121,28 +121,37 @@ def _balanced_rows(scores: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def clustered_assignment(
-    vectors: torch.Tensor, config: MEmComEmbeddingBagConfig, seed: int = 0, iterations: int = 15
+    vectors: torch.Tensor,
+    config: MEmComEmbeddingBagConfig,
+    seed: int = 0,
+    iterations: int = 15,
+    fit_vectors: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cells of a ``"clustered"`` table, and MEmCom's ``U`` and ``w`` fitted to them.
 
     Args:
-        vectors (torch.Tensor): ``n x d`` item vectors (e.g. a trained sketch's).
+        vectors (torch.Tensor): ``n x k`` item vectors to cluster (e.g. a trained sketch's, or
+            a classifier's output rows).
         config (MEmComEmbeddingBagConfig): the table (``m`` rows, capacity ``C``).
         seed (int): seeds the initial lines (k-means++ over lines through ``m`` items).
         iterations (int): Lloyd iterations before the balanced assignment.
+        fit_vectors (Optional[torch.Tensor]): ``n x d`` vectors ``U`` and ``w`` are fitted to
+            (default: ``vectors``, then ``k = d``).
 
     Returns:
         Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ``cells`` (``n``, int64),
         ``U`` (``m x d``) and ``w`` (``n``), with ``w[i] * U[cells[i] mod m]`` the
-        best fit of item ``i`` on its line.
+        best fit of item ``i``'s fit vector on its row's line.
 
     Raises:
-        ValueError: wrong shape, or too many item/line pairs for the balanced assignment.
+        ValueError: wrong shapes, or too many item/line pairs for the balanced assignment.
     """
     n, m, capacity = config.num_embeddings, config.num_buckets, config.bucket_capacity
-    if tuple(vectors.shape) != (n, config.embedding_dim):
+    fit = vectors if fit_vectors is None else fit_vectors
+    if vectors.dim() != 2 or vectors.shape[0] != n or tuple(fit.shape) != (n, config.embedding_dim):
         raise ValueError(
-            f"table '{config.name}': item vectors of shape {tuple(vectors.shape)}, expected ({n}, {config.embedding_dim})"
+            f"table '{config.name}': item vectors of shape {tuple(vectors.shape)} (fitted: {tuple(fit.shape)}), "
+            f"expected ({n}, k) and ({n}, {config.embedding_dim})"
         )
     if n * m > MAX_ASSIGNMENT_PAIRS:
         raise ValueError(
@@ -155,10 +164,16 @@ def clustered_assignment(
         rows = (e @ directions.t()).abs().argmax(1)
         directions = _principal_directions(e, rows, directions)
     rows = _balanced_rows((e @ directions.t()).pow(2), capacity)
-    directions = _principal_directions(e, rows, directions)
-    proj = (e * directions[rows]).sum(1)  # w_i * |U_b| with unit U_b
+    f = fit.detach().double().cpu()
+    if fit_vectors is None:
+        directions = _principal_directions(f, rows, directions)
+    else:  # the fitted space's lines: start each from its members' mean direction
+        start = torch.zeros(m, f.shape[1], dtype=f.dtype).index_add_(0, rows, f)
+        start = start + 1e-12 * torch.eye(m, f.shape[1], dtype=f.dtype)  # an empty row keeps a direction
+        directions = _principal_directions(f, rows, start / start.norm(dim=1, keepdim=True), steps=10)
+    proj = (f * directions[rows]).sum(1)  # w_i * |U_b| with unit U_b
     counts = torch.bincount(rows, minlength=m).clamp_min(1).double()
-    scale = (torch.zeros(m, dtype=e.dtype).index_add_(0, rows, proj.pow(2)) / counts).sqrt().clamp_min(1e-6)
+    scale = (torch.zeros(m, dtype=f.dtype).index_add_(0, rows, proj.pow(2)) / counts).sqrt().clamp_min(1e-6)
     U = directions * scale.unsqueeze(1)
     w = proj / scale[rows]
     return cells_from_rows(rows, m), U.float(), w.float()

@@ -112,8 +112,11 @@ def clustered_start(cfg: TrainConfig, warmup_checkpoint: str, num_users: int, nu
             state[key] = value
     model.load_state_dict(state)
     for t in stored_tables(tables, CLUSTERED):
-        vectors = entity_vectors(_collection(warm, t.name), t)
-        cells, U, w = clustered_assignment(vectors, t, seed=cfg.seed)
+        fit = entity_vectors(_collection(warm, t.name), t)
+        if cfg.cluster_vectors == "output" and t.name == "item":  # the classifier's row of each item
+            cells, U, w = clustered_assignment(warm.model.output.weight.detach(), t, seed=cfg.seed, fit_vectors=fit)
+        else:
+            cells, U, w = clustered_assignment(fit, t, seed=cfg.seed)
         collection = _collection(model, t.name)
         collection.set_assignment(t.name, cells)
         with torch.no_grad():
@@ -121,8 +124,8 @@ def clustered_start(cfg: TrainConfig, warmup_checkpoint: str, num_users: int, nu
             grid = collection._entity_weights[t.name]
             grid.fill_(1.0)  # padding cells, never read
             grid.view(-1)[(cells % t.num_buckets) * grid.shape[1] + cells // t.num_buckets] = w
-        logger.info("table '%s': %d entities clustered into %d rows (capacity %d) from %s",
-                    t.name, t.num_embeddings, t.num_buckets, t.bucket_capacity, warmup_checkpoint)
+        logger.info("table '%s': %d entities clustered on their %s vectors into %d rows (capacity %d) from %s",
+                    t.name, t.num_embeddings, cfg.cluster_vectors, t.num_buckets, t.bucket_capacity, warmup_checkpoint)
     return model.state_dict()
 
 

@@ -10,6 +10,9 @@ from typing import Dict, get_origin
 
 from memcom_torchrec.models.config import ModelConfig
 
+# What memcom_clustered clusters (see TrainConfig.cluster_vectors).
+CLUSTER_VECTORS = ("table", "output")
+
 
 @dataclass
 class TrainConfig(ModelConfig):
@@ -40,6 +43,10 @@ class TrainConfig(ModelConfig):
             to rank every user against (the 2M-item scale run).
         warmup_epochs (int): epochs of the warm-up method before a method with a
             learned assignment (``memcom_clustered``) is clustered and trained.
+        cluster_vectors (str): what ``memcom_clustered`` clusters: ``table`` (the
+            warm-up's item vectors) or ``output`` (the warm-up classifier's output
+            rows, one per item: the ``linear`` scorer only). ``U`` and ``w`` start
+            from the warm-up's item vectors either way.
 
     The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
     ``embedding_dim``, ``hidden``, ``dropout``, ``num_negatives``) are documented in ``ModelConfig``.
@@ -65,6 +72,16 @@ class TrainConfig(ModelConfig):
     k: int = 10
     eval_users: int = 0
     warmup_epochs: int = 3
+    cluster_vectors: str = "table"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cluster_vectors not in CLUSTER_VECTORS:
+            raise ValueError(f"unknown --cluster-vectors '{self.cluster_vectors}'; choose one of {list(CLUSTER_VECTORS)}")
+        if self.cluster_vectors == "output" and (self.model != "next_item" or self.scorer != "linear"):
+            raise ValueError(
+                "--cluster-vectors output needs an output layer with one row per item: --model next_item --scorer linear"
+            )
 
 
 def train_flags() -> Dict[str, str]:

@@ -232,7 +232,7 @@ def test_clustering_recovers_planted_lines_within_capacity() -> None:
         assert torch.unique(rows[truth == line]).numel() == 1
     torch.testing.assert_close(w.unsqueeze(1) * U[rows], vectors, atol=0.05, rtol=0.0)
     assert torch.unique(cells).numel() == m * per
-    with pytest.raises(ValueError, match=r"item vectors of shape \(54, 4\), expected \(54, 8\)"):
+    with pytest.raises(ValueError, match=r"item vectors of shape \(54, 4\) \(fitted: \(54, 4\)\), expected \(54, k\) and \(54, 8\)"):
         clustered_assignment(vectors[:, :4], t)
 
 
@@ -245,3 +245,20 @@ def test_clustering_respects_capacity_when_lines_are_uneven() -> None:
     vectors[:20] = torch.randn(1, D, generator=g) * torch.rand(20, 1, generator=g)  # 20 items on one line, C = 8
     cells, _, _ = clustered_assignment(vectors, t)
     assert int(torch.bincount(cells % 5, minlength=5).max()) <= t.bucket_capacity == 8
+
+
+def test_clustering_on_one_space_fits_another() -> None:
+    """Cluster on other vectors (a classifier's output rows), fit U and w to the table's vectors."""
+    m, per, k = 5, 6, 12
+    t = MEmComEmbeddingBagConfig(name="item", num_embeddings=m * per, embedding_dim=D, feature_names=["h"],
+                                 num_buckets=m, assignment="clustered")
+    g = torch.Generator().manual_seed(4)
+    truth = torch.arange(m * per) % m
+    other = torch.randn(m, k, generator=g)[truth] * (torch.rand(m * per, 1, generator=g) + 0.5)
+    fit = torch.randn(m, D, generator=g)[truth] * (torch.rand(m * per, 1, generator=g) - 0.5)
+    cells, U, w = clustered_assignment(other, t, fit_vectors=fit)
+    rows = cells % m
+    for line in range(m):
+        assert torch.unique(rows[truth == line]).numel() == 1
+    assert U.shape == (m, D)
+    torch.testing.assert_close(w.unsqueeze(1) * U[rows], fit, atol=1e-4, rtol=0.0)

@@ -31,3 +31,14 @@ def test_bad_values_are_usage_errors(argv, message, capsys) -> None:
         parse_config(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cluster_vectors_is_checked_on_the_command_line(capsys) -> None:
+    for argv, message in [
+        (["--cluster-vectors", "rows"], "unknown --cluster-vectors 'rows'; choose one of ['table', 'output']"),
+        (["--cluster-vectors", "output", "--scorer", "tied"], "--cluster-vectors output needs an output layer"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_config(argv)
+        assert message in capsys.readouterr().err
+    assert parse_config(["--cluster-vectors", "output"]).cluster_vectors == "output"
