@@ -8,6 +8,8 @@ Variants, same features and batches on every rank (batches differ per rank):
   stock_weighted   the same with is_weighted=True and a float32 per-sample weight per id
                    (MEmCom carries a float32 per id through the input all-to-all, so this is
                    the like-for-like baseline for communication)
+  memcom_2hash     MEmCom with a second hash (two rows of U and two scalars per id)
+  memcom_stored    MEmCom with a stored assignment (a random one-to-one map, int32 for 2M ids)
 
 All use the same fused params (EXACT_ROWWISE_ADAGRAD, lr 0.01) and the same sharding type
 (--sharding table_wise: --num-tables tables, placed by the planner, default 2 = one per rank;
@@ -25,6 +27,7 @@ all-reduce payload.
 
     .venv/bin/python benchmarks/bench_sharded.py                          # TW, 2 tables
     .venv/bin/python benchmarks/bench_sharded.py --sharding row_wise --num-tables 1
+    .venv/bin/python benchmarks/bench_sharded.py --variants memcom memcom_2hash memcom_stored stock  # issue 15
 """
 
 import argparse
@@ -61,7 +64,9 @@ from memcom_torchrec import (  # noqa: E402
 from memcom_torchrec.train.rank_stats import local_tensor_bytes  # noqa: E402
 
 log = logging.getLogger("bench_sharded")
-VARIANTS = ["memcom", "stock", "stock_weighted"]
+VARIANTS = ["memcom", "stock", "stock_weighted", "memcom_2hash", "memcom_stored"]
+# The MEmCom-family variants' table options (memcom_stored: a stored assignment, here a random one-to-one map).
+MEMCOM_OPTIONS = {"memcom": {}, "memcom_2hash": {"num_hashes": 2}, "memcom_stored": {"assignment": "clustered"}}
 OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
     "adagrad": EmbOptimType.EXACT_ADAGRAD,
@@ -204,8 +209,8 @@ def table_configs(args: argparse.Namespace, variant: str) -> List[EmbeddingBagCo
     out: List[EmbeddingBagConfig] = []
     for t in range(args.num_tables):
         kw = dict(name=f"t{t}", num_embeddings=args.num_embeddings, embedding_dim=args.dim, feature_names=[f"f{t}"])
-        if variant == "memcom":
-            out.append(MEmComEmbeddingBagConfig(compression_ratio=args.ratio, **kw))
+        if variant in MEMCOM_OPTIONS:
+            out.append(MEmComEmbeddingBagConfig(compression_ratio=args.ratio, **kw, **MEMCOM_OPTIONS[variant]))
         else:
             out.append(EmbeddingBagConfig(**kw))
     return out
@@ -215,7 +220,7 @@ def build(args: argparse.Namespace, variant: str) -> DistributedModelParallel:
     fused = {"optimizer": OPTIMIZERS[args.optimizer], "learning_rate": args.lr}
     tables = table_configs(args, variant)
     meta = torch.device("meta")
-    if variant == "memcom":
+    if variant in MEMCOM_OPTIONS:
         model: torch.nn.Module = MEmComEmbeddingBagCollection(tables, device=meta)
         sharder: Any = MEmComEmbeddingBagCollectionSharder(fused_params=fused, validate_inputs=not args.no_validate)
     else:
@@ -225,9 +230,14 @@ def build(args: argparse.Namespace, variant: str) -> DistributedModelParallel:
     world = dist.get_world_size()
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
     plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-    return DistributedModelParallel(
+    dmp = DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"), plan=plan, sharders=[sharder]
     )
+    for t in tables:
+        if getattr(t, "stores_assignment", False):  # the same random map on every rank
+            g = torch.Generator().manual_seed(args.seed)
+            dmp.module.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
+    return dmp
 
 
 def make_batches(args: argparse.Namespace, rank: int) -> List[Dict[str, Any]]:
@@ -249,7 +259,7 @@ def make_batches(args: argparse.Namespace, rank: int) -> List[Dict[str, Any]]:
         plain = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids, lengths=lengths)
         weighted = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids, lengths=lengths, weights=weights)
         proj = torch.randn(args.batch_size, args.dim * len(keys), generator=g)
-        out.append({"memcom": plain, "stock": plain, "stock_weighted": weighted, "proj": proj})
+        out.append({**{v: plain for v in MEMCOM_OPTIONS}, "stock": plain, "stock_weighted": weighted, "proj": proj})
     return out
 
 
