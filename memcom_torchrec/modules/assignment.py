@@ -177,3 +177,18 @@ def clustered_assignment(
     U = directions * scale.unsqueeze(1)
     w = proj / scale[rows]
     return cells_from_rows(rows, m), U.float(), w.float()
+
+
+def line_fit_residual(vectors: torch.Tensor, rows: torch.Tensor, num_buckets: int) -> float:
+    """Share of ``sum |e_i|^2`` that ``m`` lines through the origin miss with items on ``rows``.
+
+    What MEmCom's collinearity costs a set of item vectors for a given assignment: each
+    row's best line (its members' principal direction) and each item's projection on it.
+    Args: ``vectors`` ``n x d``; ``rows`` ``n`` rows in ``[0, m)``; ``num_buckets`` ``m``.
+    """
+    e = vectors.detach().double().cpu()
+    start = torch.zeros(num_buckets, e.shape[1], dtype=e.dtype).index_add_(0, rows, e)
+    start = start + 1e-12 * torch.eye(num_buckets, e.shape[1], dtype=e.dtype)
+    directions = _principal_directions(e, rows, start / start.norm(dim=1, keepdim=True), steps=20)
+    proj = (e * directions[rows]).sum(1, keepdim=True)
+    return float((e - proj * directions[rows]).pow(2).sum() / e.pow(2).sum().clamp_min(1e-30))

@@ -262,3 +262,15 @@ def test_clustering_on_one_space_fits_another() -> None:
         assert torch.unique(rows[truth == line]).numel() == 1
     assert U.shape == (m, D)
     torch.testing.assert_close(w.unsqueeze(1) * U[rows], fit, atol=1e-4, rtol=0.0)
+
+
+def test_line_fit_residual_measures_collinearity() -> None:
+    from memcom_torchrec.modules.assignment import line_fit_residual
+
+    g = torch.Generator().manual_seed(5)
+    truth = torch.arange(40) % 4
+    on_lines = torch.randn(4, D, generator=g)[truth] * torch.randn(40, 1, generator=g)
+    assert line_fit_residual(on_lines, truth, 4) < 1e-8  # the planted rows: nothing missed
+    assert line_fit_residual(on_lines, torch.arange(40) // 10, 4) > 0.3  # rows mixing the lines miss much
+    one_each = torch.randn(40, D, generator=g)
+    assert line_fit_residual(one_each, torch.arange(40), 40) < 1e-8  # one item per row: every item on its line
