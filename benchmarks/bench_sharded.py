@@ -236,7 +236,7 @@ def build(args: argparse.Namespace, variant: str) -> DistributedModelParallel:
     for t in tables:
         if getattr(t, "stores_assignment", False):  # the same random map on every rank
             g = torch.Generator().manual_seed(args.seed)
-            dmp.module.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
+            dmp.module.set_assignment(t.name, torch.randperm(t.assignment_cells, generator=g)[: t.num_embeddings])
     return dmp
 
 

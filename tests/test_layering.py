@@ -7,7 +7,7 @@ from typing import Dict, List, Set
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "memcom_torchrec")
-METHOD_NAMES = ("uncompressed", "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered")
+METHOD_NAMES = ("uncompressed", "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered", "memcom_clustered_2hash")
 
 # subpackage -> subpackages it must never import (directly or lazily inside a function)
 FORBIDDEN = {

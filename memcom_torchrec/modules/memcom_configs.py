@@ -24,7 +24,9 @@ grid layout, its sharding and its fused update serve every variant:
   frequent entities (on the training split) each alone in a row of ``U``, the
   rest packed ``C`` per row;
 - ``"clustered"``: a stored cell per entity from a balanced k-means of item
-  vectors (``C = ceil(n / m)`` per row).
+  vectors (``C = ceil(n / m)`` per row); with ``num_hashes=2`` the second cell is
+  the second hash's, as above (a clustered row plus a hashed row, as CCE keeps
+  a hashed column next to a clustered one).
 
 A stored assignment costs ``n`` int16 (int32 when the grid has more than
 32,767 cells) and is counted in the ratio. The ratio of the variants counts what
@@ -227,8 +229,10 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
         where = check_table_config(self, "MEmCom")
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"{where}: unknown assignment '{self.assignment}'; choose one of {list(ASSIGNMENTS)}")
-        if self.num_hashes not in (1, 2) or (self.num_hashes == 2 and self.assignment != HASH):
-            raise ValueError(f"{where}: num_hashes must be 1, or 2 with assignment 'hash'; got {self.num_hashes}")
+        if self.num_hashes not in (1, 2) or (self.num_hashes == 2 and self.assignment == FREQUENCY):
+            raise ValueError(
+                f"{where}: num_hashes must be 1, or 2 with assignment 'hash' or 'clustered'; got {self.num_hashes}"
+            )
         if self.is_variant and not self.train_entity_weights:
             raise ValueError(f"{where}: num_hashes={self.num_hashes}, assignment '{self.assignment}' need trained w")
         if self.assignment == FREQUENCY and not 0.0 < self.head_fraction < 1.0:
@@ -307,6 +311,11 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
     def num_cells(self) -> int:
         """Cells of the ``w`` grid (``m`` x columns)."""
         return self.num_buckets * self.num_entities_per_bucket
+
+    @property
+    def assignment_cells(self) -> int:
+        """Cells a stored assignment may use: the first hash's ``m * C`` (a second hash has the rest)."""
+        return self.num_buckets * self.bucket_capacity
 
     @property
     def entity_weight_shape(self) -> Tuple[int, int]:

@@ -88,7 +88,7 @@ def feature_specs(tables: List[EmbeddingBagConfig]) -> Dict[str, FeatureSpec]:
 def check_assignment(config: MEmComEmbeddingBagConfig, cells: Any) -> Optional[str]:
     """Why ``cells`` is not a valid stored assignment of ``config`` (``None`` if it is).
 
-    Valid: an integer tensor of ``n`` distinct cells in ``[0, m * columns)``.
+    Valid: an integer tensor of ``n`` distinct cells in ``[0, assignment_cells)``.
     """
     where = f"MEmCom table '{config.name}' (assignment '{config.assignment}')"
     if not isinstance(cells, torch.Tensor):
@@ -103,12 +103,12 @@ def check_assignment(config: MEmComEmbeddingBagConfig, cells: Any) -> Optional[s
     if cells.device.type == "meta":
         return None
     c = cells.long()
-    bad = (c < 0) | (c >= config.num_cells)
+    bad = (c < 0) | (c >= config.assignment_cells)
     if bool(bad.any()):
         entity = int(bad.nonzero()[0])
         return (
             f"{where}: entity {entity} is assigned cell {int(c[entity])}, outside the grid's "
-            f"{config.num_cells} cells (num_buckets={config.num_buckets}): it belongs to another config"
+            f"{config.assignment_cells} cells (num_buckets={config.num_buckets}): it belongs to another config"
         )
     if torch.unique(c).numel() != c.numel():
         return f"{where}: the assignment puts two entities in one cell (not one-to-one)"
@@ -157,21 +157,22 @@ def hash_ids(
         (``len(ids) * num_hashes`` of each).
     """
     m = spec.num_buckets
+    ids = ids.long()
     if spec.stored_assignment:
         if assignment is None:
             raise ValueError(f"table '{spec.table}' has no stored assignment")
-        cells = assignment.index_select(0, ids.long()).long()
-        return torch.remainder(cells, m), torch.div(cells, m, rounding_mode="floor")
-    if spec.num_hashes == 2:
-        ids = ids.long()
-        second = torch.remainder(ids * spec.hash_multiplier, spec.num_embeddings)
-        rows = torch.stack([torch.remainder(ids, m), torch.remainder(second, m)], dim=1)
-        cols = torch.stack(
-            [torch.div(ids, m, rounding_mode="floor"), spec.bucket_capacity + torch.div(second, m, rounding_mode="floor")],
-            dim=1,
-        )
-        return rows.reshape(-1), cols.reshape(-1)
-    return torch.remainder(ids, m), torch.div(ids, m, rounding_mode="floor")
+        first = assignment.index_select(0, ids).long()  # a cell
+    else:
+        first = ids  # MEmCom's cell i: row i mod m, column i // m
+    if spec.num_hashes == 1:
+        return torch.remainder(first, m), torch.div(first, m, rounding_mode="floor")
+    second = torch.remainder(ids * spec.hash_multiplier, spec.num_embeddings)
+    rows = torch.stack([torch.remainder(first, m), torch.remainder(second, m)], dim=1)
+    cols = torch.stack(
+        [torch.div(first, m, rounding_mode="floor"), spec.bucket_capacity + torch.div(second, m, rounding_mode="floor")],
+        dim=1,
+    )
+    return rows.reshape(-1), cols.reshape(-1)
 
 
 def apply_mean_pooling(
@@ -424,7 +425,9 @@ class StoredAssignments(nn.Module):
             t.name: t for t in tables if isinstance(t, MEmComEmbeddingBagConfig) and t.stores_assignment
         }
         for name, t in self._configs.items():
-            self.register_buffer(name, torch.arange(t.num_embeddings, device=device).to(assignment_dtype(t.num_cells)))
+            self.register_buffer(
+                name, torch.arange(t.num_embeddings, device=device).to(assignment_dtype(t.assignment_cells))
+            )
         self._register_load_state_dict_pre_hook(self._check_loaded)
 
     def tensors(self) -> Dict[str, torch.Tensor]:

@@ -104,7 +104,7 @@ def table_memory(
         else:
             params = rows * d
         if config.stores_assignment:
-            assignment_bytes = n * torch.tensor([], dtype=assignment_dtype(config.num_cells)).element_size()
+            assignment_bytes = n * torch.tensor([], dtype=assignment_dtype(config.assignment_cells)).element_size()
         if config.is_variant:
             ratio = variant_compression_ratio(
                 n, d, rows, config.num_hashes, config.assignment, config.head_fraction

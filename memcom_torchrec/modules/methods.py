@@ -323,3 +323,14 @@ MEMCOM_CLUSTERED: EmbeddingMethod = register_method(EmbeddingMethod(
     memcom_family=True,
     warmup_method=MEMCOM_2HASH.name,
 ))
+MEMCOM_CLUSTERED_2HASH: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="memcom_clustered_2hash",
+    description="a clustered row plus a hashed row, w[i,0] U[c(i)] + w[i,1] U[h2(i)] (CCE-style; stored assignment)",
+    make_config=_compressed_config(_MEMCOM_CONFIG, assignment=CLUSTERED, num_hashes=2),
+    max_compression_ratio=_variant_max_ratio(assignment=CLUSTERED, num_hashes=2),
+    config_class=_MEMCOM_CONFIG,
+    collection=_MEMCOM_COLLECTION,
+    sharder=_MEMCOM_SHARDER,
+    memcom_family=True,
+    warmup_method=MEMCOM_2HASH.name,
+))

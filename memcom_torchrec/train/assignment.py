@@ -119,11 +119,14 @@ def clustered_start(cfg: TrainConfig, warmup_checkpoint: str, num_users: int, nu
             cells, U, w = clustered_assignment(fit, t, seed=cfg.seed)
         collection = _collection(model, t.name)
         collection.set_assignment(t.name, cells)
+        rows, cols = collection.entity_cells(t.name)
         with torch.no_grad():
             collection._embedding_bag_collection.embedding_bags[t.name].weight.copy_(U)
             grid = collection._entity_weights[t.name]
             grid.fill_(1.0)  # padding cells, never read
-            grid.view(-1)[(cells % t.num_buckets) * grid.shape[1] + cells // t.num_buckets] = w
+            grid[rows[:, 0], cols[:, 0]] = w
+            if t.num_hashes == 2:  # the hashed row starts silent: the start is the clustered fit
+                grid[rows[:, 1], cols[:, 1]] = 0.0
         logger.info("table '%s': %d entities clustered on their %s vectors into %d rows (capacity %d) from %s",
                     t.name, t.num_embeddings, cfg.cluster_vectors, t.num_buckets, t.bucket_capacity, warmup_checkpoint)
         hashed = torch.arange(t.num_embeddings) % t.num_buckets  # MEmCom's own rows, for comparison

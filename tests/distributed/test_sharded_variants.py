@@ -32,6 +32,7 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "2hash": dict(num_hashes=2),
     "frequency": dict(assignment="frequency", head_fraction=0.3),
     "clustered": dict(assignment="clustered"),
+    "clustered_2hash": dict(assignment="clustered", num_hashes=2),
 }
 
 
@@ -52,7 +53,7 @@ def make_tables(variant: str) -> List[EmbeddingBagConfig]:
 def random_cells(config: MEmComEmbeddingBagConfig, seed: int) -> torch.Tensor:
     """A one-to-one entity -> cell map into the whole grid (padding cells anywhere)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(config.num_cells, generator=g)[: config.num_embeddings]
+    return torch.randperm(config.assignment_cells, generator=g)[: config.num_embeddings]
 
 
 def make_reference(variant: str, seed: int = 0) -> MEmComEmbeddingBagCollection:

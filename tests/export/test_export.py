@@ -47,7 +47,7 @@ def tiny_model(method: str, seed: int = 0, **overrides):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     for t in tables:  # a stored assignment (memcom_freq, memcom_clustered): a random one-to-one map
         if getattr(t, "stores_assignment", False):
-            model.model.embeddings.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
+            model.model.embeddings.set_assignment(t.name, torch.randperm(t.assignment_cells, generator=g)[: t.num_embeddings])
     return model.eval(), cfg
 
 

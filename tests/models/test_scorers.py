@@ -38,7 +38,7 @@ def make_model(method: str, model: str, scorer: str, use_user_id: bool, seed: in
                     else 0.3 * torch.randn(p.shape, generator=g))
     for t in tables:  # a stored assignment: a random one-to-one map
         if getattr(t, "stores_assignment", False):
-            train_model.model.embeddings.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
+            train_model.model.embeddings.set_assignment(t.name, torch.randperm(t.assignment_cells, generator=g)[: t.num_embeddings])
     return train_model.model, cfg
 
 

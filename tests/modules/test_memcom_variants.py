@@ -16,6 +16,7 @@ VARIANTS = {
     "2hash": dict(num_hashes=2),
     "frequency": dict(assignment="frequency", head_fraction=0.3),
     "clustered": dict(assignment="clustered"),
+    "clustered_2hash": dict(assignment="clustered", num_hashes=2),
 }
 KEYS = ["hist", "user", "cat"]
 SIZES = {"hist": N, "user": 12, "cat": 30}
@@ -37,7 +38,7 @@ def make(variant: str, seed: int = 0, is_weighted: bool = False) -> MEmComEmbedd
             p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     for t in tables:
         if isinstance(t, MEmComEmbeddingBagConfig) and t.stores_assignment:
-            ebc.set_assignment(t.name, torch.randperm(t.num_cells, generator=g)[: t.num_embeddings])
+            ebc.set_assignment(t.name, torch.randperm(t.assignment_cells, generator=g)[: t.num_embeddings])
     return ebc
 
 
@@ -45,15 +46,14 @@ def reference_cells(ebc: MEmComEmbeddingBagCollection, t: MEmComEmbeddingBagConf
     """``n x k`` grid cells of every entity, from the definitions (not from the module's hashing)."""
     n, m = t.num_embeddings, t.num_buckets
     i = torch.arange(n)
-    if t.stores_assignment:
-        return ebc.assignment(t.name).long().unsqueeze(1)
+    first = ebc.assignment(t.name).long() if t.stores_assignment else i
     if t.num_hashes == 1:
-        return i.unsqueeze(1)
+        return first.unsqueeze(1)
     a = next(a for a in range(int(0.6180339887 * n), 2 * n) if math.gcd(a, n) == 1)
     second = (a * i) % n
     capacity = -(-n // m)
     # the second hash's cell: row second % m, column C + second // m
-    return torch.stack([i, second % m + m * (capacity + second // m)], dim=1)
+    return torch.stack([first, second % m + m * (capacity + second // m)], dim=1)
 
 
 def reference_forward(ebc, values, lengths, batch, weights=None):
@@ -145,6 +145,7 @@ def test_ratios_count_what_is_stored() -> None:
         (dict(num_hashes=2), 114, 2 * 33, 0),
         (dict(assignment="clustered"), 144, 26, 2 * n),
         (dict(assignment="frequency", head_fraction=0.25), 124, 40, 2 * n),
+        (dict(assignment="clustered", num_hashes=2), 85, 2 * 44, 2 * n),
     ]:
         t = MEmComEmbeddingBagConfig(name="item", num_embeddings=n, embedding_dim=d, feature_names=["h"],
                                      compression_ratio=16, **options)
@@ -165,10 +166,10 @@ def test_bad_variant_configs_are_named() -> None:
     base = dict(name="item", num_embeddings=N, embedding_dim=D, feature_names=["h"])
     with pytest.raises(ValueError, match="table 'item': compression_ratio 8 is unreachable with num_hashes=2"):
         MEmComEmbeddingBagConfig(compression_ratio=8, num_hashes=2, **base)  # 2n scalars alone exceed n*d/8
-    with pytest.raises(ValueError, match="num_hashes must be 1, or 2 with assignment 'hash'; got 3"):
+    with pytest.raises(ValueError, match="num_hashes must be 1, or 2 with assignment 'hash' or 'clustered'; got 3"):
         MEmComEmbeddingBagConfig(num_buckets=M, num_hashes=3, **base)
-    with pytest.raises(ValueError, match="num_hashes must be 1, or 2 with assignment 'hash'"):
-        MEmComEmbeddingBagConfig(num_buckets=M, num_hashes=2, assignment="clustered", **base)
+    with pytest.raises(ValueError, match="num_hashes must be 1, or 2 with assignment 'hash' or 'clustered'; got 2"):
+        MEmComEmbeddingBagConfig(num_buckets=M, num_hashes=2, assignment="frequency", head_fraction=0.2, **base)
     with pytest.raises(ValueError, match="unknown assignment 'kmeans'"):
         MEmComEmbeddingBagConfig(num_buckets=M, assignment="kmeans", **base)
     with pytest.raises(ValueError, match="'frequency' needs 0 < head_fraction < 1, got 0.0"):
@@ -206,7 +207,7 @@ def test_frequency_head_rows_hold_one_entity_each() -> None:
     assert torch.bincount(rows, minlength=M)[:3].tolist() == [1, 1, 1]  # alone in their rows
     tail = torch.bincount(rows, minlength=M)[3:]
     assert int(tail.max() - tail.min()) <= 1 and int(tail.max()) <= t.bucket_capacity
-    assert torch.unique(cells).numel() == N and int(cells.max()) < t.num_cells
+    assert torch.unique(cells).numel() == N and int(cells.max()) < t.assignment_cells
     # the tail is dealt most frequent first: the 7 next most frequent land in 7 different rows
     nxt = torch.argsort(-counts, stable=True)[3:10]
     assert torch.unique(rows[nxt]).numel() == 7

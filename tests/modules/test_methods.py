@@ -29,6 +29,7 @@ COLLECTIONS = {
     "memcom_2hash": MEmComEmbeddingBagCollection,
     "memcom_freq": MEmComEmbeddingBagCollection,
     "memcom_clustered": MEmComEmbeddingBagCollection,
+    "memcom_clustered_2hash": MEmComEmbeddingBagCollection,
 }
 
 
@@ -74,7 +75,8 @@ def test_one_sharder_per_sharded_twin() -> None:
 
 
 
-@pytest.mark.parametrize("name", ["hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered"])
+@pytest.mark.parametrize("name", ["hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered",
+                                  "memcom_clustered_2hash"])
 def test_max_ratio_is_reachable_and_beyond_it_is_named(name: str) -> None:
     method = get_method(name)
     best = method.max_compression_ratio(N, D)

@@ -197,7 +197,7 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     pack = torch.load(packed)
     layouts = pack["layouts"]
     assert pack["baseline"] == "uncompressed" and pack["methods"] == [
-        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq"]  # memcom_clustered needs a warm-up
+        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq"]  # the clustered ones need a warm-up
     assert layouts["memcom_2hash@16.0"]["roles"] == ["U", "rows", "w"] and layouts["memcom_2hash@16.0"]["rows"].shape == (1682, 2)
     freq = layouts["memcom_freq@16.0"]["rows"][:, 0]
     top = torch.argsort(-torch.bincount(pack["train"]["item"].long(), minlength=1682), stable=True)[0]
@@ -227,7 +227,7 @@ def test_replica_variant_table_matches_collection(options) -> None:
     real = MEmComEmbeddingBagCollection([MEmComEmbeddingBagConfig(num_buckets=7, **common, **options)])
     cfg = real.embedding_bag_configs()[0]
     if cfg.stores_assignment:
-        real.set_assignment("item", torch.randperm(cfg.num_cells)[:N])
+        real.set_assignment("item", torch.randperm(cfg.assignment_cells)[:N])
     with torch.no_grad():
         real._entity_weights["item"].uniform_(0.5, 1.5)
     tensors = real.dense_tables("item")
