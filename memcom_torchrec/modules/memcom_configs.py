@@ -28,7 +28,7 @@ grid layout, its sharding and its fused update serve every variant:
   the second hash's, as above (a clustered row plus a hashed row, as CCE keeps
   a hashed column next to a clustered one).
 
-A stored assignment costs ``n`` int16 (int32 when the grid has more than
+A stored assignment costs ``n`` int16 (int32 when it addresses more than
 32,767 cells) and is counted in the ratio. The ratio of the variants counts what
 is stored: ``m*d`` + every cell of the ``w`` grid (padding included) + the assignment.
 """
@@ -103,7 +103,7 @@ def stored_floats(
     cells = m * capacity * num_hashes
     table = 0.0
     if assignment != HASH:
-        table = n * (2 if m * capacity <= INT16_CELLS else 4) / 4
+        table = n * assignment_dtype(m * capacity).itemsize / 4
     return m * embedding_dim + cells + table
 
 

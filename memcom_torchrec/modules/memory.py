@@ -6,7 +6,6 @@ Every figure the CLI, benchmarks and tests print about table sizes comes from
 
 from dataclasses import dataclass
 
-import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
@@ -104,7 +103,7 @@ def table_memory(
         else:
             params = rows * d
         if config.stores_assignment:
-            assignment_bytes = n * torch.tensor([], dtype=assignment_dtype(config.assignment_cells)).element_size()
+            assignment_bytes = n * assignment_dtype(config.assignment_cells).itemsize
         if config.is_variant:
             ratio = variant_compression_ratio(
                 n, d, rows, config.num_hashes, config.assignment, config.head_fraction
