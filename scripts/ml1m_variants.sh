@@ -6,6 +6,8 @@
 # $OUT/results.csv as each run ends, next to the committed cells of the other methods.
 #   bash scripts/ml1m_variants.sh            # both queues side by side (2 cores)
 #   QUEUE=a bash scripts/ml1m_variants.sh    # one queue only (a, b, c)
+# The --cluster-vectors output probe (killed after 2 epochs, see the README) ran as
+#   memcom-experiment ... --methods memcom_clustered --ratios 16 ... -- <the flags below> --cluster-vectors output
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_tuned}
@@ -15,12 +17,14 @@ cell() {  # method ratio lr seed
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$OUT" --methods "$1" \
       --ratios "$2" --embedding-lrs "$3" --seeds "$4" --launcher python -- --epochs 12 --patience 2 --dropout 0.25
 }
-queue_a() { cell memcom_clustered 16 0.1 0; cell memcom_freq 16 0.1 0; }
-queue_b() { cell memcom_2hash 16 0.1 0; }
-queue_c() { :; }
+# What ran, in this order (each clustered cell trains its memcom_2hash warm-up first, in <run>/warmup;
+# the session copied the first one's warm-up into the later clustered run dirs, which resume from it).
+queue_a() { cell memcom_clustered 16 0.1 0; cell memcom_freq 16 0.1 0; cell memcom_2hash 16 0.1 2; }
+queue_b() { cell memcom_2hash 16 0.1 0; cell memcom_2hash 8 0.1 0; cell memcom_2hash 16 0.1 1; }
+queue_c() { cell memcom_clustered_2hash 16 0.1 0; }
 case "${QUEUE:-all}" in
   a) queue_a ;;
   b) queue_b ;;
   c) queue_c ;;
-  *) queue_a & queue_b & wait ;;
+  *) queue_a & queue_b & wait; queue_c ;;
 esac
