@@ -323,6 +323,28 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             w = torch.ones(config.num_embeddings, device=U.device)  # the hashing trick: no w
         return U, w
 
+    @torch.no_grad()
+    def set_memcom_table(self, table_name: str, U: torch.Tensor, w: torch.Tensor) -> None:
+        """Writes a MEmCom table's ``U`` (``m x d``) and every entity's scalars ``w`` (``n`` or ``n x num_hashes``).
+
+        The scalars go to the entities' cells (``entity_cells``: set a stored assignment
+        first); padding cells of the grid are set to 1.
+
+        Raises:
+            ValueError: naming the table, on a shape that does not fit its config.
+        """
+        grid = self._entity_weights[table_name]
+        bag = self._embedding_bag_collection.embedding_bags[table_name]
+        rows, cols = self.entity_cells(table_name)
+        if tuple(U.shape) != tuple(bag.weight.shape) or w.numel() != rows.numel():
+            raise ValueError(
+                f"table '{table_name}': U {tuple(U.shape)} / w {tuple(w.shape)} do not fit "
+                f"U {tuple(bag.weight.shape)} / w {tuple(rows.shape)}"
+            )
+        bag.weight.copy_(U)
+        grid.fill_(1.0)
+        grid[rows.reshape(-1), cols.reshape(-1)] = w.reshape(-1).to(grid.dtype)
+
     def entity_cells(self, table_name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row of ``U`` and column of the ``w`` grid of every entity of a MEmCom table.
 

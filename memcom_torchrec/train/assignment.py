@@ -48,13 +48,16 @@ def stored_tables(tables: List[EmbeddingBagConfig], assignment: str) -> List[MEm
     return [t for t in tables if isinstance(t, MEmComEmbeddingBagConfig) and t.assignment == assignment]
 
 
-def set_assignment(model: nn.Module, table: str, cells: torch.Tensor) -> None:
-    """Sets a table's cells on the (sharded or unsharded) collection of ``model`` that holds it."""
+def collection_of(model: nn.Module, table: str, method: str = "set_assignment") -> nn.Module:
+    """The (sharded or unsharded) collection of ``model`` that holds ``table`` and has ``method``.
+
+    Raises:
+        ValueError: no such collection.
+    """
     for module in model.modules():
         configs = getattr(module, "embedding_bag_configs", None)
-        if hasattr(module, "set_assignment") and callable(configs) and table in {t.name for t in configs()}:
-            module.set_assignment(table, cells)
-            return
+        if hasattr(module, method) and callable(configs) and table in {t.name for t in configs()}:
+            return module
     raise ValueError(f"no collection of the model holds table '{table}'")
 
 
@@ -73,7 +76,7 @@ def frequency_cells(data_dir: str, config: MEmComEmbeddingBagConfig) -> torch.Te
 def set_frequency_assignments(cfg: TrainConfig, model: nn.Module, tables: List[EmbeddingBagConfig]) -> None:
     """Sets every ``"frequency"`` table's cells (the same on every rank)."""
     for t in stored_tables(tables, FREQUENCY):
-        set_assignment(model, t.name, frequency_cells(cfg.data_dir, t))
+        collection_of(model, t.name).set_assignment(t.name, frequency_cells(cfg.data_dir, t))
 
 
 @torch.no_grad()
@@ -90,14 +93,6 @@ def entity_vectors(collection: nn.Module, config: EmbeddingBagConfig, chunk: int
     return torch.cat(out)
 
 
-def _collection(model: nn.Module, table: str) -> nn.Module:
-    for module in model.modules():
-        configs = getattr(module, "embedding_bag_configs", None)
-        if callable(configs) and hasattr(module, "dense_tables") and table in {t.name for t in configs()}:
-            return module
-    raise ValueError(f"no collection of the model holds table '{table}'")
-
-
 def clustered_start(cfg: TrainConfig, warmup_checkpoint: str, num_users: int, num_items: int) -> Dict[str, torch.Tensor]:
     """The ``"clustered"`` model's starting state from a trained warm-up (unsharded, CPU).
 
@@ -112,21 +107,16 @@ def clustered_start(cfg: TrainConfig, warmup_checkpoint: str, num_users: int, nu
             state[key] = value
     model.load_state_dict(state)
     for t in stored_tables(tables, CLUSTERED):
-        fit = entity_vectors(_collection(warm, t.name), t)
+        fit = entity_vectors(collection_of(warm, t.name, "dense_tables"), t)
         if cfg.cluster_vectors == "output" and t.name == "item":  # the classifier's row of each item
             cells, U, w = clustered_assignment(warm.model.output.weight.detach(), t, seed=cfg.seed, fit_vectors=fit)
         else:
             cells, U, w = clustered_assignment(fit, t, seed=cfg.seed)
-        collection = _collection(model, t.name)
+        collection = collection_of(model, t.name)
         collection.set_assignment(t.name, cells)
-        rows, cols = collection.entity_cells(t.name)
-        with torch.no_grad():
-            collection._embedding_bag_collection.embedding_bags[t.name].weight.copy_(U)
-            grid = collection._entity_weights[t.name]
-            grid.fill_(1.0)  # padding cells, never read
-            grid[rows[:, 0], cols[:, 0]] = w
-            if t.num_hashes == 2:  # the hashed row starts silent: the start is the clustered fit
-                grid[rows[:, 1], cols[:, 1]] = 0.0
+        if t.num_hashes == 2:  # the hashed row starts silent: the start is the clustered fit
+            w = torch.stack([w, torch.zeros_like(w)], dim=1)
+        collection.set_memcom_table(t.name, U, w)
         logger.info("table '%s': %d entities clustered on their %s vectors into %d rows (capacity %d) from %s",
                     t.name, t.num_embeddings, cfg.cluster_vectors, t.num_buckets, t.bucket_capacity, warmup_checkpoint)
         hashed = torch.arange(t.num_embeddings) % t.num_buckets  # MEmCom's own rows, for comparison

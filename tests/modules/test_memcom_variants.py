@@ -275,3 +275,18 @@ def test_line_fit_residual_measures_collinearity() -> None:
     assert line_fit_residual(on_lines, torch.arange(40) // 10, 4) > 0.3  # rows mixing the lines miss much
     one_each = torch.randn(40, D, generator=g)
     assert line_fit_residual(one_each, torch.arange(40), 40) < 1e-8  # one item per row: every item on its line
+
+
+@pytest.mark.parametrize("variant", ["clustered", "clustered_2hash"])
+def test_set_memcom_table_writes_every_entity_scalar_to_its_cell(variant: str) -> None:
+    ebc = make(variant)
+    t = ebc.embedding_bag_configs()[0]
+    U = torch.randn(M, D)
+    w = torch.randn(N, t.num_hashes)
+    ebc.set_memcom_table("item", U, w)
+    tensors = ebc.dense_tables("item")
+    torch.testing.assert_close(tensors["U"], U)
+    torch.testing.assert_close(tensors["w"], w)
+    assert int((ebc._entity_weights["item"] == 1.0).sum()) == t.num_cells - N * t.num_hashes  # padding
+    with pytest.raises(ValueError, match=r"table 'item': U \(9, 8\)"):
+        ebc.set_memcom_table("item", U[:-1], w)
