@@ -4,7 +4,9 @@ A MEmCom row holds collinear items (``w_i * U_b``). For the item vectors of a tr
 warm-up (``memcom_clustered``'s ``warmup/`` run) this prints the share of their energy
 that ``m`` lines miss when the items sit on MEmCom's rows ``i mod m``, on the rows
 ``memcom_clustered`` learns from those vectors, and on the rows learned from the
-classifier's output layer (``--cluster-vectors output``), at the ratio's ``m``:
+classifier's output layer (``--cluster-vectors output``), at the ratio's ``m``; and, for a
+hashed warm-up, how many of the clustered rows' item pairs already shared a row of the
+warm-up's ``U`` (what the clustering rediscovers of the sketch's own collisions):
 
     .venv/bin/python scripts/line_fit.py runs/ml1m_variants/runs/memcom_clustered_r16_s0_lr0.1/warmup
 """
@@ -42,6 +44,14 @@ def main() -> None:
     print(f"{args.warmup}: {item.num_embeddings} items, d={item.embedding_dim}, {m} rows of U at {ratio:g}x")
     for name, r in rows.items():
         print(f"  {name:<34} lines miss {100 * line_fit_residual(vectors, r, m):5.1f}% of the vectors' energy")
+    warm_rows = collection.dense_tables("item").get("rows")
+    if warm_rows is not None:  # a hashed warm-up: its rows of U per item (n x k)
+        shared = (warm_rows.unsqueeze(1).unsqueeze(3) == warm_rows.unsqueeze(0).unsqueeze(2)).flatten(2).any(2)
+        others = ~torch.eye(item.num_embeddings, dtype=torch.bool)
+        for name, r in rows.items():
+            mates = (r.unsqueeze(0) == r.unsqueeze(1)) & others
+            print(f"  {name:<34} {100 * float((mates & shared).sum()) / float(mates.sum()):5.1f}% of its row-mates "
+                  f"shared a warm-up row (all pairs: {100 * float((shared & others).sum()) / float(others.sum()):.1f}%)")
 
 
 if __name__ == "__main__":
