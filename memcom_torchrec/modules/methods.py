@@ -292,45 +292,42 @@ MEMCOM_QR: EmbeddingMethod = register_method(EmbeddingMethod(
     sharder=_QR_SHARDER,
     memcom_family=True,
 ))
-MEMCOM_2HASH: EmbeddingMethod = register_method(EmbeddingMethod(
-    name="memcom_2hash",
-    description="Hash Embeddings' k=2 case, w[i,0] U[i mod m] + w[i,1] U[h2(i)] (two scalars per entity)",
-    make_config=_compressed_config(_MEMCOM_CONFIG, num_hashes=2),
-    max_compression_ratio=_variant_max_ratio(num_hashes=2),
-    config_class=_MEMCOM_CONFIG,
-    collection=_MEMCOM_COLLECTION,
-    sharder=_MEMCOM_SHARDER,
-    memcom_family=True,
-))
-MEMCOM_FREQ: EmbeddingMethod = register_method(EmbeddingMethod(
-    name="memcom_freq",
-    description="MEmCom with a frequency-aware head: the most frequent items alone in a row of U (stored assignment)",
-    make_config=_compressed_config(_MEMCOM_CONFIG, assignment=FREQUENCY, head_fraction=HEAD_FRACTION),
-    max_compression_ratio=_variant_max_ratio(assignment=FREQUENCY, head_fraction=HEAD_FRACTION),
-    config_class=_MEMCOM_CONFIG,
-    collection=_MEMCOM_COLLECTION,
-    sharder=_MEMCOM_SHARDER,
-    memcom_family=True,
-))
-MEMCOM_CLUSTERED: EmbeddingMethod = register_method(EmbeddingMethod(
-    name="memcom_clustered",
-    description="MEmCom on a learned assignment: items clustered on a memcom_2hash warm-up (stored assignment)",
-    make_config=_compressed_config(_MEMCOM_CONFIG, assignment=CLUSTERED),
-    max_compression_ratio=_variant_max_ratio(assignment=CLUSTERED),
-    config_class=_MEMCOM_CONFIG,
-    collection=_MEMCOM_COLLECTION,
-    sharder=_MEMCOM_SHARDER,
-    memcom_family=True,
+def _memcom_variant(name: str, description: str, warmup_method: str = "", **options: Any) -> EmbeddingMethod:
+    """Registers a MEmCom-family variant: a MEmCom config with ``options``, in MEmCom's collection and sharder."""
+    return register_method(EmbeddingMethod(
+        name=name,
+        description=description,
+        make_config=_compressed_config(_MEMCOM_CONFIG, **options),
+        max_compression_ratio=_variant_max_ratio(**options),
+        config_class=_MEMCOM_CONFIG,
+        collection=_MEMCOM_COLLECTION,
+        sharder=_MEMCOM_SHARDER,
+        memcom_family=True,
+        warmup_method=warmup_method,
+    ))
+
+
+MEMCOM_2HASH: EmbeddingMethod = _memcom_variant(
+    "memcom_2hash",
+    "Hash Embeddings' k=2 case, w[i,0] U[i mod m] + w[i,1] U[h2(i)] (two scalars per entity)",
+    num_hashes=2,
+)
+MEMCOM_FREQ: EmbeddingMethod = _memcom_variant(
+    "memcom_freq",
+    "MEmCom with a frequency-aware head: the most frequent items alone in a row of U (stored assignment)",
+    assignment=FREQUENCY,
+    head_fraction=HEAD_FRACTION,
+)
+MEMCOM_CLUSTERED: EmbeddingMethod = _memcom_variant(
+    "memcom_clustered",
+    "MEmCom on a learned assignment: items clustered on a memcom_2hash warm-up (stored assignment)",
     warmup_method=MEMCOM_2HASH.name,
-))
-MEMCOM_CLUSTERED_2HASH: EmbeddingMethod = register_method(EmbeddingMethod(
-    name="memcom_clustered_2hash",
-    description="a clustered row plus a hashed row, w[i,0] U[c(i)] + w[i,1] U[h2(i)] (CCE-style; stored assignment)",
-    make_config=_compressed_config(_MEMCOM_CONFIG, assignment=CLUSTERED, num_hashes=2),
-    max_compression_ratio=_variant_max_ratio(assignment=CLUSTERED, num_hashes=2),
-    config_class=_MEMCOM_CONFIG,
-    collection=_MEMCOM_COLLECTION,
-    sharder=_MEMCOM_SHARDER,
-    memcom_family=True,
+    assignment=CLUSTERED,
+)
+MEMCOM_CLUSTERED_2HASH: EmbeddingMethod = _memcom_variant(
+    "memcom_clustered_2hash",
+    "a clustered row plus a hashed row, w[i,0] U[c(i)] + w[i,1] U[h2(i)] (CCE-style; stored assignment)",
     warmup_method=MEMCOM_2HASH.name,
-))
+    assignment=CLUSTERED,
+    num_hashes=2,
+)

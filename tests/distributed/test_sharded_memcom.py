@@ -12,9 +12,9 @@ from torchrec.distributed.types import ShardingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
 from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE
-from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
-from dist_utils import run_multiprocess, shard_with_planner
-from reference import ReferenceOptimizer, in_key_order, make_kjt_inputs, reference_step
+from memcom_torchrec.distributed.state_dict_utils import load_unsharded_state_dict
+from dist_utils import assert_sharded_steps_match, run_multiprocess, shard_with_planner
+from reference import make_kjt_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -88,18 +88,7 @@ def _compare_body(
     expected_path = GATHERED if lookup_path == "auto" else lookup_path  # CPU: auto is the gathered path
     assert dmp.module._lookup_path == expected_path
     load_unsharded_state_dict(dmp, ref.state_dict())
-    ref_opt = ReferenceOptimizer(optimizer, lr)
-    for step in range(steps):
-        data = batches(step, world_size)
-        kjt, proj = data[rank]
-        out = in_key_order(dmp(kjt).wait(), KEYS)
-        expected, _ = reference_step(ref, ref_opt, data, world_size)
-        torch.testing.assert_close(out, expected[rank], atol=1e-5, rtol=1e-5)
-        (out * proj).sum().backward()
-        dmp.fused_optimizer.step()
-        got = gather_unsharded_state_dict(dmp, dst=None)
-        for name, value in ref.state_dict().items():
-            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
+    assert_sharded_steps_match(dmp, ref, optimizer, lr, steps, batches, KEYS)
 
 
 @pytest.mark.parametrize("lookup_path", ["auto", WEIGHTED_TBE])

@@ -20,8 +20,8 @@ from torchrec.distributed.types import ShardingType
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
-from dist_utils import run_multiprocess, shard_with_planner
-from reference import ReferenceOptimizer, in_key_order, make_kjt_inputs, reference_step
+from dist_utils import assert_sharded_steps_match, run_multiprocess, shard_with_planner
+from reference import in_key_order, make_kjt_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -93,18 +93,7 @@ def _compare_body(rank: int, world_size: int, variant: str, sharding_type: str, 
     for t in make_tables(variant):
         if isinstance(t, MEmComEmbeddingBagConfig) and t.stores_assignment:
             assert torch.equal(dmp.module.assignment(t.name).long(), ref.assignment(t.name).long())
-    ref_opt = ReferenceOptimizer(optimizer, lr)
-    for step in range(steps):
-        data = batches(step, world_size)
-        kjt, proj = data[rank]
-        out = in_key_order(dmp(kjt).wait(), KEYS)
-        expected, _ = reference_step(ref, ref_opt, data, world_size)
-        torch.testing.assert_close(out, expected[rank], atol=1e-5, rtol=1e-5)
-        (out * proj).sum().backward()
-        dmp.fused_optimizer.step()
-        got = gather_unsharded_state_dict(dmp, dst=None)
-        for name, value in ref.state_dict().items():
-            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
+    assert_sharded_steps_match(dmp, ref, optimizer, lr, steps, batches, KEYS)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
