@@ -144,3 +144,16 @@ def in_key_order(kt: Any, keys: List[str]) -> torch.Tensor:
     """
     values = kt.to_dict()
     return torch.cat([values[k] for k in keys], dim=1)
+
+
+def rank_batches(step: int, world_size: int, keys: List[str], sizes: Dict[str, int], width: int, batch: int = 4):
+    """Every rank's ``(kjt, proj)`` of one step: random bags (up to 5 ids) and an output projection ``batch x width``."""
+    from torchrec import KeyedJaggedTensor
+
+    out = []
+    for r in range(world_size):
+        g = torch.Generator().manual_seed(1000 * step + r)
+        values, lengths = make_kjt_inputs(keys, sizes, batch, 5, g)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+        out.append((kjt, torch.randn(batch, width, generator=g)))
+    return out

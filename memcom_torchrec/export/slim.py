@@ -202,8 +202,9 @@ class SlimLookup(nn.Module):
         if "rows" in roles:  # sum_j w[i, j] U[rows[i, j]]; the poisoned index n*k fails every lookup
             k = self.num_hashes
             slots = (torch.where(valid, ids, n).unsqueeze(1) * k + torch.arange(k)).reshape(-1)
-            parts = self.rows(self.bucket_rows.index_select(0, torch.where(slots < n * k, slots, 0)).long()
-                              + torch.where(slots < n * k, 0, m))
+            inside = slots < n * k
+            parts = self.rows(self.bucket_rows.index_select(0, torch.where(inside, slots, 0)).long()
+                              + torch.where(inside, 0, m))
             return (self.entity_weights(slots) * parts).view(-1, k, self.info.embedding_dim).sum(1)
         if "weight" in roles:
             v = self.rows(torch.where(valid, ids, n))

@@ -65,12 +65,9 @@ def frequency_assignment(counts: torch.Tensor, config: MEmComEmbeddingBagConfig)
     if counts.numel() != n:
         raise ValueError(f"table '{config.name}': {counts.numel()} counts for {n} entities")
     order = torch.argsort(-counts.double(), stable=True)  # most frequent first, ties by id
-    rows = torch.empty(n, dtype=torch.long)
-    rows[order[:head]] = torch.arange(head)
-    tail = n - head
-    rows[order[head:]] = head + torch.arange(tail) % (m - head)
+    t = torch.arange(n - head)  # the tail, by frequency: row H + t mod (m - H), column t // (m - H)
     cells = torch.empty(n, dtype=torch.long)
-    cells[order] = torch.cat([torch.arange(head), rows[order[head:]] + m * (torch.arange(tail) // (m - head))])
+    cells[order] = torch.cat([torch.arange(head), head + t % (m - head) + m * (t // (m - head))])
     return cells
 
 
@@ -83,6 +80,13 @@ def _principal_directions(vectors: torch.Tensor, rows: torch.Tensor, directions:
         norm = moved.norm(dim=1, keepdim=True)
         directions = torch.where(norm > 1e-12, moved / norm.clamp_min(1e-12), directions)
     return directions
+
+
+def _member_lines(vectors: torch.Tensor, rows: torch.Tensor, m: int, steps: int) -> torch.Tensor:
+    """Each row's line for given members: power iteration from the members' mean direction."""
+    start = torch.zeros(m, vectors.shape[1], dtype=vectors.dtype).index_add_(0, rows, vectors)
+    start = start + 1e-12 * torch.eye(m, vectors.shape[1], dtype=vectors.dtype)  # an empty row keeps a direction
+    return _principal_directions(vectors, rows, start / start.norm(dim=1, keepdim=True), steps=steps)
 
 
 def _seed_lines(vectors: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
@@ -167,10 +171,8 @@ def clustered_assignment(
     f = fit.detach().double().cpu()
     if fit_vectors is None:
         directions = _principal_directions(f, rows, directions)
-    else:  # the fitted space's lines: start each from its members' mean direction
-        start = torch.zeros(m, f.shape[1], dtype=f.dtype).index_add_(0, rows, f)
-        start = start + 1e-12 * torch.eye(m, f.shape[1], dtype=f.dtype)  # an empty row keeps a direction
-        directions = _principal_directions(f, rows, start / start.norm(dim=1, keepdim=True), steps=10)
+    else:  # the fitted space's lines
+        directions = _member_lines(f, rows, m, steps=10)
     proj = (f * directions[rows]).sum(1)  # w_i * |U_b| with unit U_b
     counts = torch.bincount(rows, minlength=m).clamp_min(1).double()
     scale = (torch.zeros(m, dtype=f.dtype).index_add_(0, rows, proj.pow(2)) / counts).sqrt().clamp_min(1e-6)
@@ -187,8 +189,6 @@ def line_fit_residual(vectors: torch.Tensor, rows: torch.Tensor, num_buckets: in
     Args: ``vectors`` ``n x d``; ``rows`` ``n`` rows in ``[0, m)``; ``num_buckets`` ``m``.
     """
     e = vectors.detach().double().cpu()
-    start = torch.zeros(num_buckets, e.shape[1], dtype=e.dtype).index_add_(0, rows, e)
-    start = start + 1e-12 * torch.eye(num_buckets, e.shape[1], dtype=e.dtype)
-    directions = _principal_directions(e, rows, start / start.norm(dim=1, keepdim=True), steps=20)
+    directions = _member_lines(e, rows, num_buckets, steps=20)
     proj = (e * directions[rows]).sum(1, keepdim=True)
     return float((e - proj * directions[rows]).pow(2).sum() / e.pow(2).sum().clamp_min(1e-30))

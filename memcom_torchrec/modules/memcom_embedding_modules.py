@@ -312,16 +312,22 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         config = next((t for t in self._embedding_bag_configs if t.name == table_name), None)
         if not isinstance(config, MEmComEmbeddingBagConfig):
             raise KeyError(f"'{table_name}' is not a MEmCom table of this collection")
-        U = self._embedding_bag_collection.embedding_bags[table_name].weight
         if config.is_variant:
-            rows, cols = self.entity_cells(table_name)
-            grid = self._entity_weights[table_name]
-            return U, grid.reshape(-1)[rows * grid.shape[1] + cols]
+            U, _, w = self._variant_tensors(table_name)
+            return U, w
+        U = self._embedding_bag_collection.embedding_bags[table_name].weight
         if table_name in self._entity_weights:
             w = entity_weights_to_dense(self._entity_weights[table_name], config.num_embeddings)
         else:
             w = torch.ones(config.num_embeddings, device=U.device)  # the hashing trick: no w
         return U, w
+
+    def _variant_tensors(self, table_name: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U``, every entity's rows of ``U`` and its scalars (``n x num_hashes`` each) of a variant table."""
+        rows, cols = self.entity_cells(table_name)
+        grid = self._entity_weights[table_name]
+        U = self._embedding_bag_collection.embedding_bags[table_name].weight
+        return U, rows, grid.reshape(-1)[rows * grid.shape[1] + cols]
 
     @torch.no_grad()
     def set_memcom_table(self, table_name: str, U: torch.Tensor, w: torch.Tensor) -> None:
@@ -377,9 +383,10 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise KeyError(f"no table '{table_name}' in this collection")
         if not isinstance(config, MEmComEmbeddingBagConfig):
             return {"weight": self._embedding_bag_collection.embedding_bags[table_name].weight}
-        U, w = self.memcom_parameters(table_name)
         if config.is_variant:
-            return {"U": U, "rows": self.entity_cells(table_name)[0], "w": w}
+            U, rows, w = self._variant_tensors(table_name)
+            return {"U": U, "rows": rows, "w": w}
+        U, w = self.memcom_parameters(table_name)
         return {"U": U, "w": w} if table_name in self._entity_weights else {"U": U}
 
     # -------------------------------------------------------------- forward

@@ -163,7 +163,8 @@ def train(cfg: TrainConfig) -> RunResult:
     state = TrainState()
     latest = latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
     # Stored assignments are chosen before training (a resumed run loads its own from the checkpoint).
-    set_frequency_assignments(cfg, model, tables)
+    if latest is None:
+        set_frequency_assignments(cfg, model, tables)
     if latest is None and get_method(cfg.method).warmup_method:
         start = clustered_init(cfg, rank, num_users, num_items, train)
         load_checkpoint(start, model)

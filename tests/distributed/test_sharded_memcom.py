@@ -6,7 +6,7 @@ from typing import List, Optional
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingType
 
@@ -14,7 +14,7 @@ from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagColl
 from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE
 from memcom_torchrec.distributed.state_dict_utils import load_unsharded_state_dict
 from dist_utils import assert_sharded_steps_match, run_multiprocess, shard_with_planner
-from reference import make_kjt_inputs
+from reference import rank_batches
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +61,7 @@ def shard(
 
 
 def batches(step: int, world_size: int, batch: int = 4):
-    out = []
-    for r in range(world_size):
-        g = torch.Generator().manual_seed(1000 * step + r)
-        values, lengths = make_kjt_inputs(KEYS, SIZES, batch, 5, g)
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=KEYS, values=values, lengths=lengths)
-        proj = torch.randn(batch, 8 + 8 + 8 + 4, generator=g)
-        out.append((kjt, proj))
-    return out
+    return rank_batches(step, world_size, KEYS, SIZES, 8 + 8 + 8 + 4, batch)
 
 
 def _compare_body(

@@ -13,7 +13,7 @@ from typing import Dict, List
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingType
 
@@ -21,7 +21,7 @@ from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagColl
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import load_checkpoint, save_checkpoint
 from dist_utils import assert_sharded_steps_match, run_multiprocess, shard_with_planner
-from reference import in_key_order, make_kjt_inputs
+from reference import in_key_order, rank_batches
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +76,7 @@ def shard(variant: str, sharding_type: str, optimizer: str, lr: float) -> Distri
 
 
 def batches(step: int, world_size: int, batch: int = 4):
-    out = []
-    for r in range(world_size):
-        g = torch.Generator().manual_seed(1000 * step + r)
-        values, lengths = make_kjt_inputs(KEYS, SIZES, batch, 5, g)
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=KEYS, values=values, lengths=lengths)
-        out.append((kjt, torch.randn(batch, 8 + 8 + 8 + 4, generator=g)))
-    return out
+    return rank_batches(step, world_size, KEYS, SIZES, 8 + 8 + 8 + 4, batch)
 
 
 def _compare_body(rank: int, world_size: int, variant: str, sharding_type: str, optimizer: str, steps: int) -> None:
