@@ -1,21 +1,32 @@
 """Runs a test body in several gloo processes (CPU), like TorchRec's MultiProcessTestBase.
 
-Each rank is a spawned process that joins a process group through a ``file://``
-store in a fresh temporary directory (no port to pick, so no port race). A rank
-writes its stdout/stderr to a log file of its own and, when its body raises, its
-traceback to an error file. The parent joins every rank with a deadline and, on
-any failure, raises one ``MultiProcessFailure`` that names every rank's outcome:
-its exception, or the signal that killed it, plus the last lines of its log.
+Spawning a rank costs about 7 s (it imports torch, torchrec and fbgemm), so the
+ranks are kept: ``run_multiprocess`` hands each body to a *world*, ``world_size``
+spawned processes joined once in a gloo process group through a ``file://``
+store in a fresh temporary directory (no port to pick, so no port race), which
+run the bodies they are given one after another. Every body runs with its own
+log file per rank, its environment variables restored afterwards, and a barrier
+at its end (no body starts while a peer is still in the last one).
 
-A rank whose body succeeded waits at a barrier for its peers, destroys the
-process group (no rank tears down gloo while a peer still talks to it), and
-ends without interpreter finalization (see ``_worker``).
+On any failure (a body raised, a rank died on a signal, or the deadline passed)
+the whole world is killed and the parent raises one ``MultiProcessFailure`` that
+names every failed rank's outcome: its exception, or the signal that killed it,
+plus the last lines of its log for that body. The next body gets a fresh world,
+so no failure leaks into another test. ``MEMCOM_TEST_FRESH_WORLDS=1`` (or
+``fresh=True``) spawns a world per body, as before the worlds were kept.
+
+A world is shut down when the test session ends: each rank waits at a barrier,
+destroys the process group and ends without interpreter finalization (see
+``_serve``).
 """
 
+import atexit
 import datetime
 import faulthandler
 import multiprocessing
 import os
+import pickle
+import queue
 import shutil
 import signal
 import sys
@@ -30,8 +41,10 @@ from torch import nn
 
 # A rank that gets no answer from its peers fails after this many seconds (gloo timeout).
 COLLECTIVE_TIMEOUT_S = 120
-# The whole multi-process run, start to join. pytest-timeout (pyproject.toml) is the outer guard.
+# One body, start to end on every rank. pytest-timeout (pyproject.toml) is the outer guard.
 JOIN_TIMEOUT_S = 480
+# Spawning a world and joining its process group.
+START_TIMEOUT_S = 120
 # After one rank fails, its peers get this long to finish or fail on their own before they are killed.
 GRACE_S = 15
 LOG_TAIL_LINES = 25
@@ -41,13 +54,17 @@ class MultiProcessFailure(AssertionError):
     """One or more ranks of a multi-process test failed, died or hung."""
 
 
-def _worker(rank: int, world_size: int, root: str, fn: Callable[..., Any], kwargs: Dict[str, Any]) -> None:
-    log = open(os.path.join(root, f"rank{rank}.log"), "w", buffering=1)
-    os.dup2(log.fileno(), 1)  # C++ output (gloo, "terminate called ...") lands here too
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    faulthandler.enable(file=log, all_threads=True)  # a fatal signal prints every thread's Python stack
+def _serve(rank: int, world_size: int, root: str, tasks: Any, done: Any) -> None:
+    """A rank of a world: joins the process group once, then runs bodies until told to stop (``None``)."""
     os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    # One text stream on fd 1 for the whole life of the rank: each body's log file is dup2'ed
+    # under fds 1 and 2, so Python's output, C++ output (gloo, "terminate called ...") and
+    # logging handlers made by an earlier body all land in the current body's log.
+    out = open(1, "w", buffering=1, closefd=False)
+    sys.stdout = sys.stderr = out
+    _redirect(os.path.join(root, f"start.rank{rank}.log"))
+    faulthandler.enable(file=out, all_threads=True)  # a fatal signal prints every thread's Python stack
     try:
         dist.init_process_group(
             "gloo",
@@ -56,22 +73,55 @@ def _worker(rank: int, world_size: int, root: str, fn: Callable[..., Any], kwarg
             world_size=world_size,
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
-        fn(rank=rank, world_size=world_size, **kwargs)
-        dist.barrier()  # every rank is done with its peers before anyone tears down
-        dist.destroy_process_group()
-    except BaseException:  # noqa: B902 -- report anything, including KeyboardInterrupt and SystemExit
-        with open(os.path.join(root, f"rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        log.flush()
-        # No teardown after a failure: a peer may still be inside a collective with us, and
-        # gloo's destructor would abort this process and hide the error. The parent reports it.
+    except BaseException:  # noqa: B902
+        _report_error(os.path.join(root, f"start.rank{rank}.error"), out)
+        done.put((rank, "start", False))
         os._exit(1)
-    # Success: end without interpreter finalization. The body's sharded modules keep the Gloo
-    # process group alive past destroy_process_group; destroying it during finalization can
-    # abort the process (SIGABRT, "terminate called without an active exception") after the
-    # test passed. See memcom_torchrec.train.distributed_env.end_process.
-    log.flush()
+    done.put((rank, "start", True))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        task_id, sys_path, payload = item
+        _redirect(os.path.join(root, f"{task_id}.rank{rank}.log"))
+        environ = dict(os.environ)
+        try:
+            sys.path[:] = sys_path  # the parent's: pytest adds test directories as it collects them
+            fn, kwargs = pickle.loads(payload)
+            fn(rank=rank, world_size=world_size, **kwargs)
+            dist.barrier()  # every rank is done with this body before any starts the next
+        except BaseException:  # noqa: B902 -- report anything, including KeyboardInterrupt and SystemExit
+            _report_error(os.path.join(root, f"{task_id}.rank{rank}.error"), out)
+            done.put((rank, task_id, False))
+            # No teardown after a failure: a peer may still be inside a collective with us, and
+            # gloo's destructor would abort this process and hide the error. The parent reports it.
+            os._exit(1)
+        os.environ.clear()
+        os.environ.update(environ)
+        out.flush()
+        done.put((rank, task_id, True))
+    dist.barrier()  # every rank is done with its peers before anyone tears down
+    dist.destroy_process_group()
+    # End without interpreter finalization. The bodies' sharded modules keep the Gloo process
+    # group alive past destroy_process_group; destroying it during finalization can abort the
+    # process (SIGABRT, "terminate called without an active exception") after the tests passed.
+    # See memcom_torchrec.train.distributed_env.end_process.
+    out.flush()
     os._exit(0)
+
+
+def _redirect(path: str) -> None:
+    sys.stdout.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _report_error(path: str, out: Any) -> None:
+    with open(path, "w") as f:
+        f.write(traceback.format_exc())
+    out.flush()
 
 
 def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -82,10 +132,17 @@ def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text[-lines:]) or "(empty log)"
 
 
-def _outcome(rank: int, exitcode: Optional[int], killed: Optional[str], root: str) -> Optional[str]:
-    """One rank's failure, in words, or None if it succeeded."""
-    error = os.path.join(root, f"rank{rank}.error")
-    if exitcode == 0 and not os.path.exists(error):
+def _outcome(rank: int, ok: Optional[bool], exitcode: Optional[int], killed: Optional[str], prefix: str) -> Optional[str]:
+    """One rank's failure, in words, or None if it succeeded.
+
+    Args:
+        ok: what the rank reported for the body (None: nothing).
+        exitcode: the process's exit code if it ended (negative: a signal).
+        killed: why the parent killed it, if it did.
+        prefix: the body's files, ``<prefix>.rank<r>.log`` / ``.error``.
+    """
+    error = f"{prefix}.rank{rank}.error"
+    if ok and not os.path.exists(error):
         return None
     if killed is not None:
         what = f"rank {rank}: {killed} (killed)"
@@ -96,18 +153,111 @@ def _outcome(rank: int, exitcode: Optional[int], killed: Optional[str], root: st
     if os.path.exists(error):
         with open(error) as f:
             what += "\n" + f.read().rstrip()
-    return what + f"\n--- last lines of rank {rank}'s log ---\n" + _tail(os.path.join(root, f"rank{rank}.log"))
+    return what + f"\n--- last lines of rank {rank}'s log ---\n" + _tail(f"{prefix}.rank{rank}.log")
+
+
+class _World:
+    """``world_size`` spawned ranks in one gloo process group, running bodies one after another."""
+
+    def __init__(self, world_size: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.world_size = world_size
+        self.root = tempfile.mkdtemp(prefix="memcom-mp-")
+        self.tasks = [ctx.SimpleQueue() for _ in range(world_size)]
+        self.done = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_serve, args=(rank, world_size, self.root, self.tasks[rank], self.done), name=f"rank{rank}")
+            for rank in range(world_size)
+        ]
+        self.count = 0
+        for p in self.procs:
+            p.start()
+        self._wait("start", START_TIMEOUT_S, "joining the process group")
+
+    def run(self, fn: Callable[..., Any], timeout_s: float, kwargs: Dict[str, Any]) -> None:
+        self.count += 1
+        task_id = f"body{self.count}"
+        payload = pickle.dumps((fn, kwargs))
+        for q in self.tasks:
+            q.put((task_id, list(sys.path), payload))
+        self._wait(task_id, timeout_s, f"running {fn.__name__}")
+        for rank in range(self.world_size):
+            os.remove(os.path.join(self.root, f"{task_id}.rank{rank}.log"))
+
+    def _wait(self, task_id: str, timeout_s: float, what: str) -> None:
+        """Waits for every rank's report on ``task_id``; on any failure kills the world and raises."""
+        __tracebackhide__ = True
+        reports: Dict[int, bool] = {}
+        deadline, why = time.monotonic() + timeout_s, f"still running after the {timeout_s:.0f} s deadline"
+        peer_failed = False
+        while len(reports) < self.world_size and time.monotonic() < deadline:
+            try:
+                rank, tid, ok = self.done.get(timeout=0.05)
+                if tid == task_id:
+                    reports[rank] = ok
+            except queue.Empty:
+                pass
+            dead = any(not p.is_alive() and r not in reports for r, p in enumerate(self.procs))
+            if not peer_failed and (dead or not all(reports.values())):
+                # one rank failed: its peers may be stuck in a collective with it
+                peer_failed, why = True, f"still running {GRACE_S} s after a peer failed"
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+        if len(reports) == self.world_size and all(reports.values()):
+            return
+        killed: Dict[int, str] = {}
+        for rank, p in enumerate(self.procs):
+            if p.is_alive() and rank not in reports:
+                killed[rank] = why
+        self.kill()
+        prefix = os.path.join(self.root, task_id)
+        failures = [
+            f for rank, p in enumerate(self.procs)
+            if (f := _outcome(rank, reports.get(rank), p.exitcode, killed.get(rank), prefix))
+        ]
+        shutil.rmtree(self.root, ignore_errors=True)
+        raise MultiProcessFailure(f"{len(failures)} of {self.world_size} ranks failed {what}:\n\n" + "\n\n".join(failures))
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
+    def close(self, timeout_s: float = 30) -> None:
+        """Stops every rank (barrier, process group destroyed), killing those that do not end in time."""
+        for q in self.tasks:
+            q.put(None)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_WORLDS: Dict[int, _World] = {}
+
+
+@atexit.register
+def close_worlds() -> None:
+    """Shuts every kept world down (at the end of the test session)."""
+    while _WORLDS:
+        _WORLDS.popitem()[1].close()
 
 
 def run_multiprocess(
-    fn: Callable[..., Any], world_size: int = 2, timeout_s: float = JOIN_TIMEOUT_S, **kwargs: Any
+    fn: Callable[..., Any], world_size: int = 2, timeout_s: float = JOIN_TIMEOUT_S, fresh: bool = False,
+    **kwargs: Any
 ) -> None:
     """Runs ``fn(rank=, world_size=, **kwargs)`` on ``world_size`` gloo ranks.
 
     Args:
         fn (Callable[..., Any]): a module-level (picklable) test body.
         world_size (int): number of processes.
-        timeout_s (float): deadline for the whole run; ranks still alive then are killed.
+        timeout_s (float): deadline for the body; ranks still running then are killed.
+        fresh (bool): run in a world of its own, spawned for this body and shut down after it.
         **kwargs: passed on to ``fn``.
 
     Raises:
@@ -115,39 +265,24 @@ def run_multiprocess(
             with every failed rank's traceback or signal and the tail of its log.
     """
     __tracebackhide__ = True  # pytest shows the ranks' failures, not this loop
-    ctx = multiprocessing.get_context("spawn")
-    root = tempfile.mkdtemp(prefix="memcom-mp-")
-    procs: List[multiprocessing.process.BaseProcess] = [
-        ctx.Process(target=_worker, args=(rank, world_size, root, fn, kwargs), name=f"rank{rank}")
-        for rank in range(world_size)
-    ]
-    killed: Dict[int, str] = {}
+    fresh = fresh or os.environ.get("MEMCOM_TEST_FRESH_WORLDS") == "1"
+    world = None if fresh else _WORLDS.pop(world_size, None)
+    if world is not None and not world.alive():
+        world.kill()
+        world = None
     try:
-        for p in procs:
-            p.start()
-        deadline, why = time.monotonic() + timeout_s, f"still running after the {timeout_s:.0f} s deadline"
-        peer_failed = False
-        while time.monotonic() < deadline and any(p.is_alive() for p in procs):
-            if not peer_failed and any(p.exitcode not in (None, 0) for p in procs):
-                # one rank failed: its peers may be stuck in a collective with it
-                peer_failed, why = True, f"still running {GRACE_S} s after a peer failed"
-                deadline = min(deadline, time.monotonic() + GRACE_S)
-            time.sleep(0.05)
-        for rank, p in enumerate(procs):
-            if p.is_alive():
-                killed[rank] = why
-                p.kill()
-            p.join()
-        failures = [f for rank, p in enumerate(procs) if (f := _outcome(rank, p.exitcode, killed.get(rank), root))]
-        if failures:
-            raise MultiProcessFailure(
-                f"{len(failures)} of {world_size} ranks failed running {fn.__name__}:\n\n" + "\n\n".join(failures)
-            )
-    finally:
-        for p in procs:
-            if p.is_alive():  # the parent itself was interrupted (pytest-timeout, Ctrl-C)
-                p.kill()
-        shutil.rmtree(root, ignore_errors=True)
+        if world is None:
+            world = _World(world_size)
+        world.run(fn, timeout_s, kwargs)
+    except BaseException:
+        if world is not None:  # a failed world is dead (killed); an interrupted one is killed here
+            world.kill()
+            shutil.rmtree(world.root, ignore_errors=True)
+        raise
+    if fresh:
+        world.close()
+    else:
+        _WORLDS[world_size] = world
 
 
 def shard_with_planner(

@@ -38,9 +38,36 @@ def _hang_body(rank: int, world_size: int) -> None:
     time.sleep(3600)
 
 
+def _pid_body(rank: int, world_size: int, out: str, set_env: bool = False) -> None:
+    """Writes this rank's pid and whether it sees a variable an earlier body set; sets it if asked."""
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(f"{os.getpid()} {os.environ.get('MEMCOM_TEST_LEFTOVER', '-')}")
+    if set_env:
+        os.environ["MEMCOM_TEST_LEFTOVER"] = "set"
+
+
+def _pids(out: str, world_size: int):
+    return [open(os.path.join(out, f"rank{r}")).read().split() for r in range(world_size)]
+
+
 def test_passing_body_and_consecutive_groups() -> None:
-    for _ in range(2):  # a fresh store per run: no port to race for, nothing left behind
+    for _ in range(2):
         run_multiprocess(_sum_body, world_size=3)
+    run_multiprocess(_sum_body, world_size=3, fresh=True)  # a world of its own, shut down after the body
+
+
+def test_world_is_kept_between_bodies_and_replaced_after_a_failure(tmp_path) -> None:
+    run_multiprocess(_pid_body, world_size=2, out=str(tmp_path), set_env=True)
+    first = _pids(str(tmp_path), 2)
+    run_multiprocess(_pid_body, world_size=2, out=str(tmp_path))
+    second = _pids(str(tmp_path), 2)
+    assert [p for p, _ in second] == [p for p, _ in first]  # the same processes...
+    assert [e for _, e in second] == ["-", "-"]  # ...but a body's environment variables do not leak
+    with pytest.raises(MultiProcessFailure, match="planted failure on rank 1"):
+        run_multiprocess(_raise_on_rank1_body, world_size=2)
+    run_multiprocess(_pid_body, world_size=2, out=str(tmp_path))
+    third = _pids(str(tmp_path), 2)
+    assert not {p for p, _ in third} & {p for p, _ in first}, (first, third)  # a fresh world after the failure
 
 
 def test_exception_is_reported_with_its_traceback_and_the_peer_is_not_lost() -> None:

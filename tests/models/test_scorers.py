@@ -153,17 +153,22 @@ def test_eval_cache_matches_and_is_dropped_in_training():
 # ------------------------------------------------------------ sharded (2 gloo ranks)
 def _sharded_body(rank: int, world_size: int, method: str, model_kind: str, scorer: str, sharding_type: str,
                   state: Dict[str, torch.Tensor]) -> None:
-    from memcom_torchrec.distributed.state_dict_utils import load_unsharded_state_dict
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
     from memcom_torchrec.models.builder import embedding_tables
     from memcom_torchrec.train.trainer import shard_model
 
-    cfg = TrainConfig(**vars(make_model(method, model_kind, scorer, False)[1]), sharding_type=sharding_type)
+    lr = 0.1
+    cfg = TrainConfig(**vars(make_model(method, model_kind, scorer, False)[1]), sharding_type=sharding_type,
+                      embedding_optimizer="sgd", embedding_lr=lr)
     tables = embedding_tables(cfg, NUM_USERS, NUM_ITEMS)
     meta_model, _ = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("meta"), seed=0)
     dmp = shard_model(cfg, meta_model, tables, world_size, torch.device("cpu"))
     load_unsharded_state_dict(dmp, state)
     reference, _ = make_model(method, model_kind, scorer, False)
-    features = make_features(8, False, seed=7 + rank)  # each rank its own batch
+    batches = [make_features(8, False, seed=7 + r) for r in range(world_size)]  # each rank its own batch
+    features = batches[rank]
     dmp.eval()
     reference.eval()
     with torch.no_grad():
@@ -171,11 +176,34 @@ def _sharded_body(rank: int, world_size: int, method: str, model_kind: str, scor
         got = catalogue_scores(inner, features)
         want = catalogue_scores(reference, features)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # training mode: the catalogue lookup runs through the sharded collection's all-to-alls with autograd
+    # training mode: the catalogue lookup runs through the sharded collection's all-to-alls with autograd.
+    # One backward of every rank's own loss, against the unsharded model's backward: the dense layers
+    # (called directly here, not through DMP's DDP wrapper, so their gradients are this rank's own) and
+    # the fused SGD update of every table, whose gradient comes from every rank's loss (averaged over
+    # ranks, as TorchRec does).
     dmp.train()
+    reference.train()
     scores = catalogue_scores(dmp.module.model, features)
     scores.sum().backward()
     torch.testing.assert_close(scores.detach(), want, atol=1e-5, rtol=1e-5)
+    catalogue_scores(reference, features).sum().backward()
+    own = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
+    reference.zero_grad()
+    (sum(catalogue_scores(reference, b).sum() for b in batches) / world_size).backward()
+    dense = dict(in_backward_optimizer_filter(dmp.module.model.named_parameters()))
+    assert dense and all(p.grad is not None for p in dense.values()), sorted(dense)
+    for name, p in dense.items():
+        torch.testing.assert_close(p.grad, own[name], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    got_state = gather_unsharded_state_dict(dmp.module.model, dst=None)
+    moved = 0
+    for name, p in reference.named_parameters():
+        if name in dense:
+            continue
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        moved += int(bool(grad.abs().sum() > 0))
+        torch.testing.assert_close(got_state[name], p.detach() - lr * grad, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{name} after one SGD step: {m}")
+    assert moved > 0, "no table received a gradient"
 
 
 @pytest.mark.slow
