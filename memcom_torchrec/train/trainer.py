@@ -10,9 +10,10 @@ overlaps the next batch's input all-to-all with the current step.
 
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,12 +146,34 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
     }
 
 
+# Fault injection for the restart tests: "<step>:<rank>" SIGKILLs that rank as soon as the periodic
+# checkpoint of that step is complete on every rank, in a job's first attempt only (torchrun's
+# TORCHELASTIC_RESTART_COUNT 0), so a restarted job resumes from exactly that step.
+FAULT_AT_STEP_ENV = "MEMCOM_FAULT_AT_STEP"
+
+
+def fault_at_step() -> Optional[Tuple[int, int]]:
+    """``(step, rank)`` of the injected fault, or None (not set, or a restarted attempt).
+
+    Raises:
+        ValueError: naming the variable, if it is not ``<step>:<rank>``.
+    """
+    spec = os.environ.get(FAULT_AT_STEP_ENV, "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    step, sep, rank = spec.partition(":")
+    if not (sep and step.isdigit() and rank.isdigit()):
+        raise ValueError(f"{FAULT_AT_STEP_ENV}={spec!r}: expected <step>:<rank>, e.g. 8:1")
+    return int(step), int(rank)
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Runs training with early stopping, then evaluates the best model on test.
 
     Returns:
         RunResult: the run's figures (also written to ``out_dir/metrics.json`` by rank 0).
     """
+    fault = fault_at_step()
     rank, world, device = init_distributed(cfg.device)
     manifest = read_manifest(cfg.data_dir)
     num_users, num_items = int(manifest["num_users"]), int(manifest["num_items"])
@@ -219,6 +242,11 @@ def train(cfg: TrainConfig) -> RunResult:
                 state.train_seconds = time.time() - t_start
                 state.epoch_loss_sum, state.epoch_batches = loss_sum, n
                 checkpoint(ckpt_root, cfg.keep_checkpoints)
+                if fault == (state.step, rank):
+                    logger.warning("%s: killing rank %d after the checkpoint of step %d", FAULT_AT_STEP_ENV, rank,
+                                   state.step)
+                    logging.shutdown()
+                    os.kill(os.getpid(), signal.SIGKILL)
             if cfg.max_steps and state.step >= cfg.max_steps:
                 stop = True
                 break
