@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# ML-1M phone recipe search (tied scorer, no user id, batch 1,024, dropout 0.25, patience 3, up to 30
+# epochs), every choice made on validation, the same candidate set for every method. Each queue
+# exports and evaluates its chosen runs in the same job (memcom-pareto), since runs/ does not travel.
+#   STEP=history bash scripts/ml1m_phone_recipe.sh   # uncompressed, history 5 vs 10 (one core)
+#   STEP=lr QUEUE=a bash scripts/ml1m_phone_recipe.sh  # embedding lr in {0.05, 0.1, 0.2} at 16x, queue a
+#   STEP=lr QUEUE=b bash scripts/ml1m_phone_recipe.sh  # ... queue b (run a and b side by side: 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/ml1m_recipe}
+DATA=${DATA:-data/ml-1m}
+HISTORY=${HISTORY:-5}
+LRS=${LRS:-0.05 0.1 0.2}
+[ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
+grid() {  # out_dir methods ratios lrs history
+  OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$1" --methods $2 \
+      --ratios $3 --embedding-lrs $4 --seeds 0 --launcher python -- \
+      --model next_item --scorer tied --use-user-id false --history-len "$5" --batch-size 1024 \
+      --epochs 30 --patience 3 --dropout 0.25
+  OMP_NUM_THREADS=1 .venv/bin/memcom-pareto --results "$1/results.csv" --data-dir "$DATA" \
+      --out-dir "$1/pareto" --repeats 20
+}
+case "${STEP:-history}" in
+  history) for h in 5 10; do grid "$OUT/h$h" uncompressed 1 0.2 "$h"; done ;;
+  lr)
+    case "${QUEUE:-a}" in
+      a) grid "$OUT/lr_a" "memcom_qr qr" 16 "$LRS" "$HISTORY" ;;
+      b) grid "$OUT/lr_b" "memcom_2hash memcom" 16 "$LRS" "$HISTORY" ;;
+    esac ;;
+esac
