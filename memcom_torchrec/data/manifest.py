@@ -9,6 +9,7 @@ A prepared dataset directory holds::
                              HISTORY (and EXCLUDE for valid/test)
 """
 
+import hashlib
 import json
 import os
 from typing import Any, Dict, List
@@ -77,6 +78,46 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}")
+    return manifest
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def verify_dataset(data_dir: str) -> Dict[str, Any]:
+    """Checks every split file of a prepared dataset against the checksums its manifest records.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        DataError: naming the file, if one is missing, or its size or sha256 differs from the
+            manifest's, or if the manifest records no checksums (written by an older version:
+            prepare the dataset again).
+    """
+    manifest = read_manifest(data_dir)
+    for split in SPLITS:
+        for f in manifest["files"].get(split, []):
+            path = os.path.join(data_dir, f["path"])
+            if "sha256" not in f or "bytes" not in f:
+                raise DataError(f"{os.path.join(data_dir, MANIFEST)}: no checksum for {f['path']}; prepare the dataset again")
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: missing (the manifest lists it)")
+            size = os.path.getsize(path)
+            if size != int(f["bytes"]) or sha256_file(path) != f["sha256"]:
+                raise DataError(
+                    f"{path}: {size} bytes whose sha256 differs from the manifest's ({f['bytes']} bytes); "
+                    "the file was changed or truncated: prepare the dataset again"
+                )
     return manifest
 
 

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from memcom_torchrec.data.errors import DataError
-from memcom_torchrec.data.manifest import DEFAULT_HISTORY_LEN
-from memcom_torchrec.data.prepare import PrepareConfig, prepare_table, sha256_file
+from memcom_torchrec.data.manifest import DEFAULT_HISTORY_LEN, sha256_file
+from memcom_torchrec.data.prepare import PrepareConfig, prepare_table
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,5 @@
 """Interaction logs (CSV/TSV/Parquet or an Arrow table) -> a prepared dataset directory."""
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from memcom_torchrec.data.errors import DataError
 from memcom_torchrec.data.manifest import (
+    sha256_file,
     DEFAULT_HISTORY_LEN,
     FORMAT_VERSION,
     ITEMS_FILE,
@@ -30,18 +30,6 @@ from memcom_torchrec.data.splits import SplitWriter, build_splits
 logger = logging.getLogger(__name__)
 
 BLOCK_ROWS = 1_000_000  # rows per split/history block: bounds the memory of history building
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass

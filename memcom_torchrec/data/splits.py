@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memcom_torchrec.data.manifest import SPLITS, split_schema
+from memcom_torchrec.data.manifest import SPLITS, sha256_file, split_schema
 
 ROW_GROUP_SIZE = 65536
 
@@ -134,7 +134,7 @@ class SplitWriter:
                 self._writers[split] = None
 
     def close(self) -> Dict[str, List[Dict[str, object]]]:
-        """Closes open files. Returns {split: [{"path": relative path, "rows": n}, ...]}."""
+        """Closes open files. Returns {split: [{"path": relative path, "rows": n, "bytes": b, "sha256": h}, ...]}."""
         for split in SPLITS:
             w = self._writers[split]
             if w is not None:
@@ -144,4 +144,8 @@ class SplitWriter:
                 self._writers[split] = self._open(split)
                 self._writers[split].close()
                 self._writers[split] = None
+        for entries in self._files.values():
+            for entry in entries:
+                path = os.path.join(self.out_dir, str(entry["path"]))
+                entry["bytes"], entry["sha256"] = os.path.getsize(path), sha256_file(path)
         return self._files

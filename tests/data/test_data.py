@@ -363,3 +363,30 @@ def test_train_pipeline_sparse_dist_consumes_batches(synth_dir: str) -> None:
         assert steps == len(reader)
     finally:
         dist.destroy_process_group()
+
+
+def test_verify_dataset_checks_every_file_against_the_manifest(tmp_path) -> None:
+    from memcom_torchrec.data.manifest import verify_dataset
+
+    p = _write_csv(tmp_path / "log.csv", _log())
+    out = str(tmp_path / "out")
+    prepare_interactions(p, "u", "i", "t", out, history_len=3)
+    manifest = verify_dataset(out)
+    train = os.path.join(out, manifest["files"]["train"][0]["path"])
+    with open(train, "r+b") as f:  # one byte changed, the size kept
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(DataError, match=r"train/part-00000.parquet: \d+ bytes whose sha256 differs from the manifest's"):
+        verify_dataset(out)
+    os.remove(train)
+    with pytest.raises(DataError, match=r"train/part-00000.parquet: missing \(the manifest lists it\)"):
+        verify_dataset(out)
+    out = str(tmp_path / "older")  # a manifest without checksums (an older version's)
+    prepare_interactions(p, "u", "i", "t", out, history_len=3)
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    del m["files"]["valid"][0]["sha256"]
+    json.dump(m, open(os.path.join(out, "manifest.json"), "w"))
+    with pytest.raises(DataError, match=r"no checksum for valid/part-00000.parquet; prepare the dataset again"):
+        verify_dataset(out)
