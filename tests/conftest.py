@@ -6,6 +6,28 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CI installs every extra (executorch, kubernetes), so there a skipped test is a lost check: it fails.
+NO_SKIPS = os.environ.get("MEMCOM_NO_SKIPS") == "1"
+
+
+def pytest_sessionstart(session) -> None:
+    """Prints pytest-randomly's seed even under -q (rerun that order with ``--randomly-seed=N``)."""
+    seed = getattr(session.config.option, "randomly_seed", None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if seed is not None and reporter is not None:
+        reporter.write_line(f"test order: random, seed {seed} (rerun it: --randomly-seed={seed}; "
+                            "file order: -p no:randomly)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ``MEMCOM_NO_SKIPS=1`` a skipped test is reported as failed, with its skip reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every extra is installed (MEMCOM_NO_SKIPS=1): {reason}"
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def test_world_is_kept_between_bodies_and_replaced_after_a_failure(tmp_path) -> 
 
 
 def test_exception_is_reported_with_its_traceback_and_the_peer_is_not_lost() -> None:
-    with pytest.raises(MultiProcessFailure) as info:
+    with pytest.raises(MultiProcessFailure, match="ranks failed running _raise_on_rank1_body") as info:
         run_multiprocess(_raise_on_rank1_body, world_size=2)
     text = str(info.value)
     assert "rank 1: exited with code 1" in text and "ValueError: planted failure on rank 1" in text
@@ -81,7 +81,7 @@ def test_exception_is_reported_with_its_traceback_and_the_peer_is_not_lost() -> 
 
 
 def test_fatal_signal_is_named_with_the_log_tail() -> None:
-    with pytest.raises(MultiProcessFailure) as info:
+    with pytest.raises(MultiProcessFailure, match="of 2 ranks failed running _abort_body") as info:
         run_multiprocess(_abort_body, world_size=2)
     text = str(info.value)
     assert "rank 0: died on signal SIGABRT" in text, text

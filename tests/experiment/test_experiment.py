@@ -83,7 +83,7 @@ def test_flags_the_grid_sets_are_refused(ml100k_dir: str, tmp_path, capsys, trai
                                          refused: str) -> None:
     """A flag the grid sets itself, after '--': argparse's usage error (exit 2) naming it, before any run."""
     out = tmp_path / "g"
-    with pytest.raises(SystemExit) as exited:
+    with pytest.raises(SystemExit, match="^2$") as exited:  # argparse's usage error
         grid(ml100k_dir, str(out), train_args)
     assert exited.value.code == 2  # argparse's usage error
     err = capsys.readouterr().err

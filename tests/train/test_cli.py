@@ -27,7 +27,7 @@ def test_each_model_gets_its_own_default_scorer() -> None:
     (["--scorer", "mlp"], "error: unknown scorer 'mlp' for model 'next_item'; choose one of ['linear', 'tied']"),
 ])
 def test_bad_values_are_usage_errors(argv, message, capsys) -> None:
-    with pytest.raises(SystemExit) as exited:
+    with pytest.raises(SystemExit, match="^2$") as exited:  # argparse's usage error
         parse_config(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
@@ -38,7 +38,7 @@ def test_cluster_vectors_is_checked_on_the_command_line(capsys) -> None:
         (["--cluster-vectors", "rows"], "unknown --cluster-vectors 'rows'; choose one of ['table', 'output']"),
         (["--cluster-vectors", "output", "--scorer", "tied"], "--cluster-vectors output needs an output layer"),
     ]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
             parse_config(argv)
         assert message in capsys.readouterr().err
     assert parse_config(["--cluster-vectors", "output"]).cluster_vectors == "output"
