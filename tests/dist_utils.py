@@ -11,7 +11,7 @@ at its end (no body starts while a peer is still in the last one).
 On any failure (a body raised, a rank died on a signal, or the deadline passed)
 the whole world is killed and the parent raises one ``MultiProcessFailure`` that
 names every failed rank's outcome: its exception, or the signal that killed it,
-plus the last lines of its log for that body. The next body gets a fresh world,
+plus the first and last lines of its log for that body. The next body gets a fresh world,
 so no failure leaks into another test. ``MEMCOM_TEST_FRESH_WORLDS=1`` (or
 ``fresh=True``) spawns a world per body, as before the worlds were kept.
 
@@ -47,7 +47,8 @@ JOIN_TIMEOUT_S = 480
 START_TIMEOUT_S = 120
 # After one rank fails, its peers get this long to finish or fail on their own before they are killed.
 GRACE_S = 15
-LOG_TAIL_LINES = 25
+LOG_TAIL_LINES = 30
+LOG_HEAD_LINES = 10
 
 
 class MultiProcessFailure(AssertionError):
@@ -124,12 +125,16 @@ def _report_error(path: str, out: Any) -> None:
     out.flush()
 
 
-def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+def _tail(path: str, lines: int = LOG_TAIL_LINES, head: int = LOG_HEAD_LINES) -> str:
+    """The first ``head`` and the last ``lines`` lines of a log (a fatal signal's stack dump of every
+    thread is long: the body's first output is kept above it)."""
     if not os.path.exists(path):
         return "(no log)"
     with open(path, errors="replace") as f:
         text = f.read().rstrip().splitlines()
-    return "\n".join(text[-lines:]) or "(empty log)"
+    if len(text) > head + lines:
+        text = text[:head] + [f"... ({len(text) - head - lines} lines) ..."] + text[-lines:]
+    return "\n".join(text) or "(empty log)"
 
 
 def _outcome(rank: int, ok: Optional[bool], exitcode: Optional[int], killed: Optional[str], prefix: str) -> Optional[str]:
@@ -153,7 +158,7 @@ def _outcome(rank: int, ok: Optional[bool], exitcode: Optional[int], killed: Opt
     if os.path.exists(error):
         with open(error) as f:
             what += "\n" + f.read().rstrip()
-    return what + f"\n--- last lines of rank {rank}'s log ---\n" + _tail(f"{prefix}.rank{rank}.log")
+    return what + f"\n--- rank {rank}'s log (its first and last lines) ---\n" + _tail(f"{prefix}.rank{rank}.log")
 
 
 class _World:

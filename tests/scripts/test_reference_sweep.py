@@ -187,13 +187,14 @@ def test_replica_ranks_like_the_metric_code() -> None:
 
 @pytest.mark.slow
 def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
-    """The sweep's three steps end to end (one short run in a worker process), as used on the GPU."""
+    """The sweep's three steps end to end, as used on the GPU: pack and report here (in this process),
+    run as the command line on the GPU machine (one short run in a worker process)."""
     import json
     import subprocess
 
     script = os.path.join(os.path.dirname(rs.__file__), "reference_sweep.py")
     packed, results, table = str(tmp_path / "p.pt"), str(tmp_path / "r.jsonl"), str(tmp_path / "t.md")
-    subprocess.run([sys.executable, script, "pack", "--data", ml100k_dir, "--out", packed], check=True)
+    rs.pack(ml100k_dir, packed)
     pack = torch.load(packed)
     layouts = pack["layouts"]
     assert pack["baseline"] == "uncompressed" and pack["methods"] == [
@@ -214,7 +215,7 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     rows = [json.loads(line) for line in open(results)]
     assert sorted(r["method"] for r in rows) == ["memcom", "memcom_2hash", "uncompressed"]
     assert all(0.0 < r["test_ndcg"] < 1.0 for r in rows)
-    subprocess.run([sys.executable, script, "report", "--results", results, "--out", table], check=True)
+    rs.report(results, table)
     assert "| memcom | 16x |" in open(table).read()
 
 
