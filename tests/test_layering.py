@@ -55,17 +55,27 @@ def _package_of(path: str) -> List[str]:
     return rel.split(os.sep)
 
 
+def _from_package(names: List[str]) -> List[str]:
+    """``from memcom_torchrec import X``: the module that defines X (the package's lazy public names)."""
+    import memcom_torchrec
+
+    return [memcom_torchrec._PUBLIC.get(n, f"memcom_torchrec.{n}") for n in names]
+
+
 def _imported_modules(path: str, node: ast.AST) -> List[str]:
     """The absolute module names ``node`` imports, relative forms and literal importlib calls included."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
     if isinstance(node, ast.ImportFrom):
+        names = [a.name for a in node.names]
         if node.level == 0:
-            return [node.module] if node.module else []
-        base = _package_of(path)[: len(_package_of(path)) - node.level + 1]
-        if node.module:
-            return [".".join(base + [node.module])]
-        return [".".join(base + [a.name]) for a in node.names]  # from .. import train
+            base = node.module or ""
+        else:
+            package = _package_of(path)
+            base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+        if base == "memcom_torchrec":
+            return _from_package(names)
+        return [base] if node.module else [f"{base}.{n}" for n in names]  # from . import methods
     if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
         node.args[0].value, str
     ):
@@ -136,6 +146,8 @@ def test_relative_and_dynamic_imports_are_read() -> None:
         "from .qr_configs import X": "memcom_torchrec.modules.qr_configs",
         "import importlib\nimportlib.import_module('memcom_torchrec.experiment.grid')": "memcom_torchrec.experiment.grid",
         "__import__('memcom_torchrec.eval')": "memcom_torchrec.eval",
+        "from memcom_torchrec import ShardedQREmbeddingBagCollection": "memcom_torchrec.distributed.qr_embeddingbag",
+        "from .. import ShardedMEmComEmbeddingBagCollection": "memcom_torchrec.distributed.memcom_embeddingbag",
     }
     for source, expected in cases.items():
         found = [m for node in ast.walk(ast.parse(source)) for m in _imported_modules(path, node)]
