@@ -209,6 +209,16 @@ class ShardedMEmComEmbeddingBagCollection(
         for table, ps in table_name_to_parameter_sharding.items():
             if table not in dims:
                 continue
+            shards = ps.sharding_spec.shards if ps.sharding_spec is not None else []  # pyre-ignore[16]
+            empty = [sh.placement.rank() for sh in shards if sh.shard_sizes[0] == 0]
+            if empty:
+                rows = sum(sh.shard_sizes[0] for sh in shards)
+                raise ValueError(
+                    f"table '{table}': {ps.sharding_type} sharding splits its {rows} row(s) over {len(shards)} "
+                    f"ranks and leaves rank(s) {empty} none; FBGEMM's CPU backward fails on an empty shard "
+                    "(intermittently: 'more than 2B rows'). Use table-wise sharding for it, or a table with at "
+                    "least one row per rank (a lower compression ratio)"
+                )
             if table in self._memcom_configs and ps.sharding_type not in SUPPORTED_SHARDING_TYPES:
                 raise ValueError(
                     f"MEmCom table '{table}': sharding type '{ps.sharding_type}' is not supported; "

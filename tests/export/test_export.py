@@ -161,8 +161,10 @@ def test_quantized_tables_are_torchao_tensors_within_one_step(method, dtype, bit
             if isinstance(module, torch.nn.Embedding):
                 target = float_modules[name.replace("weight_rows.table", "").rstrip(".")]
                 target.weight.copy_(module.weight.dequantize())
+        fp32_state = fp32.state_dict()
         for name, value in quant.state_dict().items():
-            if value.dtype == torch.float16:  # w and item biases: stored as fp16
+            if value.dtype == torch.float16:  # w and item biases: stored as fp16, rounded to nearest
+                assert torch.equal(value, fp32_state[name].half()), name
                 float_state[name].copy_(value.float())
     x = make_inputs(37, seed=3)[:2]
     torch.testing.assert_close(quant(*x), twin(*x), atol=1e-5, rtol=1e-5)
