@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from memcom_torchrec.data.errors import DataError
 from memcom_torchrec.data.manifest import (
-    sha256_file,
     DEFAULT_HISTORY_LEN,
     FORMAT_VERSION,
     ITEMS_FILE,
     MANIFEST,
     SPLITS,
     USERS_FILE,
+    sha256_file,
     write_manifest,
 )
 from memcom_torchrec.data.splits import SplitWriter, build_splits
