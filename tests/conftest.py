@@ -53,22 +53,16 @@ def ml100k_dir(tmp_path_factory) -> str:
     return out
 
 
-def _train_body(rank: int, world_size: int, cfg) -> None:
-    from memcom_torchrec.train.trainer import train
-
-    train(cfg)
-
-
 @pytest.fixture(scope="session")
 def ml100k_run(ml100k_dir: str, tmp_path_factory) -> str:
     """One ML-100K run shared by the whole test session, trained with the main job's settings
     (MEmCom 16x, 2 gloo ranks, <= 6 epochs, patience 2). Tests read it; none may write into it."""
-    from dist_utils import run_multiprocess
+    from dist_utils import run_multiprocess, train_body
     from memcom_torchrec.train.config import TrainConfig
 
     cfg = TrainConfig(data_dir=ml100k_dir, out_dir=str(tmp_path_factory.mktemp("shared") / "memcom16"),
                       method="memcom", compression_ratio=16.0, epochs=6, patience=2)
-    run_multiprocess(_train_body, world_size=2, cfg=cfg)
+    run_multiprocess(train_body, world_size=2, cfg=cfg)
     with open(os.path.join(cfg.out_dir, "metrics.json")) as f:
         assert json.load(f)["world_size"] == 2
     return cfg.out_dir

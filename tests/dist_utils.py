@@ -219,7 +219,7 @@ class _World:
             f for rank, p in enumerate(self.procs)
             if (f := _outcome(rank, reports.get(rank), p.exitcode, killed.get(rank), prefix))
         ]
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.discard()
         raise MultiProcessFailure(f"{len(failures)} of {self.world_size} ranks failed {what}:\n\n" + "\n\n".join(failures))
 
     def alive(self) -> bool:
@@ -231,6 +231,11 @@ class _World:
                 p.kill()
             p.join()
 
+    def discard(self) -> None:
+        """Kills every rank and removes the world's files (a failed, dead or interrupted world)."""
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def close(self, timeout_s: float = 30) -> None:
         """Stops every rank (barrier, process group destroyed), killing those that do not end in time."""
         for q in self.tasks:
@@ -238,8 +243,7 @@ class _World:
         deadline = time.monotonic() + timeout_s
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
-        self.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.discard()
 
 
 _WORLDS: Dict[int, _World] = {}
@@ -267,27 +271,33 @@ def run_multiprocess(
 
     Raises:
         MultiProcessFailure: if any rank raised, died on a signal or missed the deadline,
-            with every failed rank's traceback or signal and the tail of its log.
+            with every failed rank's traceback or signal and the first and last lines of its log.
     """
     __tracebackhide__ = True  # pytest shows the ranks' failures, not this loop
     fresh = fresh or os.environ.get("MEMCOM_TEST_FRESH_WORLDS") == "1"
     world = None if fresh else _WORLDS.pop(world_size, None)
     if world is not None and not world.alive():
-        world.kill()
+        world.discard()
         world = None
     try:
         if world is None:
             world = _World(world_size)
         world.run(fn, timeout_s, kwargs)
     except BaseException:
-        if world is not None:  # a failed world is dead (killed); an interrupted one is killed here
-            world.kill()
-            shutil.rmtree(world.root, ignore_errors=True)
+        if world is not None:  # a failed world is already discarded; an interrupted one is discarded here
+            world.discard()
         raise
     if fresh:
         world.close()
     else:
         _WORLDS[world_size] = world
+
+
+def train_body(rank: int, world_size: int, cfg: Any) -> None:
+    """A body that trains one run (``memcom_torchrec.train.trainer.train``) on the world's ranks."""
+    from memcom_torchrec.train.trainer import train
+
+    train(cfg)
 
 
 def shard_with_planner(

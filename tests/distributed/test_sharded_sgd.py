@@ -79,7 +79,7 @@ def _sgd_case(rank: int, world_size: int, method: str, sharding_type: str, looku
         fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}, **options
     )
     module = get_method(method).collection_class()(tables=make_tables(method), device=torch.device("meta"))
-    plan = {name: sharding_type for name in _table_names(module)}
+    plan = {name: sharding_type for name in sharder.shardable_parameters(module)}  # a QR table: <t>__q, <t>__r
     dmp = shard_with_planner(module, [sharder], plan)
     load_unsharded_state_dict(dmp, ref.state_dict())
 
@@ -102,16 +102,6 @@ def _sgd_case(rank: int, world_size: int, method: str, sharding_type: str, looku
             moved_got = (got[name].to(value.dtype) - start[name]).abs().max()
             problems.append(f"{name}: update differs (largest change sharded {moved_got:.4g}, unsharded {moved_ref:.4g})")
     return problems
-
-
-def _table_names(module: torch.nn.Module) -> List[str]:
-    """The names the planner sees: a QR table is two inner tables (``<t>__q``, ``<t>__r``)."""
-    from memcom_torchrec.modules.qr_configs import QREmbeddingBagConfig
-
-    names = []
-    for t in module.embedding_bag_configs():
-        names += [f"{t.name}__q", f"{t.name}__r"] if isinstance(t, QREmbeddingBagConfig) else [t.name]
-    return names
 
 
 def shardings(method: str) -> List[str]:

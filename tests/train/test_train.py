@@ -12,14 +12,10 @@ import os
 import pytest
 
 from memcom_torchrec.eval.popularity import popularity_totals
-from memcom_torchrec.train.trainer import TrainConfig, train
-from dist_utils import run_multiprocess
+from memcom_torchrec.train.trainer import TrainConfig
+from dist_utils import run_multiprocess, train_body
 
 pytestmark = pytest.mark.slow
-
-
-def _train_body(rank: int, world_size: int, cfg: TrainConfig) -> None:
-    train(cfg)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +36,7 @@ def test_method_short_run_lowers_its_training_loss(
         epochs=2 if model == "next_item" else 3, batch_size=512 // world_size, eval_batch_size=512, hidden=[128],
         scorer=scorer, use_user_id=use_user_id, warmup_epochs=1,
     )
-    run_multiprocess(_train_body, world_size=world_size, cfg=cfg)
+    run_multiprocess(train_body, world_size=world_size, cfg=cfg)
     with open(os.path.join(cfg.out_dir, "metrics.json")) as f:
         m = json.load(f)
     assert m["test_users"] == 943
@@ -66,7 +62,7 @@ def test_stored_assignments_are_chosen_trained_and_saved(
     cfg = TrainConfig(data_dir=ml100k_dir, out_dir=str(tmp_path / method), method=method, compression_ratio=4.0,
                       epochs=2, batch_size=256, hidden=[128], warmup_epochs=1, scorer=scorer,
                       use_user_id=use_user_id)
-    run_multiprocess(_train_body, world_size=2, cfg=cfg)
+    run_multiprocess(train_body, world_size=2, cfg=cfg)
     with open(os.path.join(cfg.out_dir, "metrics.json")) as f:
         m = json.load(f)
     losses = [v["loss"] for v in m["valid_curve"]]
