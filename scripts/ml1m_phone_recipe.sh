@@ -3,8 +3,8 @@
 # epochs), every choice made on validation, the same candidate set for every method. Each queue
 # exports and evaluates its chosen runs in the same job (memcom-pareto), since runs/ does not travel.
 #   STEP=history bash scripts/ml1m_phone_recipe.sh   # uncompressed, history 5 vs 10 (one core)
-#   STEP=lr QUEUE=a bash scripts/ml1m_phone_recipe.sh  # embedding lr in {0.05, 0.1, 0.2} at 16x, queue a
-#   STEP=lr QUEUE=b bash scripts/ml1m_phone_recipe.sh  # ... queue b (run a and b side by side: 2 cores)
+#   STEP=lr METHOD=memcom_qr bash scripts/ml1m_phone_recipe.sh  # embedding lr in {0.05, 0.1, 0.2} at 16x
+#   (one method per job, one core each: run two methods side by side on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_recipe}
@@ -22,9 +22,5 @@ grid() {  # out_dir methods ratios lrs history
 }
 case "${STEP:-history}" in
   history) for h in 5 10; do grid "$OUT/h$h" uncompressed 1 0.2 "$h"; done ;;
-  lr)
-    case "${QUEUE:-a}" in
-      a) grid "$OUT/lr_a" "memcom_qr qr" 16 "$LRS" "$HISTORY" ;;
-      b) grid "$OUT/lr_b" "memcom_2hash memcom" 16 "$LRS" "$HISTORY" ;;
-    esac ;;
+  lr) grid "$OUT/lr_${METHOD:?set METHOD, e.g. METHOD=qr}" "$METHOD" 16 "$LRS" "$HISTORY" ;;
 esac
