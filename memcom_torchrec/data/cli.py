@@ -17,6 +17,7 @@ from memcom_torchrec.data.manifest import DEFAULT_HISTORY_LEN
 from memcom_torchrec.data.movielens import MOVIELENS, prepare_movielens
 from memcom_torchrec.data.prepare import prepare_interactions
 from memcom_torchrec.data.synthetic import SynthConfig, generate_synthetic
+from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
 
 
 def summary(manifest: Dict[str, Any], out_dir: str) -> str:
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--history-len", type=int, default=DEFAULT_HISTORY_LEN)
     sy.add_argument("--rows-per-file", type=int, default=d.rows_per_file)
     sy.add_argument("--out", required=True, help="output directory")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_verbose_flag(p)
     return p
 
 
@@ -84,6 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `memcom-data`. Returns the exit status."""
     p = _parser()
     args = p.parse_args(argv)
+    quiet_third_party(args.verbose)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "prepare" and args.dataset:

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from memcom_torchrec.data.manifest import read_manifest
 from memcom_torchrec.modules.methods import UNCOMPRESSED, get_method, method_names
+from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
 from memcom_torchrec.train.results import RunResult
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ def run_one(
         started = time.time()
         # The launchers run `torchrun` from PATH: put this interpreter's environment first.
         env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        # One thread share per process (torchrun would pick 1 and print a banner saying so).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         with open(os.path.join(out_dir, "runs", run_key(method, ratio, seed, lr) + ".log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
@@ -257,8 +260,7 @@ def run_grid(args: argparse.Namespace) -> None:
     for method, ratio in sorted({(m, r) for m, r, _ in grid}):
         why = unreachable(args.data_dir, method, ratio, args.train_args)
         if why is not None:
-            logger.warning("skipping %s at %gx: %s", method, ratio, why)
-            print(f"skipping {method} at {ratio:g}x: {why}")
+            print(f"memcom-experiment: skipping {method} at {ratio:g}x: {why}", file=sys.stderr)
             grid = [c for c in grid if (c[0], c[1]) != (method, ratio)]
     from tqdm import tqdm
 
@@ -278,8 +280,8 @@ def run_grid(args: argparse.Namespace) -> None:
         best = max(rows, key=_valid_score)
         append_result(csv_path, dict(best, embedding_lrs=wanted["embedding_lrs"]))
     if not grid and not done:
-        print(f"no results in {csv_path}: every cell was skipped")
-        return
+        raise ValueError(f"every cell was skipped, nothing ran ({csv_path} has no results): choose reachable "
+                         "--methods / --ratios")
     report(args.out_dir, args.data_dir)
 
 
@@ -409,6 +411,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--launcher", choices=["torchx", "torchrun", "python"], default="torchrun",
                    help="torchx: launch/components.py:train on local_cwd (run from the repo root)")
     p.add_argument("--report-only", action="store_true")
+    add_verbose_flag(p)
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags passed to every training run")
     args = p.parse_args(argv)
     if args.train_args and args.train_args[0] == "--":
@@ -420,14 +423,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``memcom-experiment``. Returns the exit status (1 when nothing ran)."""
     args = parse_args(argv)
-    if args.report_only:
-        report(args.out_dir, args.data_dir)
-    else:
-        run_grid(args)
+    quiet_third_party(args.verbose)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.report_only:
+            report(args.out_dir, args.data_dir)
+        else:
+            run_grid(args)
+    except (ValueError, RuntimeError) as e:  # a DataError is a ValueError
+        print(f"memcom-experiment: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from memcom_torchrec.data import make_dataloader
+from memcom_torchrec.data.manifest import read_manifest
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
 from memcom_torchrec.experiment.grid import read_results, rewrite_csv
 from memcom_torchrec.export.cli import cli_error
@@ -36,6 +37,7 @@ from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte
 from memcom_torchrec.export.slim import DTYPES, SlimModel, build_slim_model, kjt_to_inputs
 from memcom_torchrec.models.builder import load_trained_model
 from memcom_torchrec.modules.methods import get_method
+from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +118,15 @@ def measure_grid(
     """Exports and measures every run of ``results`` at every dtype (skipping points already in ``pareto.csv``).
 
     Raises:
-        ValueError: an unknown dtype, a missing results file or run directory (before any work).
+        ValueError: an unknown dtype, a missing results file, run directory or prepared dataset (before any
+            work; a bad dataset is a ``DataError``).
     """
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise ValueError(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
     if not os.path.exists(results):
         raise ValueError(f"no results file {results}: run memcom-experiment first")
+    read_manifest(data_dir)
     runs = read_results(results)
     missing = [r["run_dir"] for r in runs if not os.path.isdir(r["run_dir"])]
     if missing:
@@ -278,12 +282,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="redraw pareto.md / .png from pareto.csv")
     p.add_argument("--remeasure-latency", action="store_true",
                    help="time every program of pareto.csv again (on a quiet machine), then report")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party(args.verbose)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.remeasure_latency:
             remeasure_latency(args.out_dir, args.repeats)

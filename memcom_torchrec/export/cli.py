@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from memcom_torchrec.export.lowering import BACKENDS, DEFAULT_MAX_BATCH, DEFAULT_MAX_HISTORY, XNNPACK
 from memcom_torchrec.export.slim import DTYPES, FP32
+from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -32,6 +33,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "memory grows with batch x items)")
     p.add_argument("--max-history", type=int, default=DEFAULT_MAX_HISTORY,
                    help="history ids per row the memory plan allows (max_batch * this in all)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -44,7 +46,8 @@ def cli_error(prog: str, e: Exception) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    quiet_third_party(args.verbose)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         from memcom_torchrec.export.lowering import export_checkpoint
 

@@ -22,6 +22,7 @@ from memcom_torchrec.export.slim import (
     state_bytes,
 )
 from memcom_torchrec.models.builder import load_trained_model
+from memcom_torchrec.quiet import native_stderr_filtered
 
 PORTABLE, XNNPACK = "portable", "xnnpack"
 BACKENDS = (PORTABLE, XNNPACK)
@@ -334,7 +335,10 @@ def load_pte(path_or_bytes):  # pyre-ignore
 
     _register_quantized_kernels()
     data = bytes(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-    return Runtime.get().load_program(data).load_method("forward")
+    # the runtime's thread pool probes the CPU when it starts (loading a delegated program or running
+    # the first one) and prints what it read
+    with native_stderr_filtered("executorch-load"):
+        return Runtime.get().load_program(data).load_method("forward")
 
 
 def run_pte(method, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # pyre-ignore
@@ -343,4 +347,5 @@ def run_pte(method, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # pyre-ign
     Raises:
         RuntimeError: the program failed (e.g. an id out of range: see ``slim``).
     """
-    return method.execute([t.long().contiguous() for t in inputs])[0].clone()
+    with native_stderr_filtered("executorch-execute"):
+        return method.execute([t.long().contiguous() for t in inputs])[0].clone()

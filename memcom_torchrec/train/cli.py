@@ -4,9 +4,10 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from memcom_torchrec.modules.methods import get_method
+from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
 from memcom_torchrec.train.distributed_env import end_process, shutdown_distributed
 from memcom_torchrec.train.trainer import TrainConfig, train
 
@@ -28,22 +29,37 @@ def config_parser(cls: type = TrainConfig, description: str = "") -> argparse.Ar
     return parser
 
 
-def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
-    """The ``TrainConfig`` of a command line; a bad model kind or method is a usage error (exit 2)."""
+def _parse(argv: Optional[List[str]]) -> Tuple[TrainConfig, bool]:
+    """(config, ``--verbose``) of a command line; a bad model kind or method is a usage error (exit 2)."""
     parser = config_parser(TrainConfig, "Train a next-item model with MEmCom (or baseline) embeddings.")
-    args = parser.parse_args(argv)
+    add_verbose_flag(parser)
+    args = vars(parser.parse_args(argv))
+    verbose = args.pop("verbose")
     try:
-        cfg = TrainConfig(**vars(args))
+        cfg = TrainConfig(**args)
         get_method(cfg.method)
     except ValueError as e:
         parser.error(str(e))
-    return cfg
+    return cfg, verbose
+
+
+def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
+    """The ``TrainConfig`` of a command line; a bad model kind or method is a usage error (exit 2)."""
+    return _parse(argv)[0]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Trains one run, then ends the process (``end_process``): this is the process's entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    train(parse_config(argv))
+    """Trains one run, then ends the process (``end_process``): this is the process's entry point.
+
+    Logs: this package's INFO lines (epochs, results); libraries' INFO lines (torchrec's planner
+    tables, FBGEMM's kernel arguments) and the known third-party notices only with ``--verbose``.
+    """
+    cfg, verbose = _parse(argv)
+    quiet_third_party(verbose)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("memcom_torchrec").setLevel(logging.INFO)
+    train(cfg)
     shutdown_distributed()  # only after success: after a failure a peer may be stuck in a collective
     end_process(0)
 
