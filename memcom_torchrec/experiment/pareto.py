@@ -234,6 +234,27 @@ def report(out_dir: str) -> str:
     return md
 
 
+def compact_table(out_dir: str) -> str:
+    """One line per program of ``pareto.csv``, largest first: what a phone user weighs.
+
+    Columns: method and ratio, dtype, ``.pte`` KB, the program's own test nDCG@10 and its change
+    against the uncompressed fp32 program, batch-1 latency, and the ``.pte`` = eager parity.
+    """
+    points = read_points(os.path.join(out_dir, "pareto.csv"))
+    if not points:
+        raise ValueError(f"no points in {out_dir}/pareto.csv")
+    base = baseline(points)
+    lines = ["| model | dtype | .pte KB | nDCG@10 (.pte) | vs uncompressed fp32 | latency ms (batch 1) | parity |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
+        ndcg = float(p["ndcg@k"])
+        change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base else "-"
+        name = p["method"] if p["method"] == "uncompressed" else f"{p['method']} {float(p['compression_ratio']):g}x"
+        lines.append(f"| {name} | {p['dtype']} | {int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
+                     f"{float(p['latency_ms']):.2f} | {float(p['parity']):.1e} |")
+    return "\n".join(lines)
+
+
 def _plot(points, front, base, path: str) -> None:
     import matplotlib
 
@@ -280,6 +301,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="requests per runtime call when evaluating")
     p.add_argument("--repeats", type=int, default=100, help="batch-1 requests timed per program (median)")
     p.add_argument("--report-only", action="store_true", help="redraw pareto.md / .png from pareto.csv")
+    p.add_argument("--compact", action="store_true",
+                   help="print one short table (model, dtype, KB, nDCG@10, latency, parity); pareto.md stays full")
     p.add_argument("--remeasure-latency", action="store_true",
                    help="time every program of pareto.csv again (on a quiet machine), then report")
     add_verbose_flag(p)
@@ -296,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             remeasure_latency(args.out_dir, args.repeats)
         elif not args.report_only:
             measure_grid(args.results, args.data_dir, args.out_dir, args.dtypes, args.batch_size, args.repeats)
-        print(report(args.out_dir))
+        full = report(args.out_dir)
+        print(compact_table(args.out_dir) if args.compact else full)
     except (ImportError, ValueError) as e:
         return cli_error("memcom-pareto", e)
     return 0

@@ -22,8 +22,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint root or checkpoint directory")
     p.add_argument("--out", required=True, help="path of the .pte to write")
     p.add_argument("--dtype", choices=DTYPES, default=FP32,
-                   help="fp32; int8 / int4: every table quantised (ExecuTorch's embedding_byte / embedding_4bit "
-                        "kernels), linear layers int8 with dynamic int8 activations (XNNPACK), w and biases fp16")
+                   help="fp32; int8 / int4: every weight matrix (tables and linear layers) weight-only, "
+                        "asymmetric: int8 one scale per row, int4 one scale per 32 columns where the width allows "
+                        "(ExecuTorch's embedding_byte / embedding_4bit kernels); activations float; w and biases fp16")
     p.add_argument("--backend", choices=BACKENDS, default=XNNPACK,
                    help="xnnpack: delegate what XNNPACK supports; portable: portable kernels only")
     p.add_argument("--pt2", default="", help="path of the torch.export program (default: --out with .pt2)")

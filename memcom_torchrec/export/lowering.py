@@ -327,9 +327,8 @@ def export_checkpoint(
 def load_pte(path_or_bytes):  # pyre-ignore
     """The ``forward`` method of a ``.pte`` (path or bytes), loaded with ``executorch.runtime``.
 
-    (The legacy ``portable_lib._load_for_executorch_from_buffer`` module crashed with
-    ``std::bad_alloc`` on the second call of these programs in executorch 1.4.1;
-    ``executorch.runtime`` runs them repeatedly.)
+    (``executorch.runtime``, not ``portable_lib._load_for_executorch_from_buffer``: in
+    executorch 1.4.1 the latter fails with ``std::bad_alloc`` on a second call of these programs.)
     """
     from executorch.runtime import Runtime
 

@@ -27,15 +27,13 @@ Scorers (what turns the query ``q`` into a score per item):
 - ``mlp``: RankNet's pair network over ``[q, e_i]``.
 
 Storage (``dtype``): ``"fp32"``; ``"int8"`` / ``"int4"`` quantise with torchao's
-own configs (``quantize_slim``): every embedding table (``U``, ``Q``, ``R``, plain
-tables) weight-only, row-wise asymmetric int8 / group-wise (32) int4, which
-ExecuTorch runs with its ``quantized_decomposed::embedding_byte`` /
-``embedding_4bit`` kernels; every linear layer int8 weights with dynamically
-quantised int8 activations (XNNPACK's kernel); per-entity scalars (MEmCom's
-``w``, the item biases) float16. int4 keeps the linear layers at int8: XNNPACK's
-int4 linear kernel differs from torchao's eager reference by ~3e-3 (measured,
-``benchmarks/RESULTS_export.md``), so a ``.pte`` could not be checked against
-its eager twin; the linear layers are small next to the tables.
+own configs (``quantize_slim``): every weight matrix, embedding tables (``U``,
+``Q``, ``R``, plain tables) and linear layers alike, weight-only and asymmetric,
+int8 with one scale per row, int4 with one scale per 32 columns where the width
+allows (per row otherwise), which ExecuTorch runs with its
+``quantized_decomposed::embedding_byte`` / ``embedding_4bit`` kernels; per-entity
+scalars (MEmCom's ``w``, the item biases) float16. Activations stay float, so a
+``.pte`` equals its eager twin to float rounding.
 
 Invalid input:
 
@@ -532,12 +530,10 @@ def quantize_slim(slim: SlimModel, dtype: str) -> SlimModel:
     ExecuTorch lowers to ``quantized_decomposed::embedding_byte`` / ``embedding_4bit``;
     per-entity scalars (``w``, item biases) become float16. The result is the
     program's eager twin: torchao's tensors compute with the dequantised weights,
-    so a ``.pte`` lowered from it matches it to float rounding.
-
-    (XNNPACK's dynamically quantised int8 linear layers were tried first: they
-    round activations differently from torchao's eager reference, 4.8e-3 off on one
-    row of a batch of 37 (``benchmarks/RESULTS_export.md``), so such a program
-    cannot be checked against an eager twin; weight-only layers are exact.)
+    so a ``.pte`` lowered from it matches it to float rounding. (Linear layers are
+    weight-only too: XNNPACK's dynamically quantised activations round differently
+    from torchao's eager reference, 4.8e-3 off on one row of a batch of 37,
+    ``benchmarks/RESULTS_export.md``, so such a program has no exact eager twin.)
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {list(DTYPES)}")
