@@ -1,4 +1,4 @@
-"""Training throughput of one MEmCom table against the uncompressed table (issue 2).
+"""Training throughput of one MEmCom table against the uncompressed table.
 
 One process, DistributedModelParallel over a gloo world of one. Each variant runs
 forward + backward + fused optimizer update on the same pre-generated batches:

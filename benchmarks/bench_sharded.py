@@ -1,4 +1,4 @@
-"""Sharded MEmCom collection against stock sharded EBCs on 2 gloo processes (issue 4).
+"""Sharded MEmCom collection against stock sharded EBCs on 2 gloo processes.
 
 Variants, same features and batches on every rank (batches differ per rank):
 
@@ -27,7 +27,7 @@ all-reduce payload.
 
     .venv/bin/python benchmarks/bench_sharded.py                          # TW, 2 tables
     .venv/bin/python benchmarks/bench_sharded.py --sharding row_wise --num-tables 1
-    .venv/bin/python benchmarks/bench_sharded.py --variants memcom memcom_2hash memcom_stored stock  # issue 15
+    .venv/bin/python benchmarks/bench_sharded.py --variants memcom memcom_2hash memcom_stored stock  # the MEmCom-family variants
 """
 
 import argparse

@@ -1,4 +1,6 @@
-"""How much of a warm-up's item vectors MEmCom's lines keep, per assignment (issue 15's "measured collinearity").
+"""How much of a warm-up's item vectors MEmCom's lines keep, per assignment (the measured collinearity).
+
+Study script; its output is ``docs/ml1m_line_fit.txt`` (the README's MEmCom-family variants section).
 
 A MEmCom row holds collinear items (``w_i * U_b``). For the item vectors of a trained
 warm-up (``memcom_clustered``'s ``warmup/`` run) this prints the share of their energy
@@ -8,7 +10,7 @@ classifier's output layer (``--cluster-vectors output``), at the ratio's ``m``; 
 hashed warm-up, how many of the clustered rows' item pairs already shared a row of the
 warm-up's ``U`` (what the clustering rediscovers of the sketch's own collisions):
 
-    .venv/bin/python scripts/line_fit.py runs/ml1m_variants/runs/memcom_clustered_r16_s0_lr0.1/warmup
+    .venv/bin/python scripts/studies/line_fit.py runs/ml1m_tuned/runs/memcom_clustered_r16_s0_lr0.1/warmup
 """
 
 import argparse

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# What each scorer does to each method (issue 12), on ML-100K: phone-shaped models (no user id)
+# Study script: what each scorer does to each method, on ML-100K: phone-shaped models (no user id)
 # with every scorer, each method at 16x (uncompressed at 1x; the hashing trick left out: MEmCom
 # extends it), one seed, the ML-1M learning rates, dropout 0.25, <= 8 epochs, patience 2, RankNet
 # with 16 sampled negatives; plus the user id's worth for the tied classifier.
-#   bash scripts/ml100k_scorers.sh   # -> runs/ml100k_scorers/<shape>/results.csv, then one table
+# Produced docs/ml100k_scorers_<shape>.csv (each shape's results.csv) and, through
+# scripts/studies/scorer_table.py, the table of docs/ml100k_scorers.md.
+#   bash scripts/studies/ml100k_scorers.sh   # -> runs/ml100k_scorers/<shape>/results.csv
+#   .venv/bin/python scripts/studies/scorer_table.py runs/ml100k_scorers   # the table
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/ml100k_scorers}
 DATA=${DATA:-data/ml-100k}
 [ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-100k --out "$DATA"

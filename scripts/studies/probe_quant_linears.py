@@ -10,7 +10,10 @@ Exports the slim model of a checkpoint at int8 / int4 two ways and runs each
 
 Also prints each program's size and batch-1 latency (median of ``--repeats``).
 
-    .venv/bin/python benchmarks/probe_quant_linears.py --checkpoint runs/ml1m_phone/runs/memcom_r8_s0_lr0.1
+Study script; it produced the first table of ``benchmarks/RESULTS_export.md`` (quantisation through
+torchao + ExecuTorch kernels), on the ML-100K main job's MEmCom-16x model:
+
+    .venv/bin/python scripts/studies/probe_quant_linears.py --checkpoint runs/main/runs/memcom_r16_s0_lr0.05 --repeats 30
 """
 
 import argparse

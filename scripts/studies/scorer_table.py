@@ -1,6 +1,8 @@
-"""One table of what each scorer does to each method, from the grids of ``scripts/ml100k_scorers.sh``.
+"""One table of what each scorer does to each method, from the grids of ``scripts/studies/ml100k_scorers.sh``.
 
-    .venv/bin/python scripts/scorer_table.py runs/ml100k_scorers > docs/ml100k_scorers.md
+Study script; it produced the table of ``docs/ml100k_scorers.md`` (the scorer study):
+
+    .venv/bin/python scripts/studies/scorer_table.py runs/ml100k_scorers
 
 Rows: methods; columns: model shapes (one ``memcom-experiment`` out-dir each); cells: test
 nDCG@10 (relative loss against the same shape's uncompressed model).

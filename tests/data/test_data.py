@@ -324,7 +324,7 @@ def test_cli_synth_and_error(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_train_pipeline_sparse_dist_consumes_batches(synth_dir: str) -> None:
-    """The contract of issue 5: DMP + TrainPipelineSparseDist (CPU, gloo) run on these batches."""
+    """The loader's contract with TorchRec: DMP + TrainPipelineSparseDist (CPU, gloo) run on these batches."""
     import torch.distributed as dist
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed import DistributedModelParallel
