@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Redraws a results table and plot from RUN_DIR/results.csv (popularity from DATA_DIR) into
-# docs/NAME.{md,png,csv} and into the README between its <!-- NAME-table --> markers.
+# docs/NAME.{md,png,csv} and into docs/RESULTS.md between its <!-- NAME-table --> markers.
 #   bash scripts/update_result_docs.sh [RUN_DIR] [NAME] [DATA_DIR]
 #   (default: runs/ml1m_tuned ml1m_results data/ml-1m)
 set -euo pipefail
@@ -17,8 +17,10 @@ NAME=$NAME .venv/bin/python - <<'PY'
 import os, re
 name = os.environ["NAME"]
 table = open(f"docs/{name}.md").read().split("\n", 2)[2].strip()  # drop the first paragraph
-readme = open("README.md").read()
-readme = re.sub(rf"<!-- {name}-table -->.*<!-- /{name}-table -->",
-                lambda _: f"<!-- {name}-table -->\n" + table + f"\n<!-- /{name}-table -->", readme, flags=re.S)
-open("README.md", "w").write(readme)
+results = open("docs/RESULTS.md").read()
+if f"<!-- {name}-table -->" not in results:
+    raise SystemExit(f"update_result_docs: docs/RESULTS.md has no <!-- {name}-table --> markers; add them where the table goes")
+results = re.sub(rf"<!-- {name}-table -->.*<!-- /{name}-table -->",
+                 lambda _: f"<!-- {name}-table -->\n" + table + f"\n<!-- /{name}-table -->", results, flags=re.S)
+open("docs/RESULTS.md", "w").write(results)
 PY
