@@ -129,7 +129,7 @@ def lower(program: ExportedProgram, backend: str = XNNPACK):  # pyre-ignore
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         # XNNPACK takes the linear layers only (float, or dynamically quantised as in
-        # benchmarks/probe_quant_linears.py, hence the quant-affine configs): with every
+        # scripts/studies/probe_quant_linears.py, hence the quant-affine configs): with every
         # op delegated, a broadcast multiply [B, n] * [1, n] returned wrong scores once a
         # method had run at another batch size (measured: 10.4 off after a batch of 1).
         partitioners = [XnnpackPartitioner(
