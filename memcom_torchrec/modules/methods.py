@@ -233,7 +233,7 @@ def _variant_max_ratio(**options: Any) -> Callable[[int, int], float]:
     return best
 
 
-# The frequency head's share of U's rows (not searched: the same budget as every method, see the README).
+# The frequency head's share of U's rows (not searched: the same budget as every method, see docs/RESULTS.md).
 HEAD_FRACTION: float = 0.25
 
 

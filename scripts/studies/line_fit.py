@@ -1,6 +1,6 @@
 """How much of a warm-up's item vectors MEmCom's lines keep, per assignment (the measured collinearity).
 
-Study script; its output is ``docs/ml1m_line_fit.txt`` (the README's MEmCom-family variants section).
+Study script; its output is ``docs/ml1m_line_fit.txt`` (docs/RESULTS.md, the MEmCom-family variants section).
 
 A MEmCom row holds collinear items (``w_i * U_b``). For the item vectors of a trained
 warm-up (``memcom_clustered``'s ``warmup/`` run) this prints the share of their energy

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Study script: ML-1M grid of phone-shaped next-item models: no user id, `tied` scorer (logits from the
 # input item table), every method at several ratios, each method's learning rate from the 16x
-# replica search (README "ML-1M: where MEmCom stands", step 1), dropout 0.25, <= 12 epochs, patience 2.
+# replica search (docs/RESULTS.md "ML-1M: where MEmCom stands", step 1), dropout 0.25, <= 12 epochs, patience 2.
 # Two queues run side by side (2 cores); results append to $OUT/results.csv as each run ends.
 # Produced docs/ml1m_phone_results.{md,csv} (runs/ml1m_phone), docs/ml1m_phone_user_results.csv
-# (runs/ml1m_phone_user) and, through memcom-pareto (README), docs/ml1m_pareto.{md,csv,png}.
+# (runs/ml1m_phone_user) and, through memcom-pareto, docs/ml1m_pareto.{md,csv,png}.
 #   bash scripts/studies/ml1m_phone_grid.sh            # the grid (queues a, b and user)
 #   QUEUE=a bash scripts/studies/ml1m_phone_grid.sh    # one queue only (a, b, user, c)
 set -euo pipefail

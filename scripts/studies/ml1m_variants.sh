@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Study script: ML-1M grid of the MEmCom-family variants under the protocol of the README's
+# Study script: ML-1M grid of the MEmCom-family variants under the protocol of docs/RESULTS.md's
 # "ML-1M: where MEmCom stands" (next-item classifier, linear scorer, user id, dropout 0.25,
 # <= 12 epochs, patience 2), with MEmCom's own 16x choice of learning rate (0.1): the variants get
-# no learning-rate search of their own (see the README). Results append to $OUT/results.csv as
+# no learning-rate search of their own (see docs/RESULTS.md). Results append to $OUT/results.csv as
 # each run ends, next to the committed cells of the other methods.
 # Produced the variant rows of docs/ml1m_results.{md,png,csv} (through scripts/update_result_docs.sh).
 #   bash scripts/studies/ml1m_variants.sh            # queues a and b side by side (2 cores), then c
 #   QUEUE=a bash scripts/studies/ml1m_variants.sh    # one queue only (a, b, c)
-# The --cluster-vectors output probe (stopped after 2 epochs, see the README) is
+# The --cluster-vectors output probe (stopped after 2 epochs, see docs/RESULTS.md) is
 #   memcom-experiment ... --methods memcom_clustered --ratios 16 ... -- <the flags below> --cluster-vectors output
 set -euo pipefail
 cd "$(dirname "$0")/../.."
