@@ -30,6 +30,9 @@ KNOWN_WARNINGS: List[Tuple[Type[Warning], str]] = [
     (FutureWarning, r"`broadcast_buffers` is deprecated\. Use `forward_sync_buffers` instead"),
     # torch.distributed.checkpoint saving torchrec's ShardedTensor state (every checkpoint)
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor\."),
+    # torch renamed these collectives; callers inside torch and torchrec still use the old names (2 ranks)
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated\. "
+                    r"Please use `torch\.distributed\.(reduce_scatter_single|all_gather_single)` instead\."),
 ]
 
 # logger name -> patterns of its records' messages (matched at the start)

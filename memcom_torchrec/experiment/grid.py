@@ -262,6 +262,9 @@ def run_grid(args: argparse.Namespace) -> None:
         if why is not None:
             print(f"memcom-experiment: skipping {method} at {ratio:g}x: {why}", file=sys.stderr)
             grid = [c for c in grid if (c[0], c[1]) != (method, ratio)]
+    if not grid and not done:
+        raise ValueError(f"every cell was skipped, nothing ran ({csv_path} has no results): choose reachable "
+                         "--methods / --ratios")
     from tqdm import tqdm
 
     for method, ratio, seed in tqdm(grid, desc="grid"):
@@ -279,9 +282,6 @@ def run_grid(args: argparse.Namespace) -> None:
                 for lr in args.embedding_lrs]
         best = max(rows, key=_valid_score)
         append_result(csv_path, dict(best, embedding_lrs=wanted["embedding_lrs"]))
-    if not grid and not done:
-        raise ValueError(f"every cell was skipped, nothing ran ({csv_path} has no results): choose reachable "
-                         "--methods / --ratios")
     report(args.out_dir, args.data_dir)
 
 

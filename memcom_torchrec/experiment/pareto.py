@@ -126,11 +126,11 @@ def measure_grid(
         raise ValueError(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
     if not os.path.exists(results):
         raise ValueError(f"no results file {results}: run memcom-experiment first")
-    read_manifest(data_dir)
     runs = read_results(results)
     missing = [r["run_dir"] for r in runs if not os.path.isdir(r["run_dir"])]
     if missing:
         raise ValueError(f"{results} lists run directories that are not here: {missing[:3]}")
+    read_manifest(data_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "pareto.csv")
     done = {(p["run_dir"], p["dtype"]) for p in read_points(path)}
@@ -248,7 +248,7 @@ def compact_table(out_dir: str) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
-        change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base else "-"
+        change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base and float(base["ndcg@k"]) > 0 else "-"
         name = p["method"] if p["method"] == "uncompressed" else f"{p['method']} {float(p['compression_ratio']):g}x"
         lines.append(f"| {name} | {p['dtype']} | {int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
                      f"{float(p['latency_ms']):.2f} | {float(p['parity']):.1e} |")

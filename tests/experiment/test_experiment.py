@@ -105,12 +105,16 @@ def test_cells_a_method_cannot_reach_are_named_and_skipped(ml100k_dir: str, tmp_
     assert "unreachable with method 'memcom_clustered'" in experiment.unreachable(ml100k_dir, "memcom_clustered", 42.0, [])
     assert experiment.unreachable(ml100k_dir, "memcom_clustered", 40.0, []) is None
     out = str(tmp_path / "skipped")
-    main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "qr", "--ratios", "40", "--launcher", "python"])
-    printed = capsys.readouterr().out
-    assert "skipping qr at 40x" in printed and "every cell was skipped" in printed
+    # nothing ran: a non-zero exit, one line each
+    assert main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "qr", "--ratios", "40",
+                 "--launcher", "python"]) == 1
+    printed = capsys.readouterr().err.splitlines()
+    assert printed[0].startswith("memcom-experiment: skipping qr at 40x: table 'item': compression_ratio 40")
+    assert printed[1].startswith("memcom-experiment: error: every cell was skipped, nothing ran") and len(printed) == 2
     assert not os.listdir(os.path.join(out, "runs"))
-    main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "memcom_2hash", "--ratios", "32", "--launcher", "python"])
-    assert "skipping memcom_2hash at 32x" in capsys.readouterr().out
+    assert main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "memcom_2hash", "--ratios", "32",
+                 "--launcher", "python"]) == 1
+    assert "skipping memcom_2hash at 32x" in capsys.readouterr().err
     assert not os.listdir(os.path.join(out, "runs"))
 
 

@@ -2,6 +2,8 @@
 
 import csv
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -11,6 +13,7 @@ from memcom_torchrec.experiment.pareto import frontier, main, measure_grid, read
 from memcom_torchrec.models.builder import build_model, load_trained_model
 from memcom_torchrec.models.checkpoint import save_checkpoint
 from memcom_torchrec.train.config import TrainConfig
+from output_checks import noise_lines
 
 
 def _point(method: str, dtype: str, size: int, ndcg: float, valid: float = 0.1):
@@ -34,6 +37,12 @@ def test_bad_input_is_named_before_any_work(tmp_path, capsys):
     path.write_text("method,run_dir\nmemcom,/nowhere/run\n")
     assert main(["--results", str(path), "--data-dir", "d", "--out-dir", str(tmp_path / "o")]) == 2
     assert "lists run directories that are not here: ['/nowhere/run']" in capsys.readouterr().err
+    # a missing dataset is named before any export (the runs exist here)
+    path.write_text(f"method,run_dir\nmemcom,{tmp_path}\n")
+    assert main(["--results", str(path), "--data-dir", str(tmp_path / "no_data"), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memcom-pareto: ") and "no_data" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.slow
@@ -61,7 +70,15 @@ def test_points_are_the_programs_own_figures(ml100k_dir: str, tmp_path):
         w.writeheader()
         w.writerows(rows)
     out = str(tmp_path / "pareto")
-    points = measure_grid(str(results), ml100k_dir, out, ["fp32", "int8"], batch_size=128, repeats=3)
+    # the command a user runs: its output is its progress and one table, nothing from the libraries
+    proc = subprocess.run([sys.executable, "-m", "memcom_torchrec.experiment.pareto", "--results", str(results),
+                           "--data-dir", ml100k_dir, "--out-dir", out, "--dtypes", "fp32", "int8", "--batch-size", "128",
+                           "--repeats", "3", "--compact"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert noise_lines(proc.stdout + proc.stderr) == [], proc.stdout + proc.stderr
+    table = proc.stdout.strip().splitlines()
+    assert table[0].startswith("| model | dtype | .pte KB | nDCG@10 (.pte) |") and len(table) == 2 + 4, table
+    points = read_points(os.path.join(out, "pareto.csv"))
     assert len(points) == 4 and all(int(p["test_users"]) == int(manifest["num_users"]) for p in points)
     assert all(float(p["parity"]) <= 1e-5 and os.path.getsize(p["pte"]) == int(p["pte_bytes"]) for p in points)
     by = {(p["method"], p["dtype"]): p for p in points}

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from memcom_torchrec.train.trainer import FAULT_AT_STEP_ENV
+from output_checks import noise_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPONENTS = os.path.join(REPO, "launch", "components.py")
@@ -252,6 +253,8 @@ def reference_run(ml100k: str, tmp_path_factory) -> str:
     r = _run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "memcom_torchrec.train",
               "--data-dir", ml100k, "--out-dir", out, "--device", "cpu", *TINY], timeout=240)
     assert r.returncode == 0, r.stderr[-4000:]
+    with open(out + ".log", "w") as f:  # what the user saw
+        f.write(r.stdout + r.stderr)
     return out
 
 
@@ -261,6 +264,11 @@ def test_torchrun_entry_point(reference_run: str) -> None:
         m = json.load(f)
     assert m["world_size"] == 2 and m["steps"] == MAX_STEPS and m["resumed_from_steps"] == []
     assert _latest_step(reference_run) == MAX_STEPS
+    # the trainer's own lines only: no planner tables, kernel arguments or library notices
+    with open(reference_run + ".log") as f:
+        log = f.read()
+    assert "memcom_torchrec.train.trainer: test nDCG@10" in log
+    assert noise_lines(log) == [], log[-4000:]
 
 
 @pytest.fixture(scope="module")
