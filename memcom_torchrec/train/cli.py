@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import List, Optional, Tuple
 
@@ -59,7 +60,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     logging.getLogger("memcom_torchrec").setLevel(logging.INFO)
-    train(cfg)
+    try:
+        train(cfg)
+    except ValueError as e:  # bad input (data, checkpoint, ids): every rank raises it; one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"memcom-train: error: {e}", file=sys.stderr)
+        end_process(2)
     shutdown_distributed()  # only after success: after a failure a peer may be stuck in a collective
     end_process(0)
 

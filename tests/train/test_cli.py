@@ -1,5 +1,8 @@
 """The trainer's command line: one flag per TrainConfig field, bad values refused before any work."""
 
+import subprocess
+import sys
+
 import pytest
 
 from memcom_torchrec.train.cli import parse_config
@@ -42,3 +45,14 @@ def test_cluster_vectors_is_checked_on_the_command_line(capsys) -> None:
             parse_config(argv)
         assert message in capsys.readouterr().err
     assert parse_config(["--cluster-vectors", "output"]).cluster_vectors == "output"
+
+
+def test_bad_input_is_one_line_naming_it(tmp_path):
+    """A missing dataset: exit 2 and one line naming it, not a (rank-prefixed) traceback."""
+    missing = str(tmp_path / "no_data")
+    proc = subprocess.run([sys.executable, "-m", "memcom_torchrec.train", "--data-dir", missing, "--out-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"memcom-train: error: {missing}/manifest.json: no manifest; prepare the dataset first with "
+        "`memcom-data prepare` or `memcom-data synth`"], proc.stderr[-3000:]
