@@ -13,9 +13,12 @@ from output_checks import noise_lines
 
 
 @pytest.fixture
-def restore_verbose(monkeypatch):
-    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+def restore_verbose():
+    before = os.environ.pop(quiet.VERBOSE_ENV, None)
     yield
+    os.environ.pop(quiet.VERBOSE_ENV, None)  # --verbose exports it: no later test may inherit it
+    if before is not None:
+        os.environ[quiet.VERBOSE_ENV] = before
     for name in quiet.KNOWN_LOG_RECORDS:  # the filters are per logger: leave loggers as they were
         logger = logging.getLogger(name)
         for f in [f for f in logger.filters if isinstance(f, quiet._KnownMessages)]:
@@ -52,7 +55,7 @@ def test_known_log_records_are_dropped_and_others_kept(restore_verbose, caplog):
         "Failed to load /x/site-packages/torchao/_C_other.so: ...", "a planner message of another kind"]
 
 
-def test_verbose_keeps_everything_and_reaches_child_processes(restore_verbose, monkeypatch):
+def test_verbose_keeps_everything_and_reaches_child_processes(restore_verbose):
     quiet.quiet_third_party(verbose=True)
     assert os.environ[quiet.VERBOSE_ENV] == "1"  # exported: the processes a command starts show them too
     assert not logging.getLogger("torchao").filters

@@ -265,17 +265,18 @@ def run_grid(args: argparse.Namespace) -> None:
     if not grid and not done:
         raise ValueError(f"every cell was skipped, nothing ran ({csv_path} has no results): choose reachable "
                          "--methods / --ratios")
+    for method, ratio, seed in grid:  # finished cells must match this grid, checked before any work
+        for key, value in wanted.items():
+            before = done.get((method, ratio, seed), {}).get(key) or ""
+            if before and before != value:  # empty: a row from a version that did not record it
+                raise ValueError(
+                    f"{csv_path}: {method} {ratio:g}x seed {seed} has {key} '{before}', this grid "
+                    f"passes '{value}'; use another --out-dir"
+                )
     from tqdm import tqdm
 
     for method, ratio, seed in tqdm(grid, desc="grid"):
         if (method, ratio, seed) in done:
-            for key, value in wanted.items():
-                before = done[(method, ratio, seed)].get(key) or ""
-                if before and before != value:  # empty: a row from a version that did not record it
-                    raise ValueError(
-                        f"{csv_path}: {method} {ratio:g}x seed {seed} has {key} '{before}', this grid "
-                        f"passes '{value}'; use another --out-dir"
-                    )
             continue
         # Same tuning budget for every method: each learning rate, best on validation.
         rows = [run_one(args.data_dir, args.out_dir, method, ratio, seed, lr, args.nproc, args.train_args, args.launcher)

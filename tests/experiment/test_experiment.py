@@ -23,14 +23,15 @@ TRAIN_ARGS = ["--epochs", "1", "--max-steps", "15", "--eval-batch-size", "2048"]
 LRS = ["0.05", "0.3"]
 
 
-def grid(ml100k_dir: str, out: str, train_args: List[str], lrs: List[str] = LRS) -> None:
-    main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "uncompressed", "memcom", "--ratios", "16",
+def grid(ml100k_dir: str, out: str, train_args: List[str], lrs: List[str] = LRS) -> int:
+    """``memcom-experiment`` over uncompressed and MEmCom 16x; its exit status."""
+    return main(["--data-dir", ml100k_dir, "--out-dir", out, "--methods", "uncompressed", "memcom", "--ratios", "16",
           "--embedding-lrs", *lrs, "--launcher", "python", "--", *train_args])
 
 
-def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, monkeypatch) -> None:
+def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, monkeypatch, capsys) -> None:
     out = str(tmp_path / "grid")
-    grid(ml100k_dir, out, TRAIN_ARGS)
+    assert grid(ml100k_dir, out, TRAIN_ARGS) == 0
     rows = read_results(os.path.join(out, "results.csv"))
     assert [(r["method"], float(r["compression_ratio"])) for r in rows] == [("uncompressed", 1.0), ("memcom", 16.0)]
     for r in rows:
@@ -65,15 +66,18 @@ def test_grid_writes_resumes_and_refuses_other_args(ml100k_dir: str, tmp_path, m
     grid(ml100k_dir, out, TRAIN_ARGS)
     assert len(read_results(os.path.join(out, "results.csv"))) == 2
 
-    # Other training flags into the same directory: a clear error, not a silent mix.
-    with pytest.raises(ValueError, match="uncompressed 1x seed 0 has train_args"):
-        grid(ml100k_dir, out, TRAIN_ARGS + ["--dropout", "0.25"])
-    with pytest.raises(ValueError, match="has embedding_lrs '0.05 0.3', this grid passes '0.1'"):
-        grid(ml100k_dir, out, TRAIN_ARGS, lrs=["0.1"])
+    # Other training flags into the same directory: a clear one-line error (exit 1), not a silent mix.
+    capsys.readouterr()
     other = str(tmp_path / "ml-100k-copy")
     shutil.copytree(ml100k_dir, other)
-    with pytest.raises(ValueError, match="has dataset 'ml-100k'"):
-        grid(other, out, TRAIN_ARGS)
+    for data, args, lrs, message in [
+        (ml100k_dir, TRAIN_ARGS + ["--dropout", "0.25"], LRS, "uncompressed 1x seed 0 has train_args"),
+        (ml100k_dir, TRAIN_ARGS, ["0.1"], "has embedding_lrs '0.05 0.3', this grid passes '0.1'"),
+        (other, TRAIN_ARGS, LRS, "has dataset 'ml-100k'"),
+    ]:
+        assert grid(data, out, args, lrs) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("memcom-experiment: error: ") and message in err[0], err
 
 
 @pytest.mark.parametrize("train_args,refused", [(["--seed=3"], "['--seed=3']"),
