@@ -49,6 +49,8 @@ KNOWN_LOG_RECORDS: Dict[str, List[str]] = {
         r"The topology was constructed directly rather than via TopologyFactory\.create_topology\(\)"],
     "torchrec.distributed.planner.storage_reservations": [
         r"There is a known issue with TorchRec's dense tensor size calculation in dry run scenarios"],
+    # torchrec's intra-/cross-node groups (table-wise-row-wise plans) without a pod size set
+    "torchrec.distributed.comm": [r"TORCHREC_RESOLVED_POD_SIZE not set, utilizing LOCAL_WORLD_SIZE instead\."],
 }
 
 # Lines the C++ side of a library writes to the process's stderr (no Python logger to filter):
