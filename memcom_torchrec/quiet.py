@@ -50,7 +50,8 @@ KNOWN_LOG_RECORDS: Dict[str, List[str]] = {
     "torchrec.distributed.planner.storage_reservations": [
         r"There is a known issue with TorchRec's dense tensor size calculation in dry run scenarios"],
     # torchrec's intra-/cross-node groups (table-wise-row-wise plans) without a pod size set
-    "torchrec.distributed.comm": [r"TORCHREC_RESOLVED_POD_SIZE not set, utilizing LOCAL_WORLD_SIZE instead\."],
+    "torchrec.distributed.comm": [r"TORCHREC_RESOLVED_POD_SIZE not set, utilizing LOCAL_WORLD_SIZE instead\.",
+                                  r"\[Connection\] (intra|cross)_group: \[\d+\] -> \[\["],
 }
 
 # Lines the C++ side of a library writes to the process's stderr (no Python logger to filter):

@@ -6,7 +6,7 @@ from typing import List
 # the generic forms of noise, and the known third-party texts by a fragment each
 NOISE = re.compile(
     r"Warning: |WARNING|ERROR|Traceback \(most recent call last\)|\[cpuinfo_utils\.cpp|is_fx_tracing|"
-    r"TopologyFactory|HeuristicalStorageReservation|TORCHREC_RESOLVED_POD_SIZE|planner\.stats|\[TBE=|LeafSpec|_C_mxfp8|Detected no triton|"
+    r"TopologyFactory|HeuristicalStorageReservation|TORCHREC_RESOLVED_POD_SIZE|\[Connection\]|planner\.stats|\[TBE=|LeafSpec|_C_mxfp8|Detected no triton|"
     r"torch\.distributed is disabled|Location '.*' is ignored"
 )
 
