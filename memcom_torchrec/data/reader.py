@@ -49,11 +49,14 @@ class Batch(Pipelineable):
         labels: int64 target item id per sample.
         exclude: for valid/test rows, KJT with key ["exclude"]: the items each sample's
             user saw before (mask them in full-ranking evaluation); None for train.
+        soft_targets: a teacher's ``B x num_items`` logits for this batch (distillation),
+            attached by the trainer per step and never stored; None otherwise.
     """
 
     sparse_features: KeyedJaggedTensor
     labels: torch.Tensor
     exclude: Optional[KeyedJaggedTensor] = None
+    soft_targets: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -63,6 +66,8 @@ class Batch(Pipelineable):
             sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             exclude=None if self.exclude is None else self.exclude.to(device=device, non_blocking=non_blocking),
+            soft_targets=None if self.soft_targets is None else self.soft_targets.to(device=device,
+                                                                                     non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -70,6 +75,8 @@ class Batch(Pipelineable):
         self.labels.record_stream(stream)
         if self.exclude is not None:
             self.exclude.record_stream(stream)
+        if self.soft_targets is not None:
+            self.soft_targets.record_stream(stream)
 
     def __reduce__(self):
         # Pickle the raw tensors (what DataLoader workers send), not the KJT's caches:
@@ -78,7 +85,7 @@ class Batch(Pipelineable):
         return (
             _rebuild_batch,
             (kjt.keys(), kjt.values(), kjt.lengths(), kjt.stride(), self.labels,
-             None if ex is None else (ex.keys(), ex.values(), ex.lengths())),
+             None if ex is None else (ex.keys(), ex.values(), ex.lengths()), self.soft_targets),
         )
 
     def pin_memory(self) -> "Batch":
@@ -86,15 +93,16 @@ class Batch(Pipelineable):
             sparse_features=self.sparse_features.pin_memory(),
             labels=self.labels.pin_memory(),
             exclude=None if self.exclude is None else self.exclude.pin_memory(),
+            soft_targets=None if self.soft_targets is None else self.soft_targets.pin_memory(),
         )
 
 
-def _rebuild_batch(keys, values, lengths, stride, labels, ex) -> Batch:
+def _rebuild_batch(keys, values, lengths, stride, labels, ex, soft_targets=None) -> Batch:
     kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
     exclude = None
     if ex is not None:
         exclude = KeyedJaggedTensor(keys=ex[0], values=ex[1], lengths=ex[2], stride=stride)
-    return Batch(sparse_features=kjt, labels=labels, exclude=exclude)
+    return Batch(sparse_features=kjt, labels=labels, exclude=exclude, soft_targets=soft_targets)
 
 
 def _list_parts(arr: pa.ChunkedArray, max_len: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:

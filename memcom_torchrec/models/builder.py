@@ -94,7 +94,8 @@ def resolve_checkpoint(path: str) -> str:
     )
 
 
-def _model_config(meta: Dict[str, Any], path: str) -> ModelConfig:
+def model_config_of(meta: Dict[str, Any], path: str) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint's ``meta.json`` records (``ValueError`` naming ``path`` otherwise)."""
     cfg = meta.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"checkpoint {path}: meta.json has no 'config' (not written by memcom_torchrec.train?)")
@@ -104,7 +105,8 @@ def _model_config(meta: Dict[str, Any], path: str) -> ModelConfig:
         raise ValueError(f"checkpoint {path}: incompatible config: {e}") from None
 
 
-def _table_size(meta: Dict[str, Any], table: str, path: str) -> int:
+def table_size_of(meta: Dict[str, Any], table: str, path: str) -> int:
+    """Rows of ``table`` in a checkpoint's ``meta.json`` (``ValueError`` naming ``path`` if it has none)."""
     tables = meta.get("tables", {})
     for key, sig in tables.items():
         if key.split(":")[-1] == table:
@@ -132,9 +134,9 @@ def load_trained_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
 
     path = resolve_checkpoint(checkpoint)
     meta = read_meta(path)
-    cfg = _model_config(meta, path)
-    num_items = _table_size(meta, "item", path)
-    num_users = _table_size(meta, "user", path) if cfg.use_user_id else 0
+    cfg = model_config_of(meta, path)
+    num_items = table_size_of(meta, "item", path)
+    num_users = table_size_of(meta, "user", path) if cfg.use_user_id else 0
     try:
         model, _ = build_model(cfg, num_users, num_items, torch.device("cpu"))
     except ValueError as e:

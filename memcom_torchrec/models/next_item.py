@@ -9,7 +9,7 @@ Two scorers (``NEXT_ITEM_SCORERS``):
   ``n x hidden`` output layer, which is what makes a phone model slim.
 """
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -72,20 +72,57 @@ class NextItemClassifier(CatalogueModel):
         return self.head(self.mlp(x)) @ items.t() + self.item_bias
 
 
-class NextItemTrain(nn.Module):
-    """Wraps a model with its loss for TorchRec's train pipelines: returns ``(loss, (loss, scores, labels))``."""
+def distillation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """``(1 - a) CE(student, target) + a T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over real rows.
 
-    def __init__(self, model: nn.Module) -> None:
+    Args:
+        logits (torch.Tensor): the student's ``B x n`` logits.
+        labels (torch.Tensor): target item per row; padding rows (``-1``) count in neither term.
+        teacher_logits (torch.Tensor): the teacher's ``B x n`` logits (no gradient flows into them).
+        alpha (float): ``a``, the weight of the distillation term.
+        temperature (float): ``T``; ``T^2`` keeps the term's gradient scale independent of ``T``.
+
+    Returns:
+        torch.Tensor: the scalar loss.
+    """
+    real = (labels >= 0).to(logits.dtype)
+    count = real.sum().clamp(min=1.0)
+    ce = nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-1) / count
+    kl = nn.functional.kl_div(
+        nn.functional.log_softmax(logits / temperature, dim=1),
+        nn.functional.log_softmax(teacher_logits.detach() / temperature, dim=1),
+        reduction="none", log_target=True,
+    ).sum(dim=1)
+    return (1.0 - alpha) * ce + alpha * temperature**2 * (kl * real).sum() / count
+
+
+class NextItemTrain(nn.Module):
+    """Wraps a model with its loss for TorchRec's train pipelines: returns ``(loss, (loss, scores, labels))``.
+
+    Args:
+        model (nn.Module): a ``NextItemClassifier``.
+        distill (Optional[Tuple[float, float]]): ``(alpha, temperature)``: train on
+            ``distillation_loss`` against each batch's ``soft_targets`` (a teacher's
+            logits); None: cross-entropy alone.
+    """
+
+    def __init__(self, model: nn.Module, distill: Optional[Tuple[float, float]] = None) -> None:
         super().__init__()
         self.model = model
+        self.distill = distill
 
     def forward(self, batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # pyre-ignore
         logits = self.model(batch.sparse_features)
-        # Mean over the real rows without control flow (TorchRec's pipeline traces
-        # this with torch.fx): padding rows (label -1, see data.pad_batch) are
+        # Mean over the real rows without control flow on tensors (TorchRec's pipeline
+        # traces this with torch.fx): padding rows (label -1, see data.pad_batch) are
         # ignored, and an all-padding batch gives a zero loss.
-        count = (batch.labels >= 0).to(logits.dtype).sum().clamp(min=1.0)
-        loss = nn.functional.cross_entropy(logits, batch.labels, reduction="sum", ignore_index=-1) / count
+        if self.distill is not None and self.training:
+            loss = distillation_loss(logits, batch.labels, batch.soft_targets, *self.distill)
+        else:
+            count = (batch.labels >= 0).to(logits.dtype).sum().clamp(min=1.0)
+            loss = nn.functional.cross_entropy(logits, batch.labels, reduction="sum", ignore_index=-1) / count
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
     def scores(self, features: KeyedJaggedTensor) -> torch.Tensor:

@@ -47,6 +47,12 @@ class TrainConfig(ModelConfig):
             warm-up's item vectors) or ``output`` (the warm-up classifier's output
             rows, one per item: the ``linear`` scorer only). ``U`` and ``w`` start
             from the warm-up's item vectors either way.
+        teacher (str): a trained ``next_item`` run (or checkpoint) to distil from ("": none).
+            It is loaded frozen and sharded in the same processes; its logits are computed
+            per batch and never stored. Same dataset (catalogue) and history length.
+        distill_alpha (float): ``a`` in ``(1 - a) CE(student, target) + a T^2 KL(softmax(teacher / T)
+            || softmax(student / T))``, in [0, 1].
+        distill_temperature (float): ``T`` above, > 0.
 
     The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
     ``embedding_dim``, ``hidden``, ``dropout``, ``num_negatives``) are documented in ``ModelConfig``.
@@ -73,9 +79,19 @@ class TrainConfig(ModelConfig):
     eval_users: int = 0
     warmup_epochs: int = 3
     cluster_vectors: str = "table"
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"--distill-alpha {self.distill_alpha} is outside [0, 1]")
+        if not self.distill_temperature > 0.0:
+            raise ValueError(f"--distill-temperature {self.distill_temperature} must be > 0")
+        if self.teacher and self.model != "next_item":
+            raise ValueError(f"--teacher needs --model next_item (the student's logits over the catalogue), "
+                             f"not '{self.model}'")
         if self.cluster_vectors not in CLUSTER_VECTORS:
             raise ValueError(f"unknown --cluster-vectors '{self.cluster_vectors}'; choose one of {list(CLUSTER_VECTORS)}")
         if self.cluster_vectors == "output" and (self.model != "next_item" or self.scorer != "linear"):

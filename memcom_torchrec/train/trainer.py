@@ -31,11 +31,12 @@ from tqdm import tqdm
 from memcom_torchrec.data import make_dataloader, pad_batch, read_manifest
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
 from memcom_torchrec.models.builder import build_model
-from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.modules.methods import get_method, method_sharders
 from memcom_torchrec.train.assignment import clustered_init, set_frequency_assignments
 from memcom_torchrec.train.config import TrainConfig
+from memcom_torchrec.train.distill import check_teacher, load_teacher
 from memcom_torchrec.train.distributed_env import init_distributed
 from memcom_torchrec.train.rank_stats import peak_rss_mb, rank_stats, reset_peak_rss
 from memcom_torchrec.train.results import EpochScore, RunResult, TrainState
@@ -176,15 +177,30 @@ def train(cfg: TrainConfig) -> RunResult:
     fault = fault_at_step()
     rank, world, device = init_distributed(cfg.device)
     manifest = read_manifest(cfg.data_dir)
+    spec = check_teacher(cfg, manifest) if cfg.teacher else None  # before any work
     num_users, num_items = int(manifest["num_users"]), int(manifest["num_items"])
     model, tables = build_model(cfg, num_users, num_items, torch.device("meta"), seed=cfg.seed)
+    if spec is not None:
+        model.distill = (cfg.distill_alpha, cfg.distill_temperature)
     model = shard_model(cfg, model, tables, world, device)
+    teacher = None
+    if spec is not None:
+        teacher = load_teacher(spec, cfg, lambda c, m, t: shard_model(c, m, t, world, device))
+        if rank == 0:
+            logger.info("distilling from %s (alpha %g, temperature %g)", spec.path, cfg.distill_alpha,
+                        cfg.distill_temperature)
+    teacher_identity = None if spec is None else spec.identity
     optimizer, dense = build_optimizer(cfg, model)
     ckpt_root, best_root = os.path.join(cfg.out_dir, "checkpoints"), os.path.join(cfg.out_dir, "best")
     optimizers = {"fused": model.fused_optimizer, "dense": dense}
 
     state = TrainState()
     latest = latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    before = read_meta(latest).get("teacher") if latest is not None else teacher_identity
+    if before != teacher_identity:  # a teacher is identified by its path, step and tables
+        name = lambda t: f"teacher {t['path']} (step {t['step']})" if t else "no teacher"  # noqa: E731
+        raise ValueError(f"{latest} was trained with {name(before)}, this run has {name(teacher_identity)}: "
+                         "resume with the same --teacher or use another --out-dir")
     # Stored assignments are chosen before training (a resumed run loads its own from the checkpoint).
     if latest is None:
         set_frequency_assignments(cfg, model, tables)
@@ -203,7 +219,8 @@ def train(cfg: TrainConfig) -> RunResult:
 
     def checkpoint(root: str, keep: int) -> None:
         save_checkpoint(root, state.step, model, optimizers,
-                        meta={"train_state": asdict(state), "config": asdict(cfg)}, keep=keep)
+                        meta={"train_state": asdict(state), "config": asdict(cfg), "teacher": teacher_identity},
+                        keep=keep)
 
     t_start = time.time() - state.train_seconds
     loop_rows, loop_seconds = 0, 0.0  # this process's training steps only (no eval, no checkpoints)
@@ -214,13 +231,16 @@ def train(cfg: TrainConfig) -> RunResult:
         epoch = state.epoch
         loader = make_dataloader(
             cfg.data_dir, "train", cfg.batch_size, rank, world, shuffle=True, seed=cfg.seed, epoch=epoch,
-            history_len=cfg.history_len, num_workers=cfg.num_workers, with_user=cfg.use_user_id,
+            history_len=cfg.history_len, num_workers=cfg.num_workers,
+            with_user=cfg.use_user_id or (teacher is not None and teacher.needs_user_id),
         )
         # Every rank steps through the same number of batches of the same size
         # (TorchRec's row-wise output dist needs it): trailing batches are padded.
         it = (pad_batch(b, cfg.batch_size) for b in loader)
         for _ in range(state.batch_in_epoch):  # resume mid-epoch: skip what was trained
             next(it)
+        if teacher is not None:  # the teacher's logits of each batch, for that step only
+            it = map(teacher.attach, it)
         pipeline = make_pipeline(cfg, model, optimizer, device)
         bar = tqdm(total=len(loader), initial=state.batch_in_epoch, desc=f"epoch {epoch}", disable=rank != 0,
                    mininterval=5.0)

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from memcom_torchrec.train.trainer import FAULT_AT_STEP_ENV
+from checkpoint_utils import assert_same_checkpoint
 from output_checks import noise_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,38 +188,6 @@ def test_torchx_fails_fast_on_bad_arguments(tmp_path) -> None:
 # ---------------------------------------------------------------- real jobs: torchrun, torchx, SIGKILL + resume
 
 
-def _checkpoint_tensors(path: str) -> Dict[str, object]:
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = path.rstrip("/") + ".pt"
-    dcp_to_torch_save(path, out)
-    flat: Dict[str, object] = {}
-
-    def walk(v: object, key: str) -> None:
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(x, f"{key}/{k}")
-        else:
-            flat[key] = v
-
-    walk(torch.load(out, weights_only=False), "")
-    return flat
-
-
-def _assert_same_checkpoint(a: str, b: str) -> None:
-    import torch
-
-    x, y = _checkpoint_tensors(a), _checkpoint_tensors(b)
-    assert x.keys() == y.keys()
-    assert any("optim.dense" in k for k in x) and any("optim.fused" in k for k in x)
-    for k in x:
-        if isinstance(x[k], torch.Tensor):
-            assert torch.equal(x[k], y[k]), f"{k} differs by {(x[k].float() - y[k].float()).abs().max()}"
-        else:
-            assert x[k] == y[k], k
-
-
 def _job_pids(out_dir: str, local_rank: Optional[int] = None) -> List[int]:
     """Processes of the job writing to out_dir: the torchrun agent and its workers, or only the worker of
     ``local_rank`` (workers have LOCAL_RANK in their environment, the agent does not)."""
@@ -308,7 +277,7 @@ def test_sigkill_resumes_from_checkpoint_and_matches_uninterrupted_run(
     assert f"{FAULT_AT_STEP_ENV}: killing rank 1 after the checkpoint of step {EVERY}" in log, log[-4000:]
     assert m["resumed_from_steps"] == [EVERY], m["resumed_from_steps"]
     # deterministic resume: parameters and optimizer states equal the uninterrupted run's, bit for bit
-    _assert_same_checkpoint(os.path.join(reference_run, "checkpoints", f"step_{MAX_STEPS:08d}"),
+    assert_same_checkpoint(os.path.join(reference_run, "checkpoints", f"step_{MAX_STEPS:08d}"),
                             os.path.join(out, "checkpoints", f"step_{MAX_STEPS:08d}"))
     with open(os.path.join(reference_run, "metrics.json")) as f:
         ref = json.load(f)
