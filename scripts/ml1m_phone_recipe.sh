@@ -5,6 +5,8 @@
 #   STEP=history bash scripts/ml1m_phone_recipe.sh   # uncompressed, history 5 vs 10 (one core)
 #   STEP=lr METHOD=memcom_qr bash scripts/ml1m_phone_recipe.sh  # embedding lr in {0.05, 0.1, 0.2} at 16x
 #   (one method per job, one core each: run two methods side by side on 2 cores)
+#   STEP=distill METHOD=memcom_qr LRS=0.1 bash scripts/ml1m_phone_recipe.sh  # distilled from the h5 teacher
+#   (TEACHER: the uncompressed history-5 run of STEP=history; ALPHA 0.5, TEMPERATURE 2 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_recipe}
@@ -12,15 +14,18 @@ DATA=${DATA:-data/ml-1m}
 HISTORY=${HISTORY:-5}
 LRS=${LRS:-0.05 0.1 0.2}
 [ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
-grid() {  # out_dir methods ratios lrs history
+TEACHER=${TEACHER:-$OUT/h5/runs/uncompressed_r1_s0_lr0.2}
+grid() {  # out_dir methods ratios lrs history [extra trainer flags]
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$1" --methods $2 \
       --ratios $3 --embedding-lrs $4 --seeds 0 --launcher python -- \
       --model next_item --scorer tied --use-user-id false --history-len "$5" --batch-size 1024 \
-      --epochs 30 --patience 3 --dropout 0.25
+      --epochs 30 --patience 3 --dropout 0.25 "${@:6}"
   OMP_NUM_THREADS=1 .venv/bin/memcom-pareto --results "$1/results.csv" --data-dir "$DATA" \
       --out-dir "$1/pareto" --repeats 20
 }
 case "${STEP:-history}" in
   history) for h in 5 10; do grid "$OUT/h$h" uncompressed 1 0.2 "$h"; done ;;
   lr) grid "$OUT/lr_${METHOD:?set METHOD, e.g. METHOD=qr}" "$METHOD" 16 "$LRS" "$HISTORY" ;;
+  distill) grid "$OUT/kd_${METHOD:?set METHOD}" "$METHOD" 16 "$LRS" "$HISTORY" --teacher "$TEACHER" \
+      --distill-alpha "${ALPHA:-0.5}" --distill-temperature "${TEMPERATURE:-2}" ;;
 esac
