@@ -114,7 +114,7 @@ def native_stderr_filtered(key: str) -> Iterator[None]:
     writes back every line that is not one of ``KNOWN_NATIVE_LINES``. Later calls run the block as is.
 
     Args:
-        key: which one-time native initialisation the block may trigger (e.g. ``"executorch-runtime"``).
+        key: which one-time native initialisation the block may trigger (e.g. ``"executorch-load"``).
     """
     if key in _NATIVE_DONE or is_verbose():
         yield

@@ -249,7 +249,8 @@ def compact_table(out_dir: str) -> str:
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
         change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base and float(base["ndcg@k"]) > 0 else "-"
-        lines.append(f"| {p['method']} {float(p['compression_ratio']):g}x | {p['dtype']} | {int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
+        lines.append(f"| {p['method']} {float(p['compression_ratio']):g}x | {p['dtype']} | "
+                     f"{int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
                      f"{float(p['latency_ms']):.2f} | {float(p['parity']):.1e} |")
     return "\n".join(lines)
 
