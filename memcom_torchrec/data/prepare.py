@@ -255,7 +255,8 @@ def prepare_table(
         bounds = np.append(user_starts[cut[cut < len(user_starts)]], n)
         writer = SplitWriter(out_dir, rows_per_file=config.rows_per_file)
         sizes = {s: 0 for s in SPLITS}
-        for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="write splits", unit="block", leave=False):
+        for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="write splits", unit="block", leave=False,
+                         disable=None):  # nested: shown on a terminal only
             tables = build_splits(u_ids[a:b], i_ids[a:b], ts[a:b], config.history_len)
             for s, t in tables.items():
                 sizes[s] += t.num_rows
