@@ -57,9 +57,7 @@ from torch import nn
 
 from memcom_torchrec.models.layers import HISTORY_FEATURE, USER_FEATURE
 from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
-
-FP32, INT8, INT4 = "fp32", "int8", "int4"
-DTYPES = (FP32, INT8, INT4)
+from memcom_torchrec.modules.quant_grid import DTYPES, FP32, INT4, INT8, is_grouped, weight_only_config
 
 # The table layouts a slim lookup computes: sorted tensor roles (see the module docstring).
 LAYOUTS = (("weight",), ("U",), ("U", "w"), ("Q", "R"), ("Q", "R", "w"), ("U", "rows", "w"))
@@ -539,19 +537,13 @@ def quantize_slim(slim: SlimModel, dtype: str) -> SlimModel:
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {list(DTYPES)}")
     if dtype == FP32:
         return slim
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType, quantize_
+    from torchao.quantization.quant_api import quantize_
 
     _swap_linears(slim.query)
     _swap_linears(slim.scorer)
-    weight_dtype = torch.int4 if dtype == INT4 else torch.int8
     for grouped in (False, True):
-        config = IntxWeightOnlyConfig(
-            weight_dtype=weight_dtype, granularity=PerGroup(32) if grouped else PerAxis(0),
-            mapping_type=MappingType.ASYMMETRIC,
-        )
-        quantize_(slim, config, filter_fn=lambda m, fqn, g=grouped: isinstance(m, nn.Embedding) and g == (
-            dtype == INT4 and m.embedding_dim % 32 == 0 and m.embedding_dim > 32))
+        quantize_(slim, weight_only_config(dtype, grouped), filter_fn=lambda m, fqn, g=grouped: isinstance(
+            m, nn.Embedding) and g == is_grouped(dtype, m.embedding_dim))
     for module in slim.modules():
         if isinstance(module, ScalarTable):
             half_buffer(module, "weight")

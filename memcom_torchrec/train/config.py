@@ -53,6 +53,9 @@ class TrainConfig(ModelConfig):
         distill_alpha (float): ``a`` in ``(1 - a) CE(student, target) + a T^2 KL(softmax(teacher / T)
             || softmax(student / T))``, in [0, 1].
         distill_temperature (float): ``T`` above, > 0.
+        qat (str): quantisation-aware training for the dtype the model will be exported at,
+            ``int8`` or ``int4`` ("": none): every step, validation and test see the export's grid
+            (``train.qat``).
 
     The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
     ``embedding_dim``, ``hidden``, ``dropout``, ``num_negatives``) are documented in ``ModelConfig``.
@@ -82,6 +85,7 @@ class TrainConfig(ModelConfig):
     teacher: str = ""
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    qat: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +93,8 @@ class TrainConfig(ModelConfig):
             raise ValueError(f"--distill-alpha {self.distill_alpha} is outside [0, 1]")
         if not self.distill_temperature > 0.0:
             raise ValueError(f"--distill-temperature {self.distill_temperature} must be > 0")
+        if self.qat not in ("", "int8", "int4"):
+            raise ValueError(f"--qat '{self.qat}': choose int8 or int4 (the export dtype), or leave it empty")
         if self.teacher and self.model != "next_item":
             raise ValueError(f"--teacher needs --model next_item (the student's logits over the catalogue), "
                              f"not '{self.model}'")

@@ -8,6 +8,7 @@ the dense part is data-parallel with Adam; TorchRec's ``TrainPipelineSparseDist`
 overlaps the next batch's input all-to-all with the current step.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from memcom_torchrec.train.assignment import clustered_init, set_frequency_assig
 from memcom_torchrec.train.config import TrainConfig
 from memcom_torchrec.train.distill import check_teacher, load_teacher
 from memcom_torchrec.train.distributed_env import init_distributed
+from memcom_torchrec.train.qat import QuantizationAwareTraining
 from memcom_torchrec.train.rank_stats import peak_rss_mb, rank_stats, reset_peak_rss
 from memcom_torchrec.train.results import EpochScore, RunResult, TrainState
 
@@ -222,6 +224,13 @@ def train(cfg: TrainConfig) -> RunResult:
                         meta={"train_state": asdict(state), "config": asdict(cfg), "teacher": teacher_identity},
                         keep=keep)
 
+    def on_grid(qat: Optional[QuantizationAwareTraining]):  # pyre-ignore[3]
+        """The model as it will be exported with --qat (the export's grid), else as it is."""
+        return qat.on_grid() if qat is not None else contextlib.nullcontext()
+
+    qat = QuantizationAwareTraining(model, cfg.qat) if cfg.qat else None
+    if qat is not None and rank == 0:
+        logger.info("quantisation-aware training for %s: %d tensors on the export's grid", cfg.qat, len(qat.targets))
     t_start = time.time() - state.train_seconds
     loop_rows, loop_seconds = 0, 0.0  # this process's training steps only (no eval, no checkpoints)
     train_rss = 0.0  # peak RSS of the training loops
@@ -250,7 +259,8 @@ def train(cfg: TrainConfig) -> RunResult:
         while state.batch_in_epoch < len(loader):
             # dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones
             torch.manual_seed(cfg.seed * 1_000_003 + state.step * world + rank)
-            loss, _, _ = pipeline.progress(it)
+            with on_grid(qat):
+                loss, _, _ = pipeline.progress(it)
             state.batch_in_epoch += 1
             state.step += 1
             loss_sum, n = loss_sum + float(loss), n + 1
@@ -277,7 +287,8 @@ def train(cfg: TrainConfig) -> RunResult:
             pipeline.detach()
         if stop:
             break
-        valid = evaluate(cfg, model, "valid", rank, world, device)
+        with on_grid(qat):
+            valid = evaluate(cfg, model, "valid", rank, world, device)
         state.valid.append(EpochScore(epoch=epoch, ndcg=valid.mean_ndcg, hr=valid.mean_hr, loss=loss_sum / max(n, 1)))
         if rank == 0:
             logger.info("epoch %d: train loss %.4f, valid nDCG@%d %.4f HR@%d %.4f",
@@ -301,11 +312,13 @@ def train(cfg: TrainConfig) -> RunResult:
     best = latest_checkpoint(best_root) if os.path.isdir(best_root) else None
     if best is not None:
         load_checkpoint(best, model)
-    if state.valid:
-        valid_best = max(v.ndcg for v in state.valid)
-    else:  # stopped by max_steps before any validation: score the final model, the one tested below
-        valid_best = evaluate(cfg, model, "valid", rank, world, device).mean_ndcg
-    test = evaluate(cfg, model, "test", rank, world, device)
+        qat = QuantizationAwareTraining(model, cfg.qat) if cfg.qat else None  # the loaded tensors
+    with on_grid(qat):
+        if state.valid:
+            valid_best = max(v.ndcg for v in state.valid)
+        else:  # stopped by max_steps before any validation: score the final model, the one tested below
+            valid_best = evaluate(cfg, model, "valid", rank, world, device).mean_ndcg
+        test = evaluate(cfg, model, "test", rank, world, device)
     stats: List[Dict[str, float]] = [{}] * world
     dist.all_gather_object(stats, rank_stats(model, loop_rows, loop_seconds, train_rss, max(train_rss, peak_rss_mb())))
     result = RunResult(
