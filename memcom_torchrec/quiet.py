@@ -102,6 +102,23 @@ def quiet_third_party(verbose: bool = False) -> None:
             logger.addFilter(_KnownMessages(patterns))
 
 
+def configure_cli(verbose: bool, own_info: bool = False, stream=None) -> None:  # pyre-ignore[2]
+    """A CLI's output set-up: the known notices silenced (``quiet_third_party``), logs at WARNING
+    (INFO with ``--verbose``).
+
+    Args:
+        verbose: show everything (libraries' INFO logs and the known notices).
+        own_info: this package's INFO lines (the trainer's epochs and results) in any case.
+        stream: where logs go (default stderr).
+    """
+    quiet_third_party(verbose)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=stream or sys.stderr,
+                        force=True)
+    if own_info:
+        logging.getLogger("memcom_torchrec").setLevel(logging.INFO)
+
+
 def add_verbose_flag(parser) -> None:  # pyre-ignore[2]: argparse.ArgumentParser
     """Adds ``-v/--verbose`` (third-party messages and libraries' INFO logs shown) to a CLI's parser."""
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -8,7 +8,6 @@ Examples::
 """
 
 import argparse
-import logging
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -17,7 +16,7 @@ from memcom_torchrec.data.manifest import DEFAULT_HISTORY_LEN
 from memcom_torchrec.data.movielens import MOVIELENS, prepare_movielens
 from memcom_torchrec.data.prepare import prepare_interactions
 from memcom_torchrec.data.synthetic import SynthConfig, generate_synthetic
-from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
+from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 
 
 def summary(manifest: Dict[str, Any], out_dir: str) -> str:
@@ -85,8 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `memcom-data`. Returns the exit status."""
     p = _parser()
     args = p.parse_args(argv)
-    quiet_third_party(args.verbose)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_cli(args.verbose)
     try:
         if args.command == "prepare" and args.dataset:
             m = prepare_movielens(args.dataset, args.out, history_len=args.history_len, cache_dir=args.cache_dir)

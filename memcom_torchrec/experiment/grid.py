@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from memcom_torchrec.data.manifest import read_manifest
 from memcom_torchrec.modules.methods import UNCOMPRESSED, get_method, method_names
-from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
+from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 from memcom_torchrec.train.results import RunResult
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -427,9 +427,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``memcom-experiment``. Returns the exit status (1 when nothing ran)."""
     args = parse_args(argv)
-    quiet_third_party(args.verbose)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    configure_cli(args.verbose)
     try:
         if args.report_only:
             report(args.out_dir, args.data_dir)

@@ -37,7 +37,7 @@ from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte
 from memcom_torchrec.export.slim import DTYPES, SlimModel, build_slim_model, kjt_to_inputs
 from memcom_torchrec.models.builder import load_trained_model
 from memcom_torchrec.modules.methods import get_method
-from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
+from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 
 logger = logging.getLogger(__name__)
 
@@ -311,9 +311,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    quiet_third_party(args.verbose)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_cli(args.verbose)
     try:
         if args.remeasure_latency:
             remeasure_latency(args.out_dir, args.repeats)

@@ -7,14 +7,13 @@ Example::
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import asdict
 from typing import List, Optional
 
 from memcom_torchrec.export.lowering import BACKENDS, DEFAULT_MAX_BATCH, DEFAULT_MAX_HISTORY, XNNPACK
 from memcom_torchrec.export.slim import DTYPES, FP32
-from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
+from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,8 +46,7 @@ def cli_error(prog: str, e: Exception) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    quiet_third_party(args.verbose)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    configure_cli(args.verbose)
     try:
         from memcom_torchrec.export.lowering import export_checkpoint
 

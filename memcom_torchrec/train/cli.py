@@ -2,13 +2,12 @@
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 from typing import List, Optional, Tuple
 
 from memcom_torchrec.modules.methods import get_method
-from memcom_torchrec.quiet import add_verbose_flag, quiet_third_party
+from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 from memcom_torchrec.train.distributed_env import end_process, shutdown_distributed
 from memcom_torchrec.train.trainer import TrainConfig, train
 
@@ -56,10 +55,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     tables, FBGEMM's kernel arguments) and the known third-party notices only with ``--verbose``.
     """
     cfg, verbose = _parse(argv)
-    quiet_third_party(verbose)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("memcom_torchrec").setLevel(logging.INFO)
+    configure_cli(verbose, own_info=True)
     try:
         train(cfg)
     except ValueError as e:  # bad input (data, checkpoint, ids): every rank raises it; one line, from rank 0
