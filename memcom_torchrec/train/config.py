@@ -53,6 +53,9 @@ class TrainConfig(ModelConfig):
         distill_alpha (float): ``a`` in ``(1 - a) CE(student, target) + a T^2 KL(softmax(teacher / T)
             || softmax(student / T))``, in [0, 1].
         distill_temperature (float): ``T`` above, > 0.
+        init_from (str): a run (or checkpoint) of the same model whose weights start this run
+            (fine-tuning, e.g. ``--qat`` after a converged float run); its optimizer and training
+            state are not carried over ("": a fresh initialisation).
         qat (str): quantisation-aware training for the dtype the model will be exported at,
             ``int8`` or ``int4`` ("": none): every step, validation and test see the export's grid
             (``train.qat``).
@@ -85,6 +88,7 @@ class TrainConfig(ModelConfig):
     teacher: str = ""
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    init_from: str = ""
     qat: str = ""
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from memcom_torchrec.data import make_dataloader, pad_batch, read_manifest
 from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
-from memcom_torchrec.models.builder import build_model
+from memcom_torchrec.models.builder import build_model, resolve_checkpoint
 from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.modules.methods import get_method, method_sharders
@@ -204,9 +204,14 @@ def train(cfg: TrainConfig) -> RunResult:
         raise ValueError(f"{latest} was trained with {name(before)}, this run has {name(teacher_identity)}: "
                          "resume with the same --teacher or use another --out-dir")
     # Stored assignments are chosen before training (a resumed run loads its own from the checkpoint).
-    if latest is None:
+    if latest is None and cfg.init_from:  # fine-tuning: the weights (and assignments) of another run
+        start = resolve_checkpoint(cfg.init_from)
+        load_checkpoint(start, model)
+        if rank == 0:
+            logger.info("starting from the weights of %s", start)
+    elif latest is None:
         set_frequency_assignments(cfg, model, tables)
-    if latest is None and get_method(cfg.method).warmup_method:
+    if latest is None and not cfg.init_from and get_method(cfg.method).warmup_method:
         start = clustered_init(cfg, rank, num_users, num_items, train)
         load_checkpoint(start, model)
         if rank == 0:
