@@ -8,6 +8,8 @@
 #   STEP=distill METHOD=memcom_qr LRS=0.1 bash scripts/ml1m_phone_recipe.sh  # distilled from the h5 teacher
 #   (TEACHER: the uncompressed history-5 run of STEP=history; ALPHA 0.5, TEMPERATURE 2 by default)
 #   STEP=qat METHOD=memcom_qr LRS=0.1 bash scripts/ml1m_phone_recipe.sh  # quantisation-aware, QAT=int4
+#   STEP=qat INIT=runs/ml1m_recipe/lr_a/runs/memcom_qr_r16_s0_lr0.1 METHOD=memcom_qr LRS=0.1 bash ...
+#   (the same, fine-tuning the converged float run INIT instead of training from scratch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_recipe}
@@ -29,5 +31,6 @@ case "${STEP:-history}" in
   lr) grid "$OUT/lr_${METHOD:?set METHOD, e.g. METHOD=qr}" "$METHOD" 16 "$LRS" "$HISTORY" ;;
   distill) grid "$OUT/kd_${METHOD:?set METHOD}" "$METHOD" 16 "$LRS" "$HISTORY" --teacher "$TEACHER" \
       --distill-alpha "${ALPHA:-0.5}" --distill-temperature "${TEMPERATURE:-2}" ;;
-  qat) grid "$OUT/qat_${QAT:-int4}_${METHOD:?set METHOD}" "$METHOD" 16 "$LRS" "$HISTORY" --qat "${QAT:-int4}" ;;
+  qat) grid "$OUT/qat_${QAT:-int4}_${METHOD:?set METHOD}${INIT:+_finetuned}" "$METHOD" 16 "$LRS" "$HISTORY" \
+      --qat "${QAT:-int4}" ${INIT:+--init-from "$INIT"} ;;
 esac
