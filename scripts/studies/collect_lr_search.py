@@ -3,8 +3,8 @@
     .venv/bin/python scripts/studies/collect_lr_search.py docs/ml1m_recipe/lr_search.csv [RUNS_GLOB]
 
 Reads every ``runs/ml1m_recipe/lr_*/runs/<run>.log`` (``scripts/ml1m_phone_recipe.sh STEP=lr``):
-the validation curve from the log, and for a finished run its ``metrics.json`` (best epoch,
-test nDCG@10). A run still training is listed as unfinished; an unfinished run is dropped where
+the validation curve from the log (a resumed run's log holds only the epochs since it resumed), and
+for a finished run its ``metrics.json`` (the whole curve, best epoch, test nDCG@10). A run still training is listed as unfinished; an unfinished run is dropped where
 a finished run of the same method and learning rate exists (an earlier, interrupted attempt).
 """
 
@@ -22,9 +22,12 @@ def row_of(log: str) -> dict:
     run = log[:-4]
     method, ratio, seed, lr = re.match(r"(.+)_r([\d.]+)_s(\d+)_lr([\d.]+)$", os.path.basename(run)).groups()
     with open(log, errors="replace") as f:
-        valid = [float(v) for v in re.findall(r"valid nDCG@10 ([0-9.]+)", f.read())]
+        scores = [(int(e), float(v)) for e, v in re.findall(r"epoch (\d+): train loss \S+, valid nDCG@10 ([0-9.]+)",
+                                                             f.read())]
+    valid = [v for _, v in scores]
     row = dict(method=method, compression_ratio=float(ratio), embedding_lr=float(lr), seed=int(seed), history_len=5,
-               epochs_run=len(valid), best_epoch=valid.index(max(valid)) if valid else "",
+               epochs_run=scores[-1][0] + 1 if scores else 0,
+               best_epoch=max(scores, key=lambda s: s[1])[0] if scores else "",
                valid_ndcg=max(valid) if valid else "", test_ndcg="", status="unfinished when collected",
                valid_curve=" ".join(f"{v:.4f}" for v in valid))
     metrics = os.path.join(run, "metrics.json")
@@ -32,7 +35,9 @@ def row_of(log: str) -> dict:
         with open(metrics) as f:
             m = json.load(f)
         capped = m["epochs_run"] >= EPOCH_CAP
+        curve = [e["ndcg"] for e in m["valid_curve"]]  # the whole curve (a resumed run's log starts mid-way)
         row.update(test_ndcg=round(m["test_ndcg"], 6), valid_ndcg=round(m["valid_ndcg"], 6),
+                   valid_curve=" ".join(f"{v:.4f}" for v in curve),
                    best_epoch=m["best_epoch"], epochs_run=m["epochs_run"],
                    status=f"epoch cap {EPOCH_CAP}, best epoch {m['best_epoch'] + 1}, no gain in its last "
                           f"{EPOCH_CAP - 1 - m['best_epoch']}" if capped else "early stopping (patience 3)")
