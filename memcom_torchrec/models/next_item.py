@@ -72,6 +72,20 @@ class NextItemClassifier(CatalogueModel):
         return self.head(self.mlp(x)) @ items.t() + self.item_bias
 
 
+def cross_entropy_over_real_rows(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy averaged over the real rows (padding rows, label ``-1``, count for nothing).
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: the loss, the ``B`` 0/1 row mask, the real
+        row count (at least 1, so an all-padding batch gives a zero loss).
+    """
+    real = (labels >= 0).to(logits.dtype)
+    count = real.sum().clamp(min=1.0)
+    return nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-1) / count, real, count
+
+
 def distillation_loss(
     logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, alpha: float, temperature: float
 ) -> torch.Tensor:
@@ -87,9 +101,7 @@ def distillation_loss(
     Returns:
         torch.Tensor: the scalar loss.
     """
-    real = (labels >= 0).to(logits.dtype)
-    count = real.sum().clamp(min=1.0)
-    ce = nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-1) / count
+    ce, real, count = cross_entropy_over_real_rows(logits, labels)
     kl = nn.functional.kl_div(
         nn.functional.log_softmax(logits / temperature, dim=1),
         nn.functional.log_softmax(teacher_logits.detach() / temperature, dim=1),
@@ -121,8 +133,7 @@ class NextItemTrain(nn.Module):
         if self.distill is not None and self.training:
             loss = distillation_loss(logits, batch.labels, batch.soft_targets, *self.distill)
         else:
-            count = (batch.labels >= 0).to(logits.dtype).sum().clamp(min=1.0)
-            loss = nn.functional.cross_entropy(logits, batch.labels, reduction="sum", ignore_index=-1) / count
+            loss = cross_entropy_over_real_rows(logits, batch.labels)[0]
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
     def scores(self, features: KeyedJaggedTensor) -> torch.Tensor:

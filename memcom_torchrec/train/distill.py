@@ -17,18 +17,17 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.data.reader import Batch
+from memcom_torchrec.data.reader import SPARSE_KEYS, Batch
 from memcom_torchrec.models.builder import build_model, model_config_of, resolve_checkpoint, table_size_of
 from memcom_torchrec.models.checkpoint import load_checkpoint, read_meta
 from memcom_torchrec.models.config import ModelConfig
+from memcom_torchrec.models.layers import USER_FEATURE, query_features
 from memcom_torchrec.train.config import TrainConfig
 
-USER_KEY, HISTORY_KEY = "user_id", "history"
-
-
 def feature_keys(cfg: ModelConfig) -> List[str]:
-    """The batch features a model reads (the reader's key order)."""
-    return [USER_KEY, HISTORY_KEY] if cfg.use_user_id else [HISTORY_KEY]
+    """The batch features a model reads (``query_features``), in the reader's key order."""
+    wanted = query_features(cfg.use_user_id)
+    return [k for k in SPARSE_KEYS if k in wanted]
 
 
 def select_features(kjt: KeyedJaggedTensor, keys: List[str]) -> KeyedJaggedTensor:
@@ -107,7 +106,7 @@ class Teacher:
     @property
     def needs_user_id(self) -> bool:
         """Whether batches must carry the user id (the teacher reads it)."""
-        return USER_KEY in self.keys
+        return USER_FEATURE in self.keys
 
     @torch.no_grad()
     def attach(self, batch: Batch) -> Batch:
