@@ -12,17 +12,31 @@ from memcom_torchrec import quiet
 from output_checks import noise_lines
 
 
+def _take_filters() -> dict:
+    """Removes the known-message filters from their loggers; returns them by logger name."""
+    taken = {}
+    for name in quiet.KNOWN_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        taken[name] = [f for f in logger.filters if isinstance(f, quiet._KnownMessages)]
+        for f in taken[name]:
+            logger.removeFilter(f)
+    return taken
+
+
 @pytest.fixture
 def restore_verbose():
+    """Each test starts from loggers without the filters (an in-process CLI test may have installed
+    them: they are per logger, for the process) and leaves the loggers and environment as they were."""
     before = os.environ.pop(quiet.VERBOSE_ENV, None)
+    taken = _take_filters()
     yield
     os.environ.pop(quiet.VERBOSE_ENV, None)  # --verbose exports it: no later test may inherit it
     if before is not None:
         os.environ[quiet.VERBOSE_ENV] = before
-    for name in quiet.KNOWN_LOG_RECORDS:  # the filters are per logger: leave loggers as they were
-        logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, quiet._KnownMessages)]:
-            logger.removeFilter(f)
+    _take_filters()
+    for name, filters in taken.items():
+        for f in filters:
+            logging.getLogger(name).addFilter(f)
 
 
 def test_known_warnings_are_dropped_and_others_kept(restore_verbose):
