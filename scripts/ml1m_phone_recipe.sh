@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# ML-1M phone recipe search (tied scorer, no user id, batch 1,024, dropout 0.25, patience 3, up to 30
-# epochs), every choice made on validation, the same candidate set for every method. Each queue
-# exports and evaluates its chosen runs in the same job (memcom-pareto), since runs/ does not travel.
+# ML-1M phone recipe search (tied scorer, no user id, batch 1,024, dropout 0.25, patience 3, up to
+# EPOCHS = 50 epochs; the first searches used 30), every choice made on validation, the same candidate
+# set for every method. Each queue exports and evaluates its runs in the same job (memcom-pareto),
+# since runs/ does not travel.
 #   STEP=history bash scripts/ml1m_phone_recipe.sh   # uncompressed, history 5 vs 10 (one core)
 #   STEP=lr METHOD=memcom_qr bash scripts/ml1m_phone_recipe.sh  # embedding lr in {0.05, 0.1, 0.2} at 16x
-#   (one method per job, one core each: run two methods side by side on 2 cores)
+#   (one method per job, one core each: run two methods side by side on 2 cores; uncompressed: RATIOS=1)
+#   STEP=extend DIR=runs/ml1m_recipe/lr_qr bash scripts/ml1m_phone_recipe.sh  # resume DIR's runs that
+#   stopped at the 30-epoch cap, up to EPOCHS, then measure them again (scripts/studies/raise_epoch_cap.py)
+#   STEP=grid METHOD=qr RATIOS="4 8" LRS=0.2 bash scripts/ml1m_phone_recipe.sh  # the Pareto's other
+#   ratios at the learning rate chosen at 16x
 #   STEP=distill METHOD=memcom_qr LRS=0.1 bash scripts/ml1m_phone_recipe.sh  # distilled from the h5 teacher
 #   (TEACHER: the uncompressed history-5 run of STEP=history; ALPHA 0.5, TEMPERATURE 2 by default)
 #   STEP=qat METHOD=memcom_qr LRS=0.1 bash scripts/ml1m_phone_recipe.sh  # quantisation-aware, QAT=int4
@@ -16,19 +21,34 @@ OUT=${OUT:-runs/ml1m_recipe}
 DATA=${DATA:-data/ml-1m}
 HISTORY=${HISTORY:-5}
 LRS=${LRS:-0.05 0.1 0.2}
+EPOCHS=${EPOCHS:-50}
+RATIOS=${RATIOS:-16}
 [ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
 TEACHER=${TEACHER:-$OUT/h5/runs/uncompressed_r1_s0_lr0.2}
 grid() {  # out_dir methods ratios lrs history [extra trainer flags]
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$1" --methods $2 \
       --ratios $3 --embedding-lrs $4 --seeds 0 --launcher python -- \
       --model next_item --scorer tied --use-user-id false --history-len "$5" --batch-size 1024 \
-      --epochs 30 --patience 3 --dropout 0.25 "${@:6}"
+      --epochs "$EPOCHS" --patience 3 --dropout 0.25 "${@:6}"
   OMP_NUM_THREADS=1 .venv/bin/memcom-pareto --results "$1/results.csv" --data-dir "$DATA" \
       --out-dir "$1/pareto" --repeats 20
 }
 case "${STEP:-history}" in
   history) for h in 5 10; do grid "$OUT/h$h" uncompressed 1 0.2 "$h"; done ;;
-  lr) grid "$OUT/lr_${METHOD:?set METHOD, e.g. METHOD=qr}" "$METHOD" 16 "$LRS" "$HISTORY" ;;
+  lr) grid "$OUT/lr_${METHOD:?set METHOD, e.g. METHOD=qr}" "$METHOD" "$RATIOS" "$LRS" "$HISTORY" ;;
+  grid) grid "$OUT/grid_${METHOD:?set METHOD}" "$METHOD" "$RATIOS" "${LRS:?the lr chosen at 16x}" "$HISTORY" ;;
+  extend)  # the grid's own methods, ratios and lrs, read back from its results and re-opened runs
+    .venv/bin/python scripts/studies/raise_epoch_cap.py "${DIR:?set DIR}" 30 "$EPOCHS"
+    cells=$(.venv/bin/python - "$DIR" <<'PY'
+import glob, json, os, re, sys
+runs = [os.path.basename(p) for p in glob.glob(os.path.join(sys.argv[1], "runs", "*")) if os.path.isdir(p)]
+keys = [re.match(r"(.+)_r([\d.]+)_s\d+_lr([\d.]+)$", r).groups() for r in runs]
+print(" ".join(sorted({k[0] for k in keys})), "|", " ".join(sorted({k[1] for k in keys})), "|",
+      " ".join(sorted({k[2] for k in keys})))
+PY
+)
+    IFS='|' read -r methods ratios lrs <<< "$cells"
+    grid "$DIR" "$methods" "$ratios" "$lrs" "$HISTORY" ;;
   distill) grid "$OUT/kd_${METHOD:?set METHOD}" "$METHOD" 16 "$LRS" "$HISTORY" --teacher "$TEACHER" \
       --distill-alpha "${ALPHA:-0.5}" --distill-temperature "${TEMPERATURE:-2}" ;;
   qat) grid "$OUT/qat_${QAT:-int4}_${METHOD:?set METHOD}${INIT:+_finetuned}" "$METHOD" 16 "$LRS" "$HISTORY" \
