@@ -65,7 +65,8 @@ def pack(data: str, out: str) -> None:
 
     from memcom_torchrec.models.embeddings import build_collection
     from memcom_torchrec.modules.assignment import frequency_assignment
-    from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
+    from memcom_torchrec.modules.dense_tables import dense_tables
+    from memcom_torchrec.modules.storage import table_storage
     from memcom_torchrec.modules.memcom_configs import FREQUENCY
     from memcom_torchrec.modules.methods import TableSpec, get_method, method_names
 
@@ -108,10 +109,10 @@ def pack(data: str, out: str) -> None:
         for r in RATIOS if method.compresses else [1.0]:
             if method.unreachable(n_items, DIM, r) is None:
                 config = method.table_config(item, DIM, r)
-                tensors = dense_tables(build_collection([config], device="meta"), "item")
-                roles, buckets = table_layout(tensors)
-                layouts[f"{name}@{r}"] = {"roles": list(roles), "buckets": buckets}
-                if "rows" in roles:  # the variants' rows of U per entity: a second hash, or a frequency head
+                storage = table_storage(config)
+                layouts[f"{name}@{r}"] = {"roles": list(storage.roles),
+                                          "shapes": {k: list(v) for k, v in storage.shapes.items()}}
+                if storage.has("rows"):  # the variants' rows of U per entity: a second hash, or a frequency head
                     collection = build_collection([config], device="cpu")
                     if config.assignment == FREQUENCY:
                         collection.set_assignment("item", frequency_assignment(counts, config))
@@ -122,7 +123,7 @@ def pack(data: str, out: str) -> None:
          "train": train, "valid": split("valid"), "test": split("test")},
         out,
     )
-    print(f"packed {data} -> {out}; layouts {[(k, v['roles'], v['buckets']) for k, v in layouts.items()]}; "
+    print(f"packed {data} -> {out}; layouts {[(k, v['shapes']) for k, v in layouts.items()]}; "
           f"no replica for {skipped} (an assignment learned from a trained warm-up)")
 
 
@@ -141,19 +142,16 @@ class ItemTable(nn.Module):
 
     def __init__(self, layout: Dict, n: int) -> None:
         super().__init__()
-        self.roles, self.n, self.size = frozenset(layout["roles"]), n, int(layout["buckets"])
+        self.roles, self.n, shapes = frozenset(layout["roles"]), n, layout["shapes"]
         known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}, {"U", "rows", "w"}]
         if set(self.roles) not in known:
             raise ValueError(f"no replica for a table with tensors {sorted(self.roles)}")
         bound = math.sqrt(1.0 / n)  # TorchRec's default init for an n-row table
-        if "weight" in self.roles:
-            rows = n
-        elif "U" in self.roles:
-            rows = self.size
-        else:  # Q (ceil(n/p) rows) and R (p rows, init 1)
-            rows = -(-n // self.size)
-            self.remainder = nn.Parameter(torch.ones(self.size, DIM))
-        self.table = nn.Parameter(torch.empty(rows, DIM).uniform_(-bound, bound))
+        table = next(r for r in ("weight", "U", "Q") if r in self.roles)
+        self.size = shapes["U"][0] if "U" in self.roles else shapes["R"][0] if "R" in self.roles else n  # m or p
+        if "R" in self.roles:  # R (p rows, init 1)
+            self.remainder = nn.Parameter(torch.ones(*shapes["R"]))
+        self.table = nn.Parameter(torch.empty(*shapes[table]).uniform_(-bound, bound))
         self.hashes = 1
         if "rows" in self.roles:
             self.register_buffer("rows", layout["rows"].long())

@@ -87,6 +87,7 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     hash_features,
     hash_ids,
 )
+from memcom_torchrec.modules.storage import table_storage
 from memcom_torchrec.modules.validation import check_feature_specs, raise_on_any_rank
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -583,7 +584,8 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         """One parameter per table, as the planner should size it.
 
         For a MEmCom table this is a meta tensor of ``m x (d + Q)``: row ``h``
-        of ``U`` plus the ``Q`` per-entity weights that live with it, so the
+        of ``U`` plus the ``Q`` per-entity weights that live with it (``w``'s
+        ``held_shape`` in ``table_storage``), so the
         planner's storage estimate (and its optimizer multiplier) covers ``w``.
         The extra columns are dropped again in ``shard``.
         """
@@ -591,8 +593,9 @@ class MEmComEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MEmComEmbeddingBa
         bags = module._embedding_bag_collection.embedding_bags
         for config in module.embedding_bag_configs():
             param = bags[config.name].weight
-            if isinstance(config, MEmComEmbeddingBagConfig) and config.train_entity_weights:
-                param = with_entity_weight_columns(param, config.num_entities_per_bucket)
+            storage = table_storage(config)
+            if storage.has("w"):  # the m x Q grid of w lives next to U's rows
+                param = with_entity_weight_columns(param, storage.tensor("w").held_shape[1])
             out[config.name] = param
         return out
 

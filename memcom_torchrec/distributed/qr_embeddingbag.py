@@ -88,6 +88,7 @@ from memcom_torchrec.modules.qr_embedding_modules import (
     pool_qr_sequences,
     qr_lookup_features,
 )
+from memcom_torchrec.modules.storage import table_storage
 from memcom_torchrec.modules.validation import InputCheck, check_feature_specs, raise_on_any_rank
 
 SUPPORTED_SHARDING_TYPES: List[str] = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
@@ -434,17 +435,17 @@ class QREmbeddingBagCollectionSharder(BaseEmbeddingSharder[QREmbeddingBagCollect
         optimizer multiplier) covers ``w``. The extra columns are dropped again
         in ``shard``.
         """
-        weighted = {
-            t.name + QUOTIENT_SUFFIX: t
+        weighted = {  # Q's name -> columns of w's grid (its held_shape in table_storage)
+            t.name + QUOTIENT_SUFFIX: table_storage(t).tensor("w").held_shape[1]
             for t in module.embedding_bag_configs()
-            if isinstance(t, QREmbeddingBagConfig) and t.entity_weights
+            if table_storage(t).has("w")
         }
         out: Dict[str, nn.Parameter] = {}
         for name in module.group_inner_features():
             for pname, param in getattr(module, name).embeddings.named_parameters():
                 table = pname.split(".")[0]
                 if table in weighted:
-                    param = with_entity_weight_columns(param, weighted[table].num_collisions)
+                    param = with_entity_weight_columns(param, weighted[table])
                 out[table] = param
         return out
 

@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from memcom_torchrec.modules.storage import table_storage
+
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ def _barrier() -> None:
 
 
 def table_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
-    """Shape-defining fields of every embedding table in a model (for mismatch checks)."""
+    """Every embedding table of a model: its config class, sizes, features and tensors' shapes by role
+    (``table_storage``), for mismatch checks."""
     out: Dict[str, Dict[str, Any]] = {}
     for name, module in model.named_modules():
         leaf = name.split(".")[-1]
@@ -54,19 +57,15 @@ def table_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
         if not tables:
             continue
         for t in tables:
+            storage = table_storage(t)
             sig = {
                 "kind": type(t).__name__,
                 "num_embeddings": t.num_embeddings,
                 "embedding_dim": t.embedding_dim,
                 "feature_names": list(t.feature_names),
+                "tensors": {x.role: list(x.shape) for x in storage.tensors},
+                **dict(storage.options),
             }
-            for field in ("num_buckets", "train_entity_weights", "num_collisions"):
-                if hasattr(t, field):
-                    sig[field] = getattr(t, field)
-            if getattr(t, "entity_weights", False):  # memcom_qr (absent for qr: older checkpoints still match)
-                sig["entity_weights"] = True
-            if getattr(t, "is_variant", False):  # the MEmCom-family variants (absent for MEmCom: older ones match)
-                sig.update(num_hashes=t.num_hashes, assignment=t.assignment, head_fraction=t.head_fraction)
             out[f"{name}:{t.name}" if name else t.name] = sig
     return out
 
@@ -170,9 +169,13 @@ def check_compatible(path: str, model: nn.Module) -> Dict[str, Any]:
             raise ValueError(f"checkpoint {path} has no table '{table}' (it has {sorted(saved)})")
         if table not in current:
             raise ValueError(f"checkpoint {path} has table '{table}', which the model lacks")
-        if saved[table] != current[table]:
-            diff = {k: (saved[table].get(k), current[table].get(k)) for k in set(saved[table]) | set(current[table])
-                    if saved[table].get(k) != current[table].get(k)}
+        # A checkpoint from before the tensors' shapes were recorded names its sizes by config
+        # fields instead: the fields both have are compared, and the loader checks every shape.
+        keys = set(saved[table]) | set(current[table]) if "tensors" in saved[table] else set(current[table]) & set(
+            saved[table])
+        diff = {k: (saved[table].get(k), current[table].get(k)) for k in sorted(keys)
+                if saved[table].get(k) != current[table].get(k)}
+        if diff:
             raise ValueError(f"table '{table}' differs between checkpoint {path} and model: (saved, model) {diff}")
     return meta
 

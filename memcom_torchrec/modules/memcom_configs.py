@@ -29,8 +29,9 @@ grid layout, its sharding and its fused update serve every variant:
   a hashed column next to a clustered one).
 
 A stored assignment costs ``n`` int16 (int32 when it addresses more than
-32,767 cells) and is counted in the ratio. The ratio of the variants counts what
-is stored: ``m*d`` + every cell of the ``w`` grid (padding included) + the assignment.
+32,767 cells) and is counted in the ratio. Every ratio counts what is stored on
+one basis (``memcom_storage``, ``modules/storage.py``): ``m*d`` + ``k*n`` scalars
++ the assignment (the grid's padding cells are training memory, not the ratio).
 """
 
 import math
@@ -41,6 +42,7 @@ import torch
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from memcom_torchrec.modules.storage import ASSIGNMENT, COMPUTED, TableStorage, TableTensor, register_storage
 from memcom_torchrec.modules.validation import check_table_config
 
 # The quotient i // m travels as a float32 per-sample weight through TorchRec's
@@ -89,34 +91,44 @@ def variant_layout(
     return -(-(n - head) // (m - head)), head
 
 
-def stored_floats(
+def memcom_storage(
+    name: str,
     num_embeddings: int,
     embedding_dim: int,
     num_buckets: int,
+    train_entity_weights: bool = True,
     num_hashes: int = 1,
     assignment: str = HASH,
     head_fraction: float = 0.0,
-) -> float:
-    """What a MEmCom-family variant stores, in floats: ``m*d`` + the ``w`` grid + the assignment."""
-    n, m = num_embeddings, num_buckets
+) -> TableStorage:
+    """What a MEmCom-family table stores (see ``modules/storage.py``).
+
+    ``U`` (``m x d``); with trained weights ``w`` (``n``, or ``n x k`` for the
+    variants) held in the ``m x Q`` grid of the module docstring; the variants'
+    ``rows`` (``n x k``, computed) and a stored ``assignment`` (``n`` int16/int32).
+    """
+    n, d, m = num_embeddings, embedding_dim, num_buckets
+    tensors = [TableTensor("U", (m, d))]
     capacity, _ = variant_layout(n, m, num_hashes, assignment, head_fraction)
-    cells = m * capacity * num_hashes
-    table = 0.0
+    variant = num_hashes != 1 or assignment != HASH
+    if train_entity_weights:
+        shape = (n, num_hashes) if variant else (n,)
+        tensors.append(TableTensor("w", shape, held_shape=(m, num_hashes * capacity)))
+    if variant:
+        tensors.append(TableTensor("rows", (n, num_hashes), kind=COMPUTED, dtype=torch.int64))
     if assignment != HASH:
-        table = n * assignment_dtype(m * capacity).itemsize / 4
-    return m * embedding_dim + cells + table
+        tensors.append(TableTensor("assignment", (n,), kind=ASSIGNMENT, dtype=assignment_dtype(m * capacity)))
+    options = (("num_hashes", num_hashes), ("assignment", assignment), ("head_fraction", head_fraction))
+    return TableStorage(name, n, d, tuple(tensors), options if variant else ())
 
 
 def variant_compression_ratio(
     num_embeddings: int, embedding_dim: int, num_buckets: int, num_hashes: int = 1, assignment: str = HASH,
     head_fraction: float = 0.0,
 ) -> float:
-    """``n*d`` over ``stored_floats`` (plain MEmCom keeps ``compression_ratio``, its ``n`` scalars)."""
-    if num_hashes == 1 and assignment == HASH:
-        return compression_ratio(num_embeddings, embedding_dim, num_buckets)
-    return num_embeddings * embedding_dim / stored_floats(
-        num_embeddings, embedding_dim, num_buckets, num_hashes, assignment, head_fraction
-    )
+    """The ratio of a MEmCom-family table with trained ``w`` (``TableStorage.compression_ratio``)."""
+    return memcom_storage("", num_embeddings, embedding_dim, num_buckets, True, num_hashes, assignment,
+                          head_fraction).compression_ratio
 
 
 def variant_buckets_for_ratio(
@@ -144,7 +156,7 @@ def max_variant_compression_ratio(
 
 
 def compression_ratio(num_embeddings: int, embedding_dim: int, num_buckets: int) -> float:
-    """Compression ratio of a MEmCom table against the uncompressed ``n x d`` table.
+    """Compression ratio of a MEmCom table (``k = 1``, hashed) against the uncompressed ``n x d`` table.
 
     Args:
         num_embeddings (int): number of entities ``n``.
@@ -154,7 +166,7 @@ def compression_ratio(num_embeddings: int, embedding_dim: int, num_buckets: int)
     Returns:
         float: ``n*d / (m*d + n)``, always below ``d``.
     """
-    return num_embeddings * embedding_dim / (num_buckets * embedding_dim + num_embeddings)
+    return variant_compression_ratio(num_embeddings, embedding_dim, num_buckets)
 
 
 def num_buckets_for_ratio(num_embeddings: int, embedding_dim: int, ratio: float) -> int:
@@ -323,3 +335,11 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
         if not self.train_entity_weights:
             return (self.num_buckets, 0)
         return (self.num_buckets, self.num_entities_per_bucket)
+
+
+def _storage_of(config: MEmComEmbeddingBagConfig) -> TableStorage:
+    return memcom_storage(config.name, config.num_embeddings, config.embedding_dim, config.num_buckets,
+                          config.train_entity_weights, config.num_hashes, config.assignment, config.head_fraction)
+
+
+register_storage(MEmComEmbeddingBagConfig, _storage_of)

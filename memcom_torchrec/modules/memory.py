@@ -1,7 +1,9 @@
-"""Memory accounting of MEmCom, QR and plain tables: the only source of compression ratios.
+"""Memory accounting of a table under a fused optimizer, from its storage description.
 
 Every figure the CLI, benchmarks and tests print about table sizes comes from
-``table_memory``.
+``table_memory``, which reads ``modules/storage.py``'s ``table_storage``: the
+ratio is ``TableStorage.compression_ratio``; the bytes are what the training
+layout holds (``w``'s grid padding included).
 """
 
 from dataclasses import dataclass
@@ -9,12 +11,7 @@ from dataclasses import dataclass
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
-from memcom_torchrec.modules.memcom_configs import (
-    MEmComEmbeddingBagConfig,
-    assignment_dtype,
-    variant_compression_ratio,
-)
-from memcom_torchrec.modules.qr_configs import QREmbeddingBagConfig
+from memcom_torchrec.modules.storage import ASSIGNMENT, PARAMETER, table_storage
 
 
 def _state_floats(optimizer: EmbOptimType, rows: int, dim: int) -> int:
@@ -50,15 +47,14 @@ class TableMemory:
         num_embeddings (int): entities ``n``.
         embedding_dim (int): ``d``.
         num_rows (int): rows of ``d`` actually stored (``m`` for MEmCom, ``ceil(n/p) + p`` for QR).
-        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom (and QR with ``w``),
-            ``m*d + 2n`` for ``memcom_2hash``.
+        num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom,
+            ``m*d + 2n`` for ``memcom_2hash`` (``TableStorage.num_parameters``).
         param_bytes (int): bytes of stored parameters (``w``'s grid padding included)
             and of a stored assignment.
         optimizer_state_bytes (int): bytes of optimizer state.
         uncompressed_param_bytes (int): ``n*d`` parameters' bytes.
         uncompressed_optimizer_state_bytes (int): optimizer state of the ``n x d`` table.
-        compression_ratio (float): ``n*d / num_parameters``; for the MEmCom-family
-            variants ``n*d`` over everything stored (``memcom_configs.stored_floats``).
+        compression_ratio (float): ``n*d / stored_floats`` (``TableStorage.compression_ratio``).
         assignment_bytes (int): bytes of a stored entity -> cell map (0: computed).
     """
 
@@ -78,54 +74,42 @@ class TableMemory:
 def table_memory(
     config: EmbeddingBagConfig, optimizer: EmbOptimType = EmbOptimType.EXACT_ROWWISE_ADAGRAD
 ) -> TableMemory:
-    """Memory of one table under a fused optimizer.
+    """Memory of one table under a fused optimizer, from its storage description (``table_storage``).
 
     Args:
-        config (EmbeddingBagConfig): a MEmCom, QR or plain table.
+        config (EmbeddingBagConfig): a table config with a registered storage description.
         optimizer (EmbOptimType): its fused optimizer.
 
     Returns:
-        TableMemory: parameter and optimizer-state bytes, and the ratio.
+        TableMemory: parameter and optimizer-state bytes (as the training layout holds
+        them, padding included), and the ratio (``TableStorage.compression_ratio``).
+
+    Raises:
+        ValueError: no storage description is registered for the config's class.
     """
+    storage = table_storage(config)
     elem = 4 if config.data_type == DataType.FP32 else 2
-    n, d = config.num_embeddings, config.embedding_dim
-    rows = n
-    stored_w = 0  # w (fp32, its own optimizer state): MEmCom's (m, Q) grid, memcom_qr's n scalars
-    params = n * d
-    ratio = None
-    assignment_bytes = 0
-    if isinstance(config, MEmComEmbeddingBagConfig):
-        rows = config.num_buckets
-        if config.train_entity_weights:
-            m, q = config.entity_weight_shape
-            stored_w = m * q
-            params = rows * d + n * config.num_hashes
-        else:
-            params = rows * d
-        if config.stores_assignment:
-            assignment_bytes = n * assignment_dtype(config.assignment_cells).itemsize
-        if config.is_variant:
-            ratio = variant_compression_ratio(
-                n, d, rows, config.num_hashes, config.assignment, config.head_fraction
-            )
-    elif isinstance(config, QREmbeddingBagConfig):
-        rows = config.num_rows  # ceil(n/p) quotient rows + p remainder rows
-        params = config.num_parameters
-        stored_w = config.num_entity_weights
-    state = _state_floats(optimizer, rows, d) * 4
-    if stored_w:
-        state += _entity_state_floats(optimizer, stored_w) * 4
+    n, d = storage.num_embeddings, storage.embedding_dim
+    param_bytes = state = 0
+    for t in storage.tensors:
+        if t.kind == ASSIGNMENT:
+            param_bytes += t.numel * t.dtype.itemsize
+        elif t.kind == PARAMETER and t.is_row_table:  # FBGEMM's tables, in the config's data type
+            param_bytes += t.numel * elem
+            state += _state_floats(optimizer, t.shape[0], d) * 4
+        elif t.kind == PARAMETER:  # per-entity scalars: fp32, in their padded grid, with their own state
+            param_bytes += t.held_numel * 4
+            state += _entity_state_floats(optimizer, t.held_numel) * 4
     return TableMemory(
         table=config.name,
         num_embeddings=n,
         embedding_dim=d,
-        num_rows=rows,
-        num_parameters=params,
-        param_bytes=rows * d * elem + stored_w * 4 + assignment_bytes,
+        num_rows=storage.num_rows,
+        num_parameters=storage.num_parameters,
+        param_bytes=param_bytes,
         optimizer_state_bytes=state,
         uncompressed_param_bytes=n * d * elem,
         uncompressed_optimizer_state_bytes=_state_floats(optimizer, n, d) * 4,
-        compression_ratio=n * d / params if ratio is None else ratio,
-        assignment_bytes=assignment_bytes,
+        compression_ratio=storage.compression_ratio,
+        assignment_bytes=storage.assignment_bytes,
     )
-

@@ -12,16 +12,18 @@ asks about it:
 - ``collection`` and ``sharder``: its unsharded collection and the sharder of its
   sharded twin, as ``"module:Class"`` paths resolved on use, so that ``modules/``
   does not import ``distributed/``;
-- memory and ratios come from ``table_memory`` of the configs it builds
-  (``TableMemory`` is the only source of ratios).
+- memory and ratios come from the storage description of the configs it builds
+  (``modules/storage.py``'s ``table_storage``, read by ``table_memory``: the only
+  description of a table's layout and the only source of ratios).
 
 Models, training, the experiment grid and the reference sweep look a method up
 here (``get_method``); none of them compares method names. The export needs no
 method at all: every collection hands it a table's tensors by role
 (``dense_tables``: ``weight``, ``U``, ``Q``/``R``, ``w``), and the slim lookup
-computes by role. Adding a method means writing its collection (and sharded
-twin) and one ``register_method`` call; a method whose tensors have new roles
-also needs a slim lookup for them.
+computes by role. Adding a method with a new config family means writing its
+config (with its ``register_storage``), its collection (and sharded twin) and
+one ``register_method`` call; a method whose tensors have new roles also needs
+a slim lookup for them.
 """
 
 import importlib

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
+from memcom_torchrec.modules.storage import TableStorage, TableTensor, register_storage
 from memcom_torchrec.modules.validation import check_table_config
 
 QUOTIENT_SUFFIX: str = "__q"
@@ -220,19 +221,33 @@ class QREmbeddingBagConfig(EmbeddingBagConfig):
         return self.num_collisions
 
     @property
-    def num_rows(self) -> int:
-        """``ceil(n / p) + p``: rows stored."""
-        return qr_num_rows(self.num_embeddings, self.num_collisions)
-
-    @property
     def num_entity_weights(self) -> int:
         """Per-entity scalars ``w``: ``n`` with ``entity_weights``, else 0."""
         return self.num_embeddings if self.entity_weights else 0
 
-    @property
-    def num_parameters(self) -> int:
-        """``(ceil(n/p) + p) * d`` plus ``n`` with ``entity_weights``."""
-        return self.num_rows * self.embedding_dim + self.num_entity_weights
+
+
+def qr_storage(name: str, num_embeddings: int, embedding_dim: int, num_collisions: int, entity_weights: bool
+               ) -> TableStorage:
+    """What a QR table stores (see ``modules/storage.py``): ``Q``, ``R`` and, for ``memcom_qr``, ``w``.
+
+    ``w`` (``n``) is held in a ``ceil(n/p) x p`` grid next to ``Q``'s rows (entity ``i`` at
+    ``(i // p, i mod p)``), so that sharding ``Q`` by rows carries each entity's scalar.
+    """
+    n, d, p = num_embeddings, embedding_dim, num_collisions
+    quotient_rows = -(-n // p)
+    tensors = [TableTensor("Q", (quotient_rows, d)), TableTensor("R", (p, d))]
+    if entity_weights:
+        tensors.append(TableTensor("w", (n,), held_shape=(quotient_rows, p)))
+    return TableStorage(name, n, d, tuple(tensors))
+
+
+def _storage_of(config: QREmbeddingBagConfig) -> TableStorage:
+    return qr_storage(config.name, config.num_embeddings, config.embedding_dim, config.num_collisions,
+                      config.entity_weights)
+
+
+register_storage(QREmbeddingBagConfig, _storage_of)
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagConfig, table_memory
 from memcom_torchrec.modules.assignment import clustered_assignment, frequency_assignment
-from memcom_torchrec.modules.memcom_configs import stored_floats, variant_compression_ratio
+from memcom_torchrec.modules.memcom_configs import variant_compression_ratio
+from memcom_torchrec.modules.storage import table_storage
 from reference import make_kjt_inputs
 
 N, M, D = 101, 10, 8
@@ -138,28 +139,31 @@ def test_two_hashes_spread_bucket_mates() -> None:
 
 
 def test_ratios_count_what_is_stored() -> None:
-    """ML-1M's item table at 16x: the grid (padding included) and the int16 assignment are in the budget."""
+    """ML-1M's item table at 16x: ``m*d`` + ``k*n`` scalars + the int16 assignment are in the budget (one basis
+    for every method); the training memory also counts the grid's padding cells."""
     n, d = 3706, 64
     budget = n * d / 16
-    for options, m, cols, assignment_bytes in [
-        (dict(num_hashes=2), 114, 2 * 33, 0),
-        (dict(assignment="clustered"), 144, 26, 2 * n),
-        (dict(assignment="frequency", head_fraction=0.25), 124, 40, 2 * n),
-        (dict(assignment="clustered", num_hashes=2), 85, 2 * 44, 2 * n),
+    for options, k, m, cols, assignment_bytes in [
+        (dict(num_hashes=2), 2, 115, 2 * 33, 0),
+        (dict(assignment="clustered"), 1, 144, 26, 2 * n),
+        (dict(assignment="frequency", head_fraction=0.25), 1, 144, 34, 2 * n),
+        (dict(assignment="clustered", num_hashes=2), 2, 86, 2 * 44, 2 * n),
     ]:
         t = MEmComEmbeddingBagConfig(name="item", num_embeddings=n, embedding_dim=d, feature_names=["h"],
                                      compression_ratio=16, **options)
         assert (t.num_buckets, t.num_entities_per_bucket) == (m, cols), options
-        stored = m * d + m * cols + assignment_bytes / 4
-        assert stored_floats(n, d, m, t.num_hashes, t.assignment, t.head_fraction) == stored <= budget
-        assert stored_floats(n, d, m + 1, t.num_hashes, t.assignment, t.head_fraction) > budget  # the largest m
+        stored = m * d + k * n + assignment_bytes / 4
+        assert stored <= budget < stored + d  # the largest m within the budget
+        storage = table_storage(t)
+        assert storage.stored_floats == stored and storage.assignment_bytes == assignment_bytes
+        assert storage.tensor("w").shape == (n, k) and storage.tensor("w").held_shape == (m, cols)
         mem = table_memory(t)
         assert mem.assignment_bytes == assignment_bytes
         assert mem.param_bytes == m * d * 4 + m * cols * 4 + assignment_bytes
         assert mem.compression_ratio == pytest.approx(n * d / stored) == variant_compression_ratio(
             n, d, m, t.num_hashes, t.assignment, t.head_fraction)
     assert MEmComEmbeddingBagConfig(name="item", num_embeddings=n, embedding_dim=d, feature_names=["h"],
-                                    compression_ratio=16, assignment="frequency", head_fraction=0.25).num_head_buckets == 31
+                                    compression_ratio=16, assignment="frequency", head_fraction=0.25).num_head_buckets == 36
 
 
 def test_bad_variant_configs_are_named() -> None:

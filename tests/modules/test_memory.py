@@ -1,9 +1,11 @@
 """table_memory: bytes, optimizer state and compression ratio of each kind of table."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.modules.qr_configs import QREmbeddingBagConfig
@@ -13,7 +15,7 @@ def test_table_memory_of_qr_table() -> None:
     t = QREmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=16, feature_names=["f"], num_collisions=30)
     rows = math.ceil(1000 / 30) + 30
     mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
-    assert mem.num_rows == rows == t.num_rows
+    assert mem.num_rows == rows
     assert mem.num_parameters == rows * 16
     assert mem.param_bytes == rows * 16 * 4
     assert mem.optimizer_state_bytes == rows * 4
@@ -28,8 +30,22 @@ def test_table_memory_of_qr_table_with_entity_weights() -> None:
     mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
     assert mem.num_rows == rows
     assert mem.num_parameters == rows * 16 + 1001
-    assert mem.param_bytes == (rows * 16 + 1001) * 4  # w: one fp32 scalar per entity, no padding
-    assert mem.optimizer_state_bytes == (rows + 1001) * 4  # one row-wise state per row of Q and R, one per w
+    cells = math.ceil(1001 / 30) * 30  # w held in a ceil(n/p) x p grid next to Q's rows (29 padding cells)
+    assert mem.param_bytes == (rows * 16 + cells) * 4
+    assert mem.optimizer_state_bytes == (rows + cells) * 4  # one row-wise state per row of Q and R, one per w cell
+    assert mem.compression_ratio == pytest.approx(1001 * 16 / (rows * 16 + 1001))  # the ratio counts n scalars
     assert table_memory(t, EmbOptimType.EXACT_SGD).optimizer_state_bytes == 0
-    assert table_memory(t, EmbOptimType.EXACT_ADAGRAD).optimizer_state_bytes == (rows * 16 + 1001) * 4
+    assert table_memory(t, EmbOptimType.EXACT_ADAGRAD).optimizer_state_bytes == (rows * 16 + cells) * 4
     assert mem.compression_ratio == pytest.approx(1001 * 16 / (rows * 16 + 1001))
+
+
+def test_a_table_config_without_a_storage_description_is_refused() -> None:
+    """A new config class that registered no storage gets a named error, not a ratio of 1.0."""
+
+    @dataclass
+    class NewTableConfig(EmbeddingBagConfig):
+        rank: int = 4
+
+    t = NewTableConfig(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"])
+    with pytest.raises(ValueError, match="table 't': no storage description for NewTableConfig"):
+        table_memory(t)

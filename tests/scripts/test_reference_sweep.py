@@ -11,11 +11,14 @@ import sys
 import pytest
 import torch
 from torchrec import KeyedJaggedTensor, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import entity_weights_to_dense
 from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig, num_collisions_for_ratio
-from memcom_torchrec.modules.memcom_configs import num_buckets_for_ratio
+from memcom_torchrec.modules.memcom_configs import memcom_storage, num_buckets_for_ratio
+from memcom_torchrec.modules.qr_configs import qr_storage
+from memcom_torchrec.modules.storage import plain_storage, table_storage
 from reference import adagrad_, rowwise_adagrad_
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts"))
@@ -27,7 +30,16 @@ ROLES = {"uncompressed": ["weight"], "memcom": ["U", "w"], "hashing": ["U"], "qr
 
 
 def replica_table(method: str, n: int, size: int) -> rs.ItemTable:
-    return rs.ItemTable({"roles": ROLES[method], "buckets": 0 if method == "uncompressed" else size}, n)
+    """The replica's table of ``method`` with ``size`` rows of ``U`` (``m``) or of ``R`` (``p``), laid out as the
+    package's storage description says (what the pack step writes)."""
+    if method == "uncompressed":
+        storage = plain_storage(EmbeddingBagConfig(name="item", num_embeddings=n, embedding_dim=D, feature_names=["h"]))
+    elif method in ("memcom", "hashing"):
+        storage = memcom_storage("item", n, D, size, train_entity_weights=method == "memcom")
+    else:
+        storage = qr_storage("item", n, D, size, entity_weights=method == "memcom_qr")
+    assert list(storage.roles) == ROLES[method]
+    return rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()}}, n)
 
 
 def histories(batch: int = 6, seed: int = 0) -> torch.Tensor:
@@ -205,10 +217,11 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     assert int((freq == freq[top]).sum()) == 1  # the most frequent item alone in its row
     assert "qr@40.0" not in layouts  # 40x is beyond QR for 1,682 items
     # sizes from the package's own rules (the registry's table configs)
-    assert layouts["memcom@16.0"] == {"roles": ["U", "w"], "buckets": num_buckets_for_ratio(1682, D, 16.0)}
-    assert layouts["qr@16.0"] == {"roles": ["Q", "R"], "buckets": num_collisions_for_ratio(1682, 16.0)}
+    m, p = num_buckets_for_ratio(1682, D, 16.0), num_collisions_for_ratio(1682, 16.0)
+    assert layouts["memcom@16.0"] == {"roles": ["U", "w"], "shapes": {"U": [m, D], "w": [1682]}}
+    assert layouts["qr@16.0"] == {"roles": ["Q", "R"], "shapes": {"Q": [-(-1682 // p), D], "R": [p, D]}}
     assert layouts["memcom_qr@8.0"]["roles"] == ["Q", "R", "w"]
-    assert layouts["uncompressed@1.0"] == {"roles": ["weight"], "buckets": 0}
+    assert layouts["uncompressed@1.0"] == {"roles": ["weight"], "shapes": {"weight": [1682, D]}}
     subprocess.run([sys.executable, script, "run", "--pack", packed, "--out", results, "--procs", "1", "--epochs", "1",
                     "--lrs", "0.1", "--seeds", "--cells", "uncompressed@1.0", "memcom@16.0", "memcom_2hash@16.0"],
                    check=True)
@@ -232,7 +245,9 @@ def test_replica_variant_table_matches_collection(options) -> None:
     with torch.no_grad():
         real._entity_weights["item"].uniform_(0.5, 1.5)
     tensors = real.dense_tables("item")
-    table = rs.ItemTable({"roles": ["U", "rows", "w"], "buckets": 7, "rows": tensors["rows"]}, N)
+    storage = table_storage(cfg)
+    table = rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()},
+                          "rows": tensors["rows"]}, N)
     with torch.no_grad():
         table.table.copy_(tensors["U"])
         table.w.copy_(tensors["w"].reshape(-1))
