@@ -48,7 +48,7 @@ class EntityWeightTable:
     Args:
         metadata (ShardedTensorMetadata): the global ``w`` and its shards, one
             per rank that holds rows of the table ``w`` lives with.
-        entities_per_row (int): entities of ``w`` per row of that table
+        grid_columns (int): entities of ``w`` per row of that table
             (MEmCom: ``Q``; memcom_qr: ``p``).
         init (float): initial value of every entity weight.
         fused_params (Dict[str, Any]): FBGEMM's fused params of that table;
@@ -58,7 +58,7 @@ class EntityWeightTable:
     """
 
     metadata: ShardedTensorMetadata
-    entities_per_row: int
+    grid_columns: int
     init: float
     fused_params: Dict[str, Any]
     label: str
@@ -71,7 +71,7 @@ class LocalEntityWeights:
 
     table: str
     shard: ShardMetadata  # where the slice sits in the global w
-    entities_per_row: int
+    grid_columns: int
     weights: torch.Tensor  # shard.shard_sizes
     states: Dict[str, torch.Tensor]  # the same shape each; Adam: plus a 0-d "step"
     config: EntityWeightOptimizerConfig
@@ -136,7 +136,7 @@ class ShardedEntityWeights:
         return LocalEntityWeights(
             table=table,
             shard=meta,
-            entities_per_row=spec.entities_per_row,
+            grid_columns=spec.grid_columns,
             weights=weights,
             states=states,
             config=config,
@@ -178,13 +178,13 @@ class ShardedEntityWeights:
             local = self.local.get(table) if table is not None else None
             if local is not None:
                 seg = slice(offsets[k], offsets[k + 1])
-                indices[k] = rows[seg].long() * local.entities_per_row + carried[seg].long()
+                indices[k] = rows[seg].long() * local.grid_columns + carried[seg].long()
         return self.lookup_indices(tables, indices, grad_scale)
 
     def lookup_indices(
         self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]], grad_scale: float = 1.0
     ) -> List[Optional[torch.Tensor]]:
-        """``lookup`` given each key's positions in the flat local ``w`` (``row * entities_per_row + entity``).
+        """``lookup`` given each key's positions in the flat local ``w`` (``row * grid_columns + entity``).
 
         Args:
             tables (List[Optional[str]]): per key, the table whose ``w`` it reads.

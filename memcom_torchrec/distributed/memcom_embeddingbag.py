@@ -85,7 +85,7 @@ from memcom_torchrec.modules.memcom_embedding_modules import (
     StoredAssignments,
     apply_mean_pooling,
     hash_features,
-    hash_ids,
+    grid_cells,
 )
 from memcom_torchrec.modules.storage import table_storage
 from memcom_torchrec.modules.validation import check_feature_specs, raise_on_any_rank
@@ -144,7 +144,7 @@ def entity_weight_metadata(config: MEmComEmbeddingBagConfig, ps: ParameterShardi
     Returns:
         ShardedTensorMetadata: one shard per shard of ``U``, same rows and placement.
     """
-    q = config.num_entities_per_bucket
+    q = config.grid_columns
     return ShardedTensorMetadata(
         shards_metadata=[
             ShardMetadata(shard_offsets=[s.shard_offsets[0], 0], shard_sizes=[s.shard_sizes[0], q], placement=s.placement)
@@ -266,7 +266,7 @@ class ShardedMEmComEmbeddingBagCollection(
             {
                 table: EntityWeightTable(
                     metadata=entity_weight_metadata(cfg, plan[table]),
-                    entities_per_row=cfg.num_entities_per_bucket,
+                    grid_columns=cfg.grid_columns,
                     init=cfg.entity_weight_init,
                     fused_params=fused_params.get(table, {}),
                     label=f"MEmCom table '{table}'",
@@ -417,12 +417,12 @@ class ShardedMEmComEmbeddingBagCollection(
                 seg = slice(offsets[k], offsets[k + 1])
                 rows, weight, index = values[seg], None if carried is None else carried[seg], None
                 if hashed[k]:
-                    rows, cols = hash_ids(rows, self._feature_specs[feature])
+                    rows, cols = grid_cells(rows, self._feature_specs[feature])
                     if reads_w[k]:
-                        index = rows * self._feature_specs[feature].entities_per_bucket + cols
+                        index = rows * self._feature_specs[feature].grid_columns + cols
                 elif reads_w[k]:
                     # Row-wise: the row of this shard, and i // m carried as the weight.
-                    index = rows.long() * self._feature_specs[feature].entities_per_bucket + weight.long()
+                    index = rows.long() * self._feature_specs[feature].grid_columns + weight.long()
                 ids.append(rows)
                 weights.append(None if reads_w[k] else weight)
                 indices.append(index)

@@ -246,7 +246,7 @@ class ShardedQREmbeddingBagCollection(
             {
                 table: EntityWeightTable(
                     metadata=entity_weight_metadata(config, plan[table + QUOTIENT_SUFFIX]),
-                    entities_per_row=config.num_collisions,
+                    grid_columns=config.num_collisions,
                     init=ENTITY_WEIGHT_INIT,
                     fused_params=fused_params.get(table + QUOTIENT_SUFFIX, {}),
                     label=f"QR table '{table}'",

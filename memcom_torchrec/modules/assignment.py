@@ -150,7 +150,7 @@ def clustered_assignment(
     Raises:
         ValueError: wrong shapes, or too many item/line pairs for the balanced assignment.
     """
-    n, m, capacity = config.num_embeddings, config.num_buckets, config.bucket_capacity
+    n, m, capacity = config.num_embeddings, config.num_buckets, config.hash_columns
     fit = vectors if fit_vectors is None else fit_vectors
     if vectors.dim() != 2 or vectors.shape[0] != n or tuple(fit.shape) != (n, config.embedding_dim):
         raise ValueError(

@@ -285,9 +285,9 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
             )
         if self.assignment == FREQUENCY and self.num_buckets < 2:
             raise ValueError(f"{where}: assignment 'frequency' needs num_buckets >= 2 (a head and a tail row)")
-        if self.num_entities_per_bucket > MAX_ENTITIES_PER_BUCKET:
+        if self.grid_columns > MAX_ENTITIES_PER_BUCKET:
             raise ValueError(
-                f"{where}: ceil(num_embeddings / num_buckets) = {self.num_entities_per_bucket}"
+                f"{where}: ceil(num_embeddings / num_buckets) = {self.grid_columns}"
                 f" exceeds {MAX_ENTITIES_PER_BUCKET}; use more buckets"
             )
         super().__post_init__()
@@ -303,7 +303,7 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
         return self.assignment != HASH
 
     @property
-    def bucket_capacity(self) -> int:
+    def hash_columns(self) -> int:
         """``C``: cells per row of ``U`` per hash (``ceil(n / m)``; the tail's with a frequency head)."""
         return variant_layout(self.num_embeddings, self.num_buckets, self.num_hashes, self.assignment,
                               self.head_fraction)[0]
@@ -315,26 +315,26 @@ class MEmComEmbeddingBagConfig(EmbeddingBagConfig):
                               self.head_fraction)[1]
 
     @property
-    def num_entities_per_bucket(self) -> int:
+    def grid_columns(self) -> int:
         """Columns of the ``w`` grid: ``Q = ceil(n / m)`` for MEmCom, ``num_hashes * C`` for the variants."""
-        return self.num_hashes * self.bucket_capacity
+        return self.num_hashes * self.hash_columns
 
     @property
     def num_cells(self) -> int:
         """Cells of the ``w`` grid (``m`` x columns)."""
-        return self.num_buckets * self.num_entities_per_bucket
+        return self.num_buckets * self.grid_columns
 
     @property
     def assignment_cells(self) -> int:
         """Cells a stored assignment may use: the first hash's ``m * C`` (a second hash has the rest)."""
-        return self.num_buckets * self.bucket_capacity
+        return self.num_buckets * self.hash_columns
 
     @property
     def entity_weight_shape(self) -> Tuple[int, int]:
         """Shape ``(m, Q)`` of the stored per-entity weights (empty if frozen)."""
         if not self.train_entity_weights:
             return (self.num_buckets, 0)
-        return (self.num_buckets, self.num_entities_per_bucket)
+        return (self.num_buckets, self.grid_columns)
 
 
 def _storage_of(config: MEmComEmbeddingBagConfig) -> TableStorage:

@@ -31,11 +31,11 @@ class FeatureSpec:
         table (str): table name.
         num_embeddings (int): valid ids are ``[0, num_embeddings)``.
         num_buckets (int): rows of ``U`` (``num_embeddings`` for a plain table).
-        entities_per_bucket (int): columns ``Q`` of the ``w`` grid (0: no ``w``).
+        grid_columns (int): columns ``Q`` of the ``w`` grid (0: no ``w``).
         is_memcom (bool): whether ids are hashed ``i -> i mod m``.
         mean_pooling (bool): whether the pooled sum is divided by the bag length.
         num_hashes (int): rows of ``U`` per entity (2: a second hash, see ``memcom_configs``).
-        bucket_capacity (int): cells per row per hash ``C`` (the second hash's columns start at ``C``).
+        hash_columns (int): cells per row per hash ``C`` (the second hash's columns start at ``C``).
         hash_multiplier (int): ``a`` of the second hash's permutation ``(a*i) mod n`` (0: none).
         stored_assignment (bool): cells come from the table's stored assignment.
     """
@@ -44,11 +44,11 @@ class FeatureSpec:
     table: str
     num_embeddings: int
     num_buckets: int
-    entities_per_bucket: int
+    grid_columns: int
     is_memcom: bool
     mean_pooling: bool
     num_hashes: int = 1
-    bucket_capacity: int = 0
+    hash_columns: int = 0
     hash_multiplier: int = 0
     stored_assignment: bool = False
 
@@ -74,11 +74,11 @@ def feature_specs(tables: List[EmbeddingBagConfig]) -> Dict[str, FeatureSpec]:
                 table=t.name,
                 num_embeddings=t.num_embeddings,
                 num_buckets=t.num_buckets if memcom else t.num_embeddings,
-                entities_per_bucket=t.entity_weight_shape[1] if memcom else 0,
+                grid_columns=t.entity_weight_shape[1] if memcom else 0,
                 is_memcom=memcom,
                 mean_pooling=t.pooling == PoolingType.MEAN,
                 num_hashes=t.num_hashes if memcom else 1,
-                bucket_capacity=t.bucket_capacity if memcom else 0,
+                hash_columns=t.hash_columns if memcom else 0,
                 hash_multiplier=hash_multiplier(t.num_embeddings) if memcom and t.num_hashes > 1 else 0,
                 stored_assignment=memcom and t.stores_assignment,
             )
@@ -141,7 +141,7 @@ def inner_table_configs(tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagCo
     return inner
 
 
-def hash_ids(
+def grid_cells(
     ids: torch.Tensor, spec: FeatureSpec, assignment: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Splits ids into the row of ``U`` and the column of the ``w`` grid.
@@ -169,7 +169,7 @@ def hash_ids(
     second = torch.remainder(ids * spec.hash_multiplier, spec.num_embeddings)
     rows = torch.stack([torch.remainder(first, m), torch.remainder(second, m)], dim=1)
     cols = torch.stack(
-        [torch.div(first, m, rounding_mode="floor"), spec.bucket_capacity + torch.div(second, m, rounding_mode="floor")],
+        [torch.div(first, m, rounding_mode="floor"), spec.hash_columns + torch.div(second, m, rounding_mode="floor")],
         dim=1,
     )
     return rows.reshape(-1), cols.reshape(-1)
@@ -359,7 +359,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """
         spec = next(s for s in self._feature_specs.values() if s.table == table_name and s.is_memcom)
         ids = torch.arange(spec.num_embeddings, device=self._device)
-        rows, cols = hash_ids(ids, spec, self._assignments.maybe_get(table_name))
+        rows, cols = grid_cells(ids, spec, self._assignments.maybe_get(table_name))
         return rows.view(spec.num_embeddings, -1), cols.view(spec.num_embeddings, -1)
 
     def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
@@ -427,7 +427,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         def weight_fn(spec: FeatureSpec, rows: torch.Tensor, cols: torch.Tensor, weight: Optional[torch.Tensor]):
             if spec.table not in self._entity_weights:
                 return weight
-            w = self._entity_weights[spec.table].view(-1)[rows * spec.entities_per_bucket + cols]
+            w = self._entity_weights[spec.table].view(-1)[rows * spec.grid_columns + cols]
             return w if weight is None else w * weight
 
         return hash_features(
@@ -513,7 +513,7 @@ def hash_features(
 
     MEmCom ids ``i`` become ``i mod m``; every id gets a weight:
     ``weight_fn(spec, i mod m, i // m, input_weight)`` for MEmCom features, the
-    input weight (or 1) otherwise. The variants map ids through ``hash_ids``
+    input weight (or 1) otherwise. The variants map ids through ``grid_cells``
     (stored cells, or ``num_hashes`` rows per id: those bags grow ``num_hashes``-fold).
 
     Args:
@@ -543,7 +543,7 @@ def hash_features(
         ids = all_ids[seg]
         weight = None if all_weights is None else all_weights[seg]
         if spec.is_memcom and key not in skip:
-            rows, cols = hash_ids(ids, spec, (assignments or {}).get(spec.table))
+            rows, cols = grid_cells(ids, spec, (assignments or {}).get(spec.table))
             if weight is not None and repeat[k] > 1:
                 weight = weight.repeat_interleave(repeat[k])
             weight = weight_fn(spec, rows, cols, weight)
@@ -568,11 +568,3 @@ def entity_weights_to_dense(grid: torch.Tensor, num_embeddings: int) -> torch.Te
     """``(m, Q)`` grid of ``w`` -> dense ``n`` vector (entity ``i`` at ``(i % m, i // m)``)."""
     return grid.t().reshape(-1)[:num_embeddings]
 
-
-def entity_weights_from_dense(w: torch.Tensor, num_buckets: int, padding: float = 1.0) -> torch.Tensor:
-    """Dense ``n`` vector of ``w`` -> ``(m, Q)`` grid (padding cells set to ``padding``)."""
-    n = w.numel()
-    q = -(-n // num_buckets)
-    flat = torch.full((q * num_buckets,), padding, dtype=w.dtype, device=w.device)
-    flat[:n] = w
-    return flat.view(q, num_buckets).t().contiguous()

@@ -124,10 +124,6 @@ class EmbeddingMethod:
         """The class of the configs it builds."""
         return _resolve(self.config_class)
 
-    def collection_class(self) -> type:
-        """The unsharded collection class."""
-        return _resolve(self.collection)
-
     def sharder_class(self) -> type:
         """The sharder class of the sharded twin."""
         return _resolve(self.sharder)

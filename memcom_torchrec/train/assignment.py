@@ -118,7 +118,7 @@ def clustered_start(cfg: TrainConfig, warmup_checkpoint: str, num_users: int, nu
             w = torch.stack([w, torch.zeros_like(w)], dim=1)
         collection.set_memcom_table(t.name, U, w)
         logger.info("table '%s': %d entities clustered on their %s vectors into %d rows (capacity %d) from %s",
-                    t.name, t.num_embeddings, cfg.cluster_vectors, t.num_buckets, t.bucket_capacity, warmup_checkpoint)
+                    t.name, t.num_embeddings, cfg.cluster_vectors, t.num_buckets, t.hash_columns, warmup_checkpoint)
         hashed = torch.arange(t.num_embeddings) % t.num_buckets  # MEmCom's own rows, for comparison
         logger.info("table '%s': %d lines miss %.1f%% of the warm-up vectors' energy with the clustered rows, "
                     "%.1f%% with MEmCom's i mod m", t.name, t.num_buckets,

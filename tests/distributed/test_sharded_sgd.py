@@ -24,7 +24,7 @@ from torchrec.distributed.types import ShardingType
 
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
-from memcom_torchrec.modules.methods import UNCOMPRESSED, TableSpec, get_method, method_names
+from memcom_torchrec.modules.methods import UNCOMPRESSED, TableSpec, collection_class_for, get_method, method_names
 from dist_utils import run_multiprocess, shard_with_planner
 from reference import ReferenceOptimizer, in_key_order, rank_batches, reference_step
 
@@ -49,7 +49,7 @@ def make_reference(method: str, seed: int = 0) -> torch.nn.Module:
     """The unsharded twin, every parameter randomised (``w`` and ``R`` start at 1.0: a mix-up must show)."""
     torch.manual_seed(seed)
     tables = make_tables(method)
-    ref = get_method(method).collection_class()(tables=tables)
+    ref = collection_class_for(tables)(tables=tables)
     with torch.no_grad():
         for p in ref.parameters():
             p.uniform_(0.5, 1.5)
@@ -78,7 +78,7 @@ def _sgd_case(rank: int, world_size: int, method: str, sharding_type: str, looku
     sharder = get_method(method).sharder_class()(
         fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}, **options
     )
-    module = get_method(method).collection_class()(tables=make_tables(method), device=torch.device("meta"))
+    module = collection_class_for(make_tables(method))(tables=make_tables(method), device=torch.device("meta"))
     plan = {name: sharding_type for name in sharder.shardable_parameters(module)}  # a QR table: <t>__q, <t>__r
     dmp = shard_with_planner(module, [sharder], plan)
     load_unsharded_state_dict(dmp, ref.state_dict())

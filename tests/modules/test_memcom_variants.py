@@ -120,7 +120,7 @@ def test_dense_tables_give_every_entity_its_vector(variant: str) -> None:
     cells = reference_cells(ebc, t)
     torch.testing.assert_close(tensors["rows"], cells % M)
     torch.testing.assert_close(tensors["w"], ebc._entity_weights["item"].detach().reshape(-1)[
-        (cells % M) * t.num_entities_per_bucket + cells // M])
+        (cells % M) * t.grid_columns + cells // M])
 
 
 def test_two_hashes_spread_bucket_mates() -> None:
@@ -151,7 +151,7 @@ def test_ratios_count_what_is_stored() -> None:
     ]:
         t = MEmComEmbeddingBagConfig(name="item", num_embeddings=n, embedding_dim=d, feature_names=["h"],
                                      compression_ratio=16, **options)
-        assert (t.num_buckets, t.num_entities_per_bucket) == (m, cols), options
+        assert (t.num_buckets, t.grid_columns) == (m, cols), options
         stored = m * d + k * n + assignment_bytes / 4
         assert stored <= budget < stored + d  # the largest m within the budget
         storage = table_storage(t)
@@ -210,7 +210,7 @@ def test_frequency_head_rows_hold_one_entity_each() -> None:
     assert torch.equal(rows[head], torch.arange(3))  # the most frequent entity in row 0, ...
     assert torch.bincount(rows, minlength=M)[:3].tolist() == [1, 1, 1]  # alone in their rows
     tail = torch.bincount(rows, minlength=M)[3:]
-    assert int(tail.max() - tail.min()) <= 1 and int(tail.max()) <= t.bucket_capacity
+    assert int(tail.max() - tail.min()) <= 1 and int(tail.max()) <= t.hash_columns
     assert torch.unique(cells).numel() == N and int(cells.max()) < t.assignment_cells
     # the tail is dealt most frequent first: the 7 next most frequent land in 7 different rows
     nxt = torch.argsort(-counts, stable=True)[3:10]
@@ -224,7 +224,7 @@ def test_clustering_recovers_planted_lines_within_capacity() -> None:
     m, per = 6, 9
     t = MEmComEmbeddingBagConfig(name="item", num_embeddings=m * per, embedding_dim=D, feature_names=["h"],
                                  num_buckets=m, assignment="clustered")
-    assert t.bucket_capacity == per
+    assert t.hash_columns == per
     g = torch.Generator().manual_seed(3)
     lines = torch.randn(m, D, generator=g)
     truth = torch.arange(m * per) % m
@@ -249,7 +249,7 @@ def test_clustering_respects_capacity_when_lines_are_uneven() -> None:
     vectors = torch.randn(40, D, generator=g)
     vectors[:20] = torch.randn(1, D, generator=g) * torch.rand(20, 1, generator=g)  # 20 items on one line, C = 8
     cells, _, _ = clustered_assignment(vectors, t)
-    assert int(torch.bincount(cells % 5, minlength=5).max()) <= t.bucket_capacity == 8
+    assert int(torch.bincount(cells % 5, minlength=5).max()) <= t.hash_columns == 8
 
 
 def test_clustering_on_one_space_fits_another() -> None:

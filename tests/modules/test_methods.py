@@ -11,6 +11,7 @@ from memcom_torchrec.modules.memory import table_memory
 from memcom_torchrec.modules.methods import (
     EmbeddingMethod,
     TableSpec,
+    collection_class_for,
     get_method,
     method_names,
     method_sharders,
@@ -57,13 +58,12 @@ def test_each_method_reaches_its_ratio(name: str, ratio: float) -> None:
     else:
         assert mem.compression_ratio == 1.0
     assert isinstance(build_collection(tables, device="meta"), COLLECTIONS[name])
-    assert method.collection_class() is COLLECTIONS[name]
 
 
 @pytest.mark.parametrize("name", list(COLLECTIONS))
 def test_each_method_names_the_sharder_of_its_collection(name: str) -> None:
     method = get_method(name)
-    assert method.sharder_class()().module_type is method.collection_class()
+    assert method.sharder_class()().module_type is collection_class_for([method.table_config(ITEM, D, 4.0)])
     assert type(method.make_config(ITEM, D, 4.0)) is method.config_type()
 
 

@@ -75,7 +75,7 @@ def test_stored_assignments_are_chosen_trained_and_saved(
         assert torch.equal(cells, frequency_cells(ml100k_dir, table))
     else:
         assert not torch.equal(cells, torch.arange(table.num_embeddings))  # not MEmCom's own cells
-        assert int(torch.bincount(cells % table.num_buckets).max()) <= table.bucket_capacity
+        assert int(torch.bincount(cells % table.num_buckets).max()) <= table.hash_columns
         start, _ = load_trained_model(os.path.join(cfg.out_dir, "cluster_init"))
         assert torch.equal(start.model.embeddings.assignment("item"), model.model.embeddings.assignment("item"))
         assert os.path.exists(os.path.join(cfg.out_dir, "warmup", "metrics.json"))
