@@ -1,9 +1,12 @@
-"""The package's dependency arrows point one way, and no module outside the registry compares method names.
+"""The package's dependency arrows point one way, and no module outside a registry compares
+method names (``modules.methods``) or scorer names (``models.scorers``).
 
 Every way one module can reach another counts as an import here: ``import`` and
 ``from ... import`` (absolute or relative, at module level or inside a function),
 ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name, and
-the registry's ``"module:Class"`` strings, which ``modules.methods`` resolves on use.
+the registries' ``"module:Class"`` strings, which they resolve on use. Two kinds of
+registry string name a layer above the registry (``UPWARD_ROLES``): only the layer
+that may import it resolves them.
 """
 
 import ast
@@ -16,6 +19,11 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "memcom_torchrec")
 METHOD_NAMES = ("uncompressed", "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered", "memcom_clustered_2hash")
+SCORER_NAMES = ("linear", "tied", "dot", "mlp")
+# The registry's constants of its entries (``models.scorers.LINEAR``...): comparing with them is comparing names.
+SCORER_CONSTANTS = ("LINEAR", "TIED", "DOT", "MLP")
+METHODS_REGISTRY = os.path.join("modules", "methods.py")
+SCORERS_REGISTRY = os.path.join("models", "scorers.py")
 
 # subpackage -> subpackages it must never import (directly or lazily inside a function)
 FORBIDDEN = {
@@ -31,9 +39,14 @@ FORBIDDEN = {
 
 # A registry string "package.module:Class"; its role is the keyword or constant it is given as.
 _CLASS_PATH = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+):([A-Za-z_]\w*)$")
-# The registry's sharder strings name the sharding layer. modules/methods.py only stores them;
-# they are resolved by these functions, which only a layer that may import `distributed` calls.
-SHARDER_RESOLVERS = ("sharder_class", "method_sharders")
+# Registry strings that name a layer above their registry, by role (the keyword or constant they are
+# given as): the layer they must name, and the functions that resolve them, which only a layer that
+# may import that one calls. modules/methods.py stores sharders (the sharding layer);
+# models/scorers.py stores each scorer's slim parts (the export).
+UPWARD_ROLES = {
+    "sharder": ("distributed", ("sharder_class", "method_sharders")),
+    "slim_parts": ("export", ("slim_parts_builder",)),
+}
 
 
 def _files() -> Iterator[Tuple[str, str, ast.AST]]:
@@ -104,8 +117,9 @@ def _registry_strings(tree: ast.AST) -> Iterator[Tuple[ast.Constant, str]]:
             yield node, roles.get(id(node), "")
 
 
-def _is_sharder_role(role: str) -> bool:
-    return role == "sharder" or role.endswith("_SHARDER")
+def _upward_role(role: str) -> Optional[str]:
+    """The ``UPWARD_ROLES`` key of a registry string's role (``sharder``, ``_MEMCOM_SHARDER``...), or None."""
+    return next((r for r in UPWARD_ROLES if role == r or role.endswith("_" + r.upper())), None)
 
 
 def _imports() -> Dict[str, Set[str]]:
@@ -120,7 +134,7 @@ def _imports() -> Dict[str, Set[str]]:
                     found.add(target)
         for const, role in _registry_strings(tree):
             target = _subpackage(const.value.partition(":")[0])
-            if target is not None and target != sub and not _is_sharder_role(role):
+            if target is not None and target != sub and _upward_role(role) is None:
                 found.add(target)
     return out
 
@@ -154,11 +168,13 @@ def test_relative_and_dynamic_imports_are_read() -> None:
         assert expected in found, (source, found)
 
 
-def test_registry_strings_resolve_and_sharders_are_resolved_only_above_distributed() -> None:
-    """Every ``"module:Class"`` string names a real class; a sharder string names the sharding layer,
-    and the functions that resolve sharder strings are called only where ``distributed`` may be imported."""
+def test_registry_strings_resolve_and_upward_strings_are_resolved_only_above_their_registry() -> None:
+    """Every ``"module:Class"`` string names a real class; a sharder string names the sharding layer and
+    a slim-parts string the export, and the functions that resolve them are called only where that
+    layer may be imported."""
     problems = []
-    n_strings = 0
+    n_strings, n_upward = 0, {role: 0 for role in UPWARD_ROLES}
+    resolvers = {fn: layer for layer, fns in UPWARD_ROLES.values() for fn in fns}
     for sub, path, tree in _files():
         where = os.path.relpath(path, PACKAGE)
         for const, role in _registry_strings(tree):
@@ -168,18 +184,34 @@ def test_registry_strings_resolve_and_sharders_are_resolved_only_above_distribut
                 getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError) as e:
                 problems.append(f"{where}:{const.lineno}: '{const.value}' does not resolve ({e})")
-            in_sharding_layer = _subpackage(module) == "distributed" or module.startswith("torchrec.distributed.")
-            if _is_sharder_role(role) and not in_sharding_layer:
-                problems.append(f"{where}:{const.lineno}: sharder '{const.value}' is not in a distributed package")
+            upward = _upward_role(role)
+            if upward is None:
+                continue
+            n_upward[upward] += 1
+            layer = UPWARD_ROLES[upward][0]
+            if _subpackage(module) != layer and not module.startswith(f"torchrec.{layer}."):
+                problems.append(f"{where}:{const.lineno}: {upward} '{const.value}' is not in a {layer} package")
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 func = node.func
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                if name in SHARDER_RESOLVERS and not where.endswith(os.path.join("modules", "methods.py")) and \
-                        "distributed" in FORBIDDEN.get(sub, set()):
-                    problems.append(f"{where}:{node.lineno}: calls {name}() but {sub} may not import distributed")
-    assert n_strings >= 6, f"found only {n_strings} registry strings: the reader is broken"
+                layer = resolvers.get(name)
+                in_registry = where in (METHODS_REGISTRY, SCORERS_REGISTRY)
+                if layer is not None and not in_registry and layer in FORBIDDEN.get(sub, set()):
+                    problems.append(f"{where}:{node.lineno}: calls {name}() but {sub} may not import {layer}")
+    assert n_strings >= 10, f"found only {n_strings} registry strings: the reader is broken"
+    assert all(n_upward.values()), f"registry strings by upward role {n_upward}: the reader is broken"
     assert not problems, "\n".join(problems)
+
+
+def _package_files(skip: str) -> Iterator[Tuple[str, ast.AST]]:
+    """(path relative to the package, parsed tree) of every file of the package but ``skip``."""
+    for root, _, files in os.walk(PACKAGE):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.endswith(".py") and os.path.relpath(path, PACKAGE) != skip:
+                with open(path) as f:
+                    yield os.path.relpath(path, PACKAGE), ast.parse(f.read())
 
 
 def _method_constants(node: ast.AST) -> List[str]:
@@ -191,20 +223,81 @@ def _method_constants(node: ast.AST) -> List[str]:
 def test_no_method_name_comparisons_outside_the_registry() -> None:
     """No ``x == "memcom"``, ``"qr" != x``, ``x in ("qr", "memcom_qr")`` or ``x.startswith("memcom")``."""
     hits = []
-    for root, _, files in os.walk(PACKAGE):
-        for name in files:
-            path = os.path.join(root, name)
-            if not name.endswith(".py") or path.endswith(os.path.join("modules", "methods.py")):
+    for where, tree in _package_files(skip=METHODS_REGISTRY):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                found = [c for side in [node.left, *node.comparators] for c in _method_constants(side)]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("startswith", "endswith"):
+                found = [c for arg in node.args for c in _method_constants(arg)]
+            else:
                 continue
-            with open(path) as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Compare):
-                    found = [c for side in [node.left, *node.comparators] for c in _method_constants(side)]
-                elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("startswith", "endswith"):
-                    found = [c for arg in node.args for c in _method_constants(arg)]
-                else:
-                    continue
-                if found:
-                    hits.append(f"{os.path.relpath(path, PACKAGE)}:{node.lineno}: compares {found}")
+            if found:
+                hits.append(f"{where}:{node.lineno}: compares {found}")
     assert not hits, "\n".join(hits)
+
+
+def _scorer_name_constants(node: ast.AST) -> List[str]:
+    """Scorer names written as string constants in ``node`` (or a tuple/list/set literal it is): ``"tied"``,
+    and the kinds and suffixes that end in one (``"next_item/tied"``, ``"/mlp"``)."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)
+            and i.value.rpartition("/")[2] in SCORER_NAMES]
+
+
+def _names_a_scorer(node: ast.AST) -> bool:
+    """``scorer``, ``self.scorer``, ``scorer_name``, ``cfg.scorer``; ``LINEAR``, ``scorers.MLP``, ``TIED.name``:
+    an expression that is a scorer's name (or its registry entry), not its properties (``scorer_spec``)."""
+    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+    if isinstance(name, str) and name.startswith("scorer") and not name.startswith("scorer_spec"):
+        return True
+    return any((n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None)) in SCORER_CONSTANTS
+               for n in ast.walk(node))
+
+
+def _scorer_comparisons(tree: ast.AST) -> List[Tuple[int, str]]:
+    """(line, what) of every comparison of a scorer's name in ``tree`` (see the test below)."""
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            found = [c for side in sides for c in _scorer_name_constants(side)]
+            if not any(isinstance(side, ast.Constant) and side.value is None for side in sides):  # not `is None`
+                found += [ast.unparse(side) for side in sides if _names_a_scorer(side)]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("startswith", "endswith"):
+            found = [c for arg in node.args for c in _scorer_name_constants(arg)]
+            if _names_a_scorer(node.func.value):
+                found.append(ast.unparse(node.func.value))
+        else:
+            continue
+        if found:
+            hits.append((node.lineno, f"compares {found}"))
+    return hits
+
+
+def test_scorer_names_are_the_registry_s() -> None:
+    """The names this test looks for are the registered ones (a new scorer is added here too)."""
+    from memcom_torchrec.models import scorers
+
+    assert sorted({s.name for s in scorers.all_scorers()}) == sorted(SCORER_NAMES)
+    assert all(getattr(scorers, c).name in SCORER_NAMES for c in SCORER_CONSTANTS)
+
+
+def test_no_scorer_name_comparisons_outside_the_registry() -> None:
+    """No ``scorer == "tied"``, ``self.scorer == LINEAR``, ``x in ("dot", "mlp")``, ``kind.endswith("/mlp")``
+    or ``scorer not in SCORERS`` outside ``models/scorers.py``: callers ask the entry (``get_scorer``)."""
+    hits = [f"{where}:{line}: {what}" for where, tree in _package_files(skip=SCORERS_REGISTRY)
+            for line, what in _scorer_comparisons(tree)]
+    assert not hits, "\n".join(hits)
+
+
+def test_scorer_comparisons_are_read() -> None:
+    """The reader itself: each form below is a scorer-name comparison, the registry's own use is not."""
+    caught = ['scorer == "tied"', 'self.scorer != "linear"', 'cfg.scorer in ("dot", "mlp")', 'x == "mlp"',
+              'slim.kind.endswith("/mlp")', 'kind == "next_item/tied"', 'self.scorer == LINEAR',
+              'scorer not in NEXT_ITEM_SCORERS', 'spec is TIED', 'scorer_name.startswith("t")',
+              'spec.name == TIED.name', 'spec == scorers.MLP']
+    for source in caught:
+        assert _scorer_comparisons(ast.parse(source)), source
+    for source in ['self.scorer_spec.output_layer', 'spec.pair_network == True', 'scorer is None',
+                   'cluster_vectors == "output"', 'get_scorer(model, name)']:
+        assert not _scorer_comparisons(ast.parse(source)), source

@@ -27,15 +27,16 @@ from memcom_torchrec.quiet import native_stderr_filtered
 PORTABLE, XNNPACK = "portable", "xnnpack"
 BACKENDS = (PORTABLE, XNNPACK)
 DEFAULT_MAX_BATCH = 1024
-# The ``mlp`` scorer's working memory is ``batch x num_items x d`` floats, planned for the
-# largest batch: its programs default to small batches (a phone asks for one user at a time).
+# A pair-network scorer's working memory (``mlp``: ``Scorer.pair_network``) is ``batch x num_items x d``
+# floats, planned for the largest batch: its programs default to small batches (a phone asks for
+# one user at a time).
 DEFAULT_MAX_BATCH_PAIR_SCORER = 32
 DEFAULT_MAX_HISTORY = 64
 
 
 def default_max_batch(slim: SlimModel) -> int:
     """The batch bound a program of ``slim`` gets unless told otherwise."""
-    return DEFAULT_MAX_BATCH_PAIR_SCORER if slim.kind.endswith("/mlp") else DEFAULT_MAX_BATCH
+    return DEFAULT_MAX_BATCH_PAIR_SCORER if slim.scorer_spec.pair_network else DEFAULT_MAX_BATCH
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def lower(program: ExportedProgram, backend: str = XNNPACK):  # pyre-ignore
     Quantised programs (torchao's ``dequantize_affine`` + ``embedding``) go through
     ExecuTorch's quant-fusion pass, which turns each such pair into one
     ``quantized_decomposed::embedding_byte`` / ``embedding_4bit`` call on the packed
-    table (linear layers of a quantised slim model are such tables too: ``slim.DequantLinear``);
+    table (linear layers of a quantised slim model are such tables too: ``quantize.DequantLinear``);
     XNNPACK takes float linear layers.
 
     Returns:

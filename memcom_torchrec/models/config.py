@@ -3,10 +3,7 @@
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Mapping
 
-MODELS = ("next_item", "ranknet")
-# Each model's scorers, its default first (here, torch-free, for configs and CLIs;
-# NextItemClassifier and RankNet implement them).
-SCORERS = {"next_item": ("linear", "tied"), "ranknet": ("dot", "mlp")}
+from memcom_torchrec.models.scorers import NEXT_ITEM, Scorer, check_model, default_scorer, get_scorer
 
 
 @dataclass
@@ -24,11 +21,11 @@ class ModelConfig:
         num_negatives (int): sampled negatives per positive (``ranknet``).
         use_user_id (bool): pool the user id into the query (False: phone-shaped,
             the model needs only the user's recent items and holds no user table).
-        scorer (str): how items are scored, one of ``SCORERS[model]`` ("": the
-            model's default, ``linear`` / ``dot``).
+        scorer (str): how items are scored, a scorer of ``model`` registered in
+            ``models.scorers`` ("": the model's default, ``linear`` / ``dot``).
     """
 
-    model: str = "next_item"
+    model: str = NEXT_ITEM
     method: str = "memcom"
     compression_ratio: float = 16.0
     compressed_tables: List[str] = field(default_factory=lambda: ["item"])
@@ -40,15 +37,16 @@ class ModelConfig:
     scorer: str = ""
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model '{self.model}'; choose one of {list(MODELS)}")
-        self.scorer = self.scorer or SCORERS[self.model][0]
-        if self.scorer not in SCORERS[self.model]:
-            raise ValueError(
-                f"unknown scorer '{self.scorer}' for model '{self.model}'; choose one of {list(SCORERS[self.model])}"
-            )
+        check_model(self.model)
+        self.scorer = self.scorer or default_scorer(self.model).name
+        get_scorer(self.model, self.scorer)  # raises naming the model's scorers
         if not self.use_user_id and "user" in self.compressed_tables:
             raise ValueError("compressed_tables names 'user' but use_user_id is False (the model has no user table)")
+
+    @property
+    def scorer_spec(self) -> Scorer:
+        """The registry entry of the model's scorer."""
+        return get_scorer(self.model, self.scorer)
 
     @property
     def scores_catalogue(self) -> bool:
@@ -57,7 +55,7 @@ class ModelConfig:
         Such a model builds that feature inside its forward, so TorchRec's sparse-dist
         pipeline cannot start its input all-to-all early.
         """
-        return self.model == "ranknet" or self.scorer == "tied"
+        return self.scorer_spec.scores_catalogue
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "ModelConfig":

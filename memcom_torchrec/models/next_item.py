@@ -1,6 +1,6 @@
 """Next-item classification: user history (and id) -> a score for every item of the catalogue.
 
-Two scorers (``NEXT_ITEM_SCORERS``):
+Two scorers (registered in ``models.scorers``):
 
 - ``linear``: an output layer with one uncompressed row per item, ``logit_i = <h, o_i> + b_i``;
 - ``tied``: the logits come from the (possibly compressed) input item table,
@@ -15,11 +15,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.models.config import SCORERS
 from memcom_torchrec.models.layers import CatalogueModel, mlp, query_features
-
-NEXT_ITEM_SCORERS = SCORERS["next_item"]
-LINEAR, TIED = NEXT_ITEM_SCORERS
+from memcom_torchrec.models.scorers import LINEAR, NEXT_ITEM, get_scorer
 
 
 class NextItemClassifier(CatalogueModel):
@@ -35,12 +32,14 @@ class NextItemClassifier(CatalogueModel):
         dropout (float): MLP dropout.
         use_user_id (bool): pool the user id into the query (False: a phone-shaped
             model that needs only the user's recent items).
-        scorer (str): ``linear`` or ``tied`` (see the module docstring).
+        scorer (str): a ``next_item`` scorer, ``linear`` or ``tied`` (see the module docstring).
 
     Example::
 
         logits = model(batch.sparse_features)  # B x num_items
     """
+
+    model_kind: str = NEXT_ITEM
 
     def __init__(
         self,
@@ -50,14 +49,14 @@ class NextItemClassifier(CatalogueModel):
         hidden: Sequence[int] = (256,),
         dropout: float = 0.0,
         use_user_id: bool = True,
-        scorer: str = LINEAR,
+        scorer: str = LINEAR.name,
     ) -> None:
-        if scorer not in NEXT_ITEM_SCORERS:
-            raise ValueError(f"unknown next_item scorer '{scorer}'; choose one of {list(NEXT_ITEM_SCORERS)}")
+        spec = get_scorer(self.model_kind, scorer)
         super().__init__(embeddings, num_items, query_features(use_user_id))
         self.scorer = scorer
+        self.scorer_spec = spec
         self.mlp, out = mlp(embedding_dim * len(self.features), hidden, dropout)
-        if scorer == LINEAR:
+        if spec.output_layer:
             self.output = nn.Linear(out, num_items)
         else:
             self.head = nn.Linear(out, embedding_dim)
@@ -65,7 +64,7 @@ class NextItemClassifier(CatalogueModel):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: features (KJT with the model's features). Returns: ``B x num_items`` logits."""
-        if self.scorer == LINEAR:
+        if self.scorer_spec.output_layer:
             pooled = self.embeddings(features).to_dict()
             return self.output(self.mlp(torch.cat([pooled[f] for f in self.features], dim=1)))
         x, items = self.lookup_catalogue(features)

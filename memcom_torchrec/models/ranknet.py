@@ -3,7 +3,7 @@
 The query side pools the user's history (and user id, unless phone-shaped)
 and maps it through an MLP to a ``d``-vector ``q``; an item is its (possibly
 compressed) embedding ``e_i`` from the same item table the history uses. Two
-scorers (``RANKNET_SCORERS``):
+scorers (registered in ``models.scorers``):
 
 - ``dot``: ``<q, e_i>``. With MEmCom every item of a bucket is ``w_i U[h]``, so
   a dot product orders a bucket's items by ``w_i`` for every user;
@@ -21,11 +21,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from memcom_torchrec.models.config import SCORERS
 from memcom_torchrec.models.layers import CatalogueModel, mlp, query_features
-
-RANKNET_SCORERS = SCORERS["ranknet"]
-DOT, MLP = RANKNET_SCORERS
+from memcom_torchrec.models.scorers import DOT, RANKNET, get_scorer
 
 
 class PairScorer(nn.Module):
@@ -69,7 +66,7 @@ class RankNet(CatalogueModel):
         dropout (float): MLP dropout.
         eval_chunk (int): items embedded at once when scoring the whole catalogue.
         use_user_id (bool): pool the user id into the query.
-        scorer (str): ``dot`` or ``mlp`` (see the module docstring).
+        scorer (str): a ``ranknet`` scorer, ``dot`` or ``mlp`` (see the module docstring).
         score_chunk (int): items scored at once by the ``mlp`` scorer in full ranking
             (bounds its ``B x chunk x d`` hidden activations).
 
@@ -78,6 +75,8 @@ class RankNet(CatalogueModel):
         scores = model(features, candidates)   # B x C
         all_scores = model.score_all(features)  # B x num_items
     """
+
+    model_kind: str = RANKNET
 
     def __init__(
         self,
@@ -88,22 +87,22 @@ class RankNet(CatalogueModel):
         dropout: float = 0.0,
         eval_chunk: int = 65536,
         use_user_id: bool = True,
-        scorer: str = DOT,
+        scorer: str = DOT.name,
         score_chunk: int = 1024,
     ) -> None:
-        if scorer not in RANKNET_SCORERS:
-            raise ValueError(f"unknown ranknet scorer '{scorer}'; choose one of {list(RANKNET_SCORERS)}")
+        spec = get_scorer(self.model_kind, scorer)
         super().__init__(embeddings, num_items, query_features(use_user_id), eval_chunk)
         self.scorer = scorer
+        self.scorer_spec = spec
         self.score_chunk = score_chunk
         body, out = mlp(embedding_dim * len(self.features), hidden, dropout)
         self.query = nn.Sequential(body, nn.Linear(out, embedding_dim))
-        if scorer == MLP:
+        if spec.pair_network:
             self.pair_scorer = PairScorer(embedding_dim)
 
     def score(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of queries ``q`` (``B x d``) against ``items`` (``B x C x d``, or ``C x d`` shared): ``B x C``."""
-        if self.scorer == DOT:
+        if not self.scorer_spec.pair_network:  # dot
             return (items * q.unsqueeze(1)).sum(-1) if items.dim() == 3 else q @ items.t()
         if items.dim() == 3:
             return self.pair_scorer(q, items)

@@ -45,7 +45,7 @@ class TrainConfig(ModelConfig):
             learned assignment (``memcom_clustered``) is clustered and trained.
         cluster_vectors (str): what ``memcom_clustered`` clusters: ``table`` (the
             warm-up's item vectors) or ``output`` (the warm-up classifier's output
-            rows, one per item: the ``linear`` scorer only). ``U`` and ``w`` start
+            rows, one per item: a scorer with an ``output_layer``, ``linear``). ``U`` and ``w`` start
             from the warm-up's item vectors either way.
         teacher (str): a trained ``next_item`` run (or checkpoint) to distil from ("": none).
             It is loaded frozen and sharded in the same processes; its logits are computed
@@ -104,7 +104,7 @@ class TrainConfig(ModelConfig):
                              f"not '{self.model}'")
         if self.cluster_vectors not in CLUSTER_VECTORS:
             raise ValueError(f"unknown --cluster-vectors '{self.cluster_vectors}'; choose one of {list(CLUSTER_VECTORS)}")
-        if self.cluster_vectors == "output" and (self.model != "next_item" or self.scorer != "linear"):
+        if self.cluster_vectors == "output" and not self.scorer_spec.output_layer:
             raise ValueError(
                 "--cluster-vectors output needs an output layer with one row per item: --model next_item --scorer linear"
             )

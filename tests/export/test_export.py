@@ -113,6 +113,20 @@ def test_slim_model_equals_torchrec_model(method, shape):
         assert slim.history.entity_weights.weight.shape == (NUM_ITEMS, 1)
 
 
+def test_each_layout_has_one_lookup_and_others_are_named():
+    """``make_lookup`` picks one class per layout; an unknown layout or a misshapen tensor is named."""
+    from memcom_torchrec.export.lookups import LAYOUTS, LOOKUPS, TableInfo, make_lookup
+
+    assert all(sum(layout in cls.LAYOUTS for cls in LOOKUPS) == 1 for layout in LAYOUTS)
+    info = TableInfo(name="item", roles=("Q", "U"), num_embeddings=10, embedding_dim=4, mean_pooling=True, num_buckets=3)
+    with pytest.raises(ValueError, match=r"table 'item': no slim lookup for tensors \['Q', 'U'\], expected one of"):
+        make_lookup(info, {"Q": torch.zeros(4, 4), "U": torch.zeros(3, 4)})
+    info = TableInfo(name="item", roles=("U", "w"), num_embeddings=10, embedding_dim=4, mean_pooling=True, num_buckets=3)
+    with pytest.raises(ValueError, match=r"table 'item' \(U\+w\): tensor w has shape \(9,\), expected \(10,\)"):
+        make_lookup(info, {"U": torch.zeros(3, 4), "w": torch.zeros(9)})
+    assert type(make_lookup(info, {"U": torch.zeros(3, 4), "w": torch.ones(10)})).__name__ == "HashedLookup"
+
+
 def test_segment_sum_empty_bags():
     values = torch.arange(12, dtype=torch.float32).view(6, 2)
     out = segment_sum(values, torch.tensor([0, 2, 0, 4, 0]))
