@@ -10,7 +10,7 @@ counted against the model, so a constant scorer gets no credit).
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -89,3 +89,24 @@ def ranking_totals(ranks: torch.Tensor, k: int = 10) -> RankingTotals:
     hit = ranks <= k
     ndcg = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), torch.zeros_like(ranks))
     return RankingTotals(float(ndcg.sum()), float(hit.sum()), int(ranks.numel()))
+
+
+# One batch for ``rank_batches``: scores (``B x n``), targets (``B``), and the excluded items'
+# lengths (``B``) and values (row-major), or ``None`` for no exclusions.
+ScoredBatch = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def rank_batches(batches: Iterable[ScoredBatch], k: int = 10) -> RankingTotals:
+    """The ranking loop: nDCG@k and HR@k sums over scored batches (``target_ranks`` then ``ranking_totals``).
+
+    Args:
+        batches (Iterable[ScoredBatch]): ``(scores, targets, exclude_lengths, exclude_values)`` per batch.
+        k (int): cut-off.
+
+    Returns:
+        RankingTotals: sums over every row of every batch.
+    """
+    totals = RankingTotals()
+    for scores, targets, exclude_lengths, exclude_values in batches:
+        totals = totals.add(ranking_totals(target_ranks(scores, targets, exclude_lengths, exclude_values).cpu(), k))
+    return totals

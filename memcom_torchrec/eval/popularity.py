@@ -6,7 +6,7 @@ import torch
 
 from memcom_torchrec.data.manifest import ITEM, USER, read_manifest, split_files
 from memcom_torchrec.data.reader import InteractionBatchReader
-from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
+from memcom_torchrec.eval.metrics import RankingTotals, rank_batches
 
 
 def item_counts(data_dir: str, column: str = ITEM) -> torch.Tensor:
@@ -32,10 +32,5 @@ def popularity_totals(data_dir: str, split: str = "test", k: int = 10, batch_siz
         RankingTotals: sums over the split's users.
     """
     counts = item_counts(data_dir).float()
-    totals = RankingTotals()
-    for batch in InteractionBatchReader(data_dir, split, batch_size):
-        ex = batch.exclude
-        scores = counts.unsqueeze(0).expand(len(batch), -1)
-        ranks = target_ranks(scores, batch.labels, ex.lengths(), ex.values())
-        totals = totals.add(ranking_totals(ranks, k))
-    return totals
+    return rank_batches(((counts.unsqueeze(0).expand(len(b), -1), b.labels, b.exclude.lengths(), b.exclude.values())
+                         for b in InteractionBatchReader(data_dir, split, batch_size)), k)

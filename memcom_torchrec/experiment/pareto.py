@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from memcom_torchrec.data import make_dataloader
 from memcom_torchrec.data.manifest import read_manifest
-from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
+from memcom_torchrec.eval.metrics import RankingTotals, rank_batches
 from memcom_torchrec.experiment.grid import read_results, rewrite_csv
 from memcom_torchrec.export.cli import cli_error
 from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte, run_pte, write_programs
@@ -67,15 +67,10 @@ def evaluate_program(
     """
     method = load_pte(pte)
     with_user = slim.user is not None
-    totals = RankingTotals()
     loader = make_dataloader(data_dir, split, batch_size, shuffle=False, history_len=history_len, num_workers=0,
                              with_user=with_user)
-    for batch in loader:
-        scores = run_pte(method, kjt_to_inputs(batch.sparse_features, with_user))
-        ex = batch.exclude
-        ranks = target_ranks(scores, batch.labels, ex.lengths(), ex.values())
-        totals = totals.add(ranking_totals(ranks, k))
-    return totals
+    return rank_batches(((run_pte(method, kjt_to_inputs(b.sparse_features, with_user)), b.labels,
+                          b.exclude.lengths(), b.exclude.values()) for b in loader), k)
 
 
 @torch.no_grad()

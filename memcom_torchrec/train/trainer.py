@@ -9,12 +9,13 @@ overlaps the next batch's input all-to-all with the current step.
 """
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from memcom_torchrec.data import make_dataloader, pad_batch, read_manifest
-from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
+from memcom_torchrec.eval.metrics import RankingTotals, ScoredBatch, rank_batches
 from memcom_torchrec.models.builder import build_model, resolve_checkpoint
 from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from memcom_torchrec.modules.memory import table_memory
@@ -111,23 +112,21 @@ def evaluate(cfg: TrainConfig, model: nn.Module, split: str, rank: int, world: i
         cfg.data_dir, split, cfg.eval_batch_size, rank, world, shuffle=False, history_len=cfg.history_len,
         num_workers=cfg.num_workers, with_user=cfg.use_user_id,
     )
-    totals = RankingTotals()
     # Every rank runs the same number of batches (scoring runs collectives when sharded).
     max_batches = -(-cfg.eval_users // (world * cfg.eval_batch_size)) if cfg.eval_users else len(loader)
     bar = tqdm(loader, total=min(max_batches, len(loader)), desc=f"eval {split}", disable=rank != 0, leave=False,
                mininterval=5.0)
-    for i, batch in enumerate(bar):
-        if i >= max_batches:
-            break
-        real = len(batch)
-        batch = pad_batch(batch, cfg.eval_batch_size).to(device)  # equal sizes on all ranks
-        _, (_, scores, labels) = model(batch)
-        ex = batch.exclude
-        ranks = target_ranks(
-            scores[:real], labels[:real],
-            ex.lengths()[:real] if ex is not None else None, ex.values() if ex is not None else None,
-        )
-        totals = totals.add(ranking_totals(ranks.cpu(), cfg.k))
+
+    def scored() -> Iterator[ScoredBatch]:
+        for batch in itertools.islice(bar, max_batches):
+            real = len(batch)
+            batch = pad_batch(batch, cfg.eval_batch_size).to(device)  # equal sizes on all ranks
+            _, (_, scores, labels) = model(batch)
+            ex = batch.exclude
+            yield (scores[:real], labels[:real], ex.lengths()[:real] if ex is not None else None,
+                   ex.values() if ex is not None else None)
+
+    totals = rank_batches(scored(), cfg.k)
     t = totals.as_tensor().to(device if device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     model.train(was_training)
