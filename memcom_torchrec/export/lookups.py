@@ -22,13 +22,14 @@ count, which the bounds check of the ``embedding`` kernel (and of the quantised
 embedding kernels) rejects; nothing is clamped (``check_ids`` raises in eager).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Tuple
 
 import torch
 from torch import nn
 
-from memcom_torchrec.modules.dense_tables import dense_tables, table_layout
+from memcom_torchrec.modules.dense_tables import dense_tables
+from memcom_torchrec.modules.storage import TableStorage, table_storage
 
 Layout = Tuple[str, ...]
 
@@ -88,7 +89,8 @@ class TableInfo:
         num_embeddings (int): valid ids are ``[0, num_embeddings)``.
         embedding_dim (int): ``d``.
         mean_pooling (bool): divide bag sums by their lengths.
-        num_buckets (int): ``m`` (MEmCom, hashing) or ``p`` (QR, MEmCom-QR); 0 for plain.
+        shapes (Dict[str, Tuple[int, ...]]): each role's shape, from the table's storage
+            description (``modules/storage.py``'s ``TableStorage.shapes``).
     """
 
     name: str
@@ -96,21 +98,13 @@ class TableInfo:
     num_embeddings: int
     embedding_dim: int
     mean_pooling: bool
-    num_buckets: int = 0
+    shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
 
-
-def expected_shapes(info: TableInfo, tables: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
-    """The shape each tensor role of ``info``'s table must have (``n``, ``d``, ``m`` or ``p``, ``k`` hashes)."""
-    n, d, m = info.num_embeddings, info.embedding_dim, info.num_buckets
-    hashes = int(tables["rows"].shape[1]) if "rows" in info.roles and tables["rows"].dim() == 2 else 1
-    return {
-        "weight": (n, d),
-        "U": (m, d),
-        "w": (n, hashes) if "rows" in info.roles else (n,),
-        "Q": (-(-n // m) if m else 0, d),
-        "R": (m, d),
-        "rows": (n, hashes),
-    }
+    @staticmethod
+    def of(storage: TableStorage, mean_pooling: bool) -> "TableInfo":
+        """The info of a table described by ``storage``."""
+        return TableInfo(storage.name, storage.roles, storage.num_embeddings, storage.embedding_dim, mean_pooling,
+                         storage.shapes)
 
 
 # ---------------------------------------------------------------------------
@@ -141,9 +135,9 @@ class SlimLookup(nn.Module):
         missing = [k for k in info.roles if k not in tables]
         if missing:
             raise ValueError(f"table '{info.name}' ({'+'.join(info.roles)}) lacks tensor(s) {missing}")
-        expected = expected_shapes(info, tables)
+        expected = info.shapes
         for k in info.roles:
-            if tuple(tables[k].shape) != expected[k]:
+            if tuple(tables[k].shape) != tuple(expected[k]):
                 raise ValueError(
                     f"table '{info.name}' ({'+'.join(info.roles)}): tensor {k} has shape {tuple(tables[k].shape)}, "
                     f"expected {expected[k]}"
@@ -221,13 +215,13 @@ class HashedLookup(SlimLookup):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
-        m = self.info.num_buckets
+        m = self.rows.num_rows
         valid = self.valid(ids)
         return self.weigh(ids, valid, self.rows(torch.where(valid, torch.remainder(ids, m), m)))
 
     def catalogue_scores(self, q: torch.Tensor) -> torch.Tensor:
         """``B x n`` scores from the ``m`` shared rows, scored once and gathered: ``w_i * (q U^T)[i mod m]``."""
-        n, m = self.info.num_embeddings, self.info.num_buckets
+        n, m = self.info.num_embeddings, self.rows.num_rows
         scores = nn.functional.linear(q, self.rows.all_rows()).index_select(1, torch.remainder(torch.arange(n), m))
         return scores * self.entity_weights.column() if hasattr(self, "entity_weights") else scores
 
@@ -243,10 +237,9 @@ class QRLookup(SlimLookup):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
-        n, p = self.info.num_embeddings, self.info.num_buckets
+        p = self.remainder.num_rows
         valid = self.valid(ids)
-        quotient_rows = -(-n // p)
-        q = self.quotient(torch.where(valid, torch.div(ids, p, rounding_mode="floor"), quotient_rows))
+        q = self.quotient(torch.where(valid, torch.div(ids, p, rounding_mode="floor"), self.quotient.num_rows))
         return self.weigh(ids, valid, q * self.remainder(torch.remainder(ids, p)))
 
 
@@ -259,12 +252,12 @@ class MultiRowLookup(SlimLookup):
         self.rows = RowTable(tables["U"])
         self.num_hashes = int(tables["rows"].shape[1]) if tables["rows"].dim() == 2 else 1
         # entity -> rows of U, as small as m allows (int16 up to 32,767 rows)
-        dtype = torch.int16 if self.info.num_buckets <= (1 << 15) - 1 else torch.int32
+        dtype = torch.int16 if self.rows.num_rows <= (1 << 15) - 1 else torch.int32
         self.register_buffer("bucket_rows", tables["rows"].to(dtype).reshape(-1).clone().contiguous())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; the poisoned index ``n*k`` of an invalid id fails every lookup."""
-        n, m, k = self.info.num_embeddings, self.info.num_buckets, self.num_hashes
+        n, m, k = self.info.num_embeddings, self.rows.num_rows, self.num_hashes
         slots = (torch.where(self.valid(ids), ids, n).unsqueeze(1) * k + torch.arange(k)).reshape(-1)
         inside = slots < n * k
         parts = self.rows(self.bucket_rows.index_select(0, torch.where(inside, slots, 0)).long()
@@ -310,17 +303,12 @@ def lookup_for_feature(collection: nn.Module, feature: str) -> SlimLookup:
         have = sorted(f for t in configs for f in (t.feature_names or [t.name]))
         raise ValueError(f"no table feeds feature '{feature}' (the collection has features {have})")
     tensors = dense_tables(collection, config.name)
-    roles, buckets = table_layout(tensors)
     for t in tensors.values():
         if t.device.type == "meta":
             raise ValueError(f"table '{config.name}' is on the meta device: load a checkpoint into it first")
     pooling = getattr(config.pooling, "name", str(config.pooling))
-    info = TableInfo(
-        name=config.name,
-        roles=roles,
-        num_embeddings=config.num_embeddings,
-        embedding_dim=config.embedding_dim,
-        mean_pooling=pooling == "MEAN",
-        num_buckets=buckets,
-    )
+    info = TableInfo.of(table_storage(config), mean_pooling=pooling == "MEAN")
+    if tuple(sorted(tensors)) != info.roles:
+        raise ValueError(f"table '{config.name}': its collection hands over tensors {sorted(tensors)}, its storage "
+                         f"description has {list(info.roles)}")
     return make_lookup(info, {k: v.detach().cpu() for k, v in tensors.items()})

@@ -6,7 +6,7 @@ collections hand theirs over with their ``dense_tables`` method; TorchRec's own
 ``EmbeddingBagCollection`` holds plain tables only.
 """
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from torch import nn
@@ -24,8 +24,3 @@ def dense_tables(collection: nn.Module, table_name: str) -> Dict[str, torch.Tens
         return {"weight": collection.embedding_bags[table_name].weight}
     raise ValueError(f"cannot export table '{table_name}' of a {type(collection).__name__}")
 
-
-def table_layout(tables: Dict[str, torch.Tensor]) -> Tuple[Tuple[str, ...], int]:
-    """The sorted roles of a table's tensors and its bucket count (``m`` or ``p``; 0 if plain)."""
-    buckets = tables["U"].shape[0] if "U" in tables else tables["R"].shape[0] if "R" in tables else 0
-    return tuple(sorted(tables)), int(buckets)

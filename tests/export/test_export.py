@@ -118,13 +118,29 @@ def test_each_layout_has_one_lookup_and_others_are_named():
     from memcom_torchrec.export.lookups import LAYOUTS, LOOKUPS, TableInfo, make_lookup
 
     assert all(sum(layout in cls.LAYOUTS for cls in LOOKUPS) == 1 for layout in LAYOUTS)
-    info = TableInfo(name="item", roles=("Q", "U"), num_embeddings=10, embedding_dim=4, mean_pooling=True, num_buckets=3)
+    info = TableInfo(name="item", roles=("Q", "U"), num_embeddings=10, embedding_dim=4, mean_pooling=True,
+                     shapes={"Q": (4, 4), "U": (3, 4)})
     with pytest.raises(ValueError, match=r"table 'item': no slim lookup for tensors \['Q', 'U'\], expected one of"):
         make_lookup(info, {"Q": torch.zeros(4, 4), "U": torch.zeros(3, 4)})
-    info = TableInfo(name="item", roles=("U", "w"), num_embeddings=10, embedding_dim=4, mean_pooling=True, num_buckets=3)
+    info = TableInfo(name="item", roles=("U", "w"), num_embeddings=10, embedding_dim=4, mean_pooling=True,
+                     shapes={"U": (3, 4), "w": (10,)})
     with pytest.raises(ValueError, match=r"table 'item' \(U\+w\): tensor w has shape \(9,\), expected \(10,\)"):
         make_lookup(info, {"U": torch.zeros(3, 4), "w": torch.zeros(9)})
     assert type(make_lookup(info, {"U": torch.zeros(3, 4), "w": torch.ones(10)})).__name__ == "HashedLookup"
+
+
+def test_every_registered_method_has_a_storage_description_and_a_slim_lookup():
+    """A method whose config registered no storage, or whose tensors no slim lookup computes, fails here."""
+    from memcom_torchrec.export.lookups import LAYOUTS
+    from memcom_torchrec.modules.methods import TableSpec, get_method, method_names
+    from memcom_torchrec.modules.storage import table_storage
+
+    spec = TableSpec("item", 3706, ["history"])
+    for name in method_names():
+        method = get_method(name)
+        storage = table_storage(method.table_config(spec, 64, 4.0 if method.compresses else 1.0))
+        assert storage.roles in LAYOUTS, (name, storage.roles)
+        assert storage.compression_ratio >= (4.0 if method.compresses else 1.0), name
 
 
 def test_segment_sum_empty_bags():
