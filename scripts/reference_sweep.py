@@ -137,17 +137,21 @@ class ItemTable(nn.Module):
     Roles: ``weight`` (``n x d``, row ``i``), ``U`` (``m`` rows, row ``i mod m``), ``Q`` and ``R``
     (``Q[i // p] * R[i mod p]``, ``R`` initialised to 1), and ``w`` (times ``w[i]``, initialised to 1);
     ``U``, ``rows``, ``w``: ``sum_j w[i, j] U[rows[i, j]]`` (the MEmCom-family variants; ``rows``
-    stored in the layout, ``w`` a flat ``n*k`` vector, element-wise Adagrad as the product's).
+    stored in the layout, ``w`` a flat ``n*k`` vector, element-wise Adagrad as the product's);
+    ``A``, ``P``: ``P A[i]`` (low-rank; ``P`` of shape ``d x k``, trained with the dense layers).
     """
 
     def __init__(self, layout: Dict, n: int) -> None:
         super().__init__()
         self.roles, self.n, shapes = frozenset(layout["roles"]), n, layout["shapes"]
-        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}, {"U", "rows", "w"}]
+        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}, {"U", "rows", "w"}, {"A", "P"}]
         if set(self.roles) not in known:
             raise ValueError(f"no replica for a table with tensors {sorted(self.roles)}")
         bound = math.sqrt(1.0 / n)  # TorchRec's default init for an n-row table
-        table = next(r for r in ("weight", "U", "Q") if r in self.roles)
+        table = next(r for r in ("weight", "U", "Q", "A") if r in self.roles)
+        if "P" in self.roles:  # low-rank: P A[i], P (d x k) uniform in +-sqrt(3/k) as the package's Projection
+            k = shapes["P"][1]
+            self.projection = nn.Parameter(torch.empty(*shapes["P"]).uniform_(-math.sqrt(3 / k), math.sqrt(3 / k)))
         self.size = shapes["U"][0] if "U" in self.roles else shapes["R"][0] if "R" in self.roles else n  # m or p
         if "R" in self.roles:  # R (p rows, init 1)
             self.remainder = nn.Parameter(torch.ones(*shapes["R"]))
@@ -164,6 +168,8 @@ class ItemTable(nn.Module):
             k = self.hashes
             w = self.w[ids.unsqueeze(-1) * k + torch.arange(k, device=ids.device)]
             return (w.unsqueeze(-1) * self.table[self.rows[ids]]).sum(-2)
+        if "A" in self.roles:
+            return self.table[ids] @ self.projection.t()
         if "weight" in self.roles:
             v = self.table[ids]
         elif "U" in self.roles:
@@ -258,8 +264,10 @@ def train_one(cfg: Dict, packed: Dict, device: torch.device) -> Dict:
     n_items, n_users = packed["num_items"], packed["num_users"]
     cell = packed["layouts"][f"{cfg['method']}@{cfg['ratio']}"]
     model = Replica(cell, n_items, n_users, cfg["hidden"], cfg["dropout"]).to(device)
-    sparse = list(model.items.parameters()) + [model.users]
-    dense = list(model.mlp.parameters()) + list(model.output.parameters())
+    # lowrank's projection is a dense layer in the package (Adam with the MLP), its rows A a table
+    sparse = [p for name, p in model.items.named_parameters() if name != "projection"] + [model.users]
+    dense = list(model.mlp.parameters()) + list(model.output.parameters()) + [
+        p for name, p in model.items.named_parameters() if name == "projection"]
     opt_s = RowwiseAdagrad(sparse, lr=cfg["lr"])
     opt_d = torch.optim.Adam(dense, lr=1e-3)
     tr = {k: v.to(device) for k, v in packed["train"].items()}

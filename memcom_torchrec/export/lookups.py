@@ -11,7 +11,8 @@ one lookup class per storage layout (``make_lookup`` picks it from the roles):
 - ``w``: the above times ``w[i]``;
 - ``MultiRowLookup``, ``U``, ``rows``, ``w``: ``sum_j w[i, j] * U[rows[i, j]]`` (the
   MEmCom-family variants: a second hash, or a stored assignment), ``rows`` kept
-  in the program as int16 (int32 when ``m`` > 32,767).
+  in the program as int16 (int32 when ``m`` > 32,767);
+- ``LowRankLookup``, ``A``, ``P``: ``P A[i]`` (a low-rank table; ``P`` is ``d x k``).
 
 Each lookup also scores a query against every entity (``catalogue_scores``, for the
 ``tied`` / ``dot`` scorers). For ``U`` layouts it is computed as
@@ -271,7 +272,26 @@ class MultiRowLookup(SlimLookup):
         return parts.view(q.shape[0], self.info.num_embeddings, self.num_hashes).sum(2)
 
 
-LOOKUPS: Tuple[type, ...] = (PlainLookup, HashedLookup, QRLookup, MultiRowLookup)
+class LowRankLookup(SlimLookup):
+    """``P A[i]``: a low-rank table's ``n x k`` rows and its ``d x k`` projection (both row tables)."""
+
+    LAYOUTS: ClassVar[Tuple[Layout, ...]] = (("A", "P"),)
+
+    def store(self, tables: Dict[str, torch.Tensor]) -> None:
+        self.rows = RowTable(tables["A"])
+        self.projection = RowTable(tables["P"])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
+        a = self.rows(torch.where(self.valid(ids), ids, self.info.num_embeddings))
+        return nn.functional.linear(a, self.projection.all_rows())
+
+    def catalogue_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """``B x n`` scores as ``(q P) A^T``: ``O(k (d + n))`` per request, not ``O(n d)``."""
+        return nn.functional.linear(q @ self.projection.all_rows(), self.rows.all_rows())
+
+
+LOOKUPS: Tuple[type, ...] = (PlainLookup, HashedLookup, QRLookup, MultiRowLookup, LowRankLookup)
 # The table layouts a slim lookup computes: sorted tensor roles (see the module docstring).
 LAYOUTS: Tuple[Layout, ...] = tuple(layout for cls in LOOKUPS for layout in cls.LAYOUTS)
 

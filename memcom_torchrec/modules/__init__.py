@@ -4,7 +4,10 @@
   and maximum, collection, sharder);
 - ``memcom_configs``, ``memcom_embedding_modules``: MEmCom (and the hashing trick);
 - ``qr_configs``, ``qr_embedding_modules``: quotient-remainder (and ``memcom_qr``);
-- ``memory``: ``table_memory``, the only source of compression ratios;
+- ``lowrank_configs``, ``lowrank_embedding_modules``: low-rank tables, ``P A[i]``;
+- ``storage``: ``table_storage``, the one description of a table's layout and the only source
+  of compression ratios (``TableStorage.compression_ratio``);
+- ``memory``: ``table_memory``, bytes and optimizer state under a fused optimizer;
 - ``validation``: clear errors for bad input.
 
 Nothing here imports ``distributed/`` (sharders are named in the registry, resolved on use).

@@ -108,7 +108,7 @@ def memcom_storage(
     ``rows`` (``n x k``, computed) and a stored ``assignment`` (``n`` int16/int32).
     """
     n, d, m = num_embeddings, embedding_dim, num_buckets
-    tensors = [TableTensor("U", (m, d))]
+    tensors = [TableTensor("U", (m, d), is_row_table=True)]
     capacity, _ = variant_layout(n, m, num_hashes, assignment, head_fraction)
     variant = num_hashes != 1 or assignment != HASH
     if train_entity_weights:

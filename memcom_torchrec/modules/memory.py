@@ -96,8 +96,8 @@ def table_memory(
             param_bytes += t.numel * t.dtype.itemsize
         elif t.kind == PARAMETER and t.is_row_table:  # FBGEMM's tables, in the config's data type
             param_bytes += t.numel * elem
-            state += _state_floats(optimizer, t.shape[0], d) * 4
-        elif t.kind == PARAMETER:  # per-entity scalars: fp32, in their padded grid, with their own state
+            state += _state_floats(optimizer, t.shape[0], t.shape[1]) * 4
+        elif t.kind == PARAMETER:  # w (in its padded grid) and a low-rank projection: fp32, element-wise state
             param_bytes += t.held_numel * 4
             state += _entity_state_floats(optimizer, t.held_numel) * 4
     return TableMemory(

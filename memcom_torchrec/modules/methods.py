@@ -38,6 +38,7 @@ from memcom_torchrec.modules.memcom_configs import (
     compression_ratio,
     max_variant_compression_ratio,
 )
+from memcom_torchrec.modules.lowrank_configs import max_lowrank_compression_ratio
 from memcom_torchrec.modules.qr_configs import max_qr_compression_ratio
 
 
@@ -329,3 +330,12 @@ MEMCOM_CLUSTERED_2HASH: EmbeddingMethod = _memcom_variant(
     assignment=CLUSTERED,
     num_hashes=2,
 )
+LOWRANK: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="lowrank",
+    description="a low-rank table, P A[i]: n x k rows and a shared k -> d projection (k a multiple of 4)",
+    make_config=_compressed_config("memcom_torchrec.modules.lowrank_configs:LowRankEmbeddingBagConfig"),
+    max_compression_ratio=max_lowrank_compression_ratio,
+    config_class="memcom_torchrec.modules.lowrank_configs:LowRankEmbeddingBagConfig",
+    collection="memcom_torchrec.modules.lowrank_embedding_modules:LowRankEmbeddingBagCollection",
+    sharder=_MEMCOM_SHARDER,  # shards the collection's inner MEmCom collection; P stays a dense layer
+))

@@ -236,7 +236,7 @@ def qr_storage(name: str, num_embeddings: int, embedding_dim: int, num_collision
     """
     n, d, p = num_embeddings, embedding_dim, num_collisions
     quotient_rows = -(-n // p)
-    tensors = [TableTensor("Q", (quotient_rows, d)), TableTensor("R", (p, d))]
+    tensors = [TableTensor("Q", (quotient_rows, d), is_row_table=True), TableTensor("R", (p, d), is_row_table=True)]
     if entity_weights:
         tensors.append(TableTensor("w", (n,), held_shape=(quotient_rows, p)))
     return TableStorage(name, n, d, tuple(tensors))

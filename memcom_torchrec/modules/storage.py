@@ -6,6 +6,7 @@ a collection's ``dense_tables`` hands over, see ``modules/dense_tables.py``):
 - ``weight``: a plain ``n x d`` table;
 - ``U``: the ``m x d`` shared rows (hashing, MEmCom and its variants);
 - ``Q``, ``R``: the quotient (``ceil(n/p) x d``) and remainder (``p x d``) tables;
+- ``A``, ``P``: a low-rank table's ``n x k`` rows and its ``d x k`` projection;
 - ``w``: the per-entity scalars (``n``, or ``n x k`` for ``k`` cells per entity);
 - ``rows``: the ``n x k`` rows of ``U`` each entity reads (variants), computed from
   the id by a hash or read from a stored ``assignment`` (``n`` int16/int32).
@@ -44,13 +45,15 @@ class TableTensor:
     """One tensor of a table.
 
     Args:
-        role (str): ``weight``, ``U``, ``Q``, ``R``, ``w``, ``rows`` or ``assignment``.
+        role (str): ``weight``, ``U``, ``Q``, ``R``, ``A``, ``P``, ``w``, ``rows`` or ``assignment``.
         shape (Tuple[int, ...]): its logical shape (what ``dense_tables`` hands over).
         kind (str): ``PARAMETER`` (trained), ``ASSIGNMENT`` (stored, not trained) or
             ``COMPUTED`` (derived from the id; stores nothing while training).
         dtype (torch.dtype): its stored dtype (parameters: float32 on the ratio's basis).
         held_shape (Optional[Tuple[int, ...]]): the padded shape the training layout
             holds it in (``None``: ``shape``).
+        is_row_table (bool): a table of rows that FBGEMM's fused TBE looks up and updates
+            (in the config's data type, with the fused optimizer's state).
     """
 
     role: str
@@ -58,6 +61,7 @@ class TableTensor:
     kind: str = PARAMETER
     dtype: torch.dtype = torch.float32
     held_shape: Optional[Tuple[int, ...]] = None
+    is_row_table: bool = False
 
     @property
     def numel(self) -> int:
@@ -67,10 +71,6 @@ class TableTensor:
     def held_numel(self) -> int:
         return math.prod(self.held_shape if self.held_shape is not None else self.shape)
 
-    @property
-    def is_row_table(self) -> bool:
-        """A table of ``d``-wide rows (``weight``, ``U``, ``Q``, ``R``), updated by FBGEMM's fused TBE."""
-        return self.role in ("weight", "U", "Q", "R")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class TableStorage:
 
     @property
     def num_rows(self) -> int:
-        """``d``-wide rows stored (``n`` plain, ``m`` for ``U``, ``ceil(n/p) + p`` for ``Q`` and ``R``)."""
+        """Rows of FBGEMM tables stored (``n`` plain or low-rank, ``m`` for ``U``, ``ceil(n/p) + p`` for ``Q``, ``R``)."""
         return sum(t.shape[0] for t in self.tensors if t.is_row_table)
 
 
@@ -168,7 +168,7 @@ def table_storage(config: EmbeddingBagConfig) -> TableStorage:
 def plain_storage(config: EmbeddingBagConfig) -> TableStorage:
     """An uncompressed ``n x d`` table."""
     n, d = config.num_embeddings, config.embedding_dim
-    return TableStorage(config.name, n, d, (TableTensor("weight", (n, d)),))
+    return TableStorage(config.name, n, d, (TableTensor("weight", (n, d), is_row_table=True),))
 
 
 register_storage(EmbeddingBagConfig, plain_storage)

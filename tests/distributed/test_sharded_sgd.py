@@ -41,7 +41,10 @@ SHARDINGS = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
 
 def make_tables(method: str) -> List[EmbeddingBagConfig]:
     m = get_method(method)
-    tables = [m.table_config(spec, d, ratio) for spec, d, ratio in SPECS]
+    tables = []
+    for spec, d, ratio in SPECS:  # the ratio, or the most the method reaches (lowrank: k = 4; none at d = 4)
+        ratio = min(ratio, m.max_compression_ratio(spec.num_embeddings, d))
+        tables.append(m.table_config(spec, d, ratio) if ratio > 1.0 else UNCOMPRESSED.table_config(spec, d, 1.0))
     return tables[:1] + [UNCOMPRESSED.table_config(TableSpec("user", 12, ["user"]), 8, 1.0)] + tables[1:]
 
 
@@ -79,16 +82,22 @@ def _sgd_case(rank: int, world_size: int, method: str, sharding_type: str, looku
         fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}, **options
     )
     module = collection_class_for(make_tables(method))(tables=make_tables(method), device=torch.device("meta"))
-    plan = {name: sharding_type for name in sharder.shardable_parameters(module)}  # a QR table: <t>__q, <t>__r
+    sharded = next(m for m in module.modules() if type(m) is sharder.module_type)  # lowrank: its inner collection
+    plan = {name: sharding_type for name in sharder.shardable_parameters(sharded)}  # a QR table: <t>__q, <t>__r
     dmp = shard_with_planner(module, [sharder], plan)
     load_unsharded_state_dict(dmp, ref.state_dict())
 
     data = rank_batches(0, world_size, KEYS, SIZES, 8 + 8 + 8 + 4)
     kjt, proj = data[rank]
-    out = in_key_order(dmp(kjt).wait(), KEYS)
+    out = dmp(kjt)  # a sharded collection's awaitable, or a KeyedTensor (lowrank: projected after the lookup)
+    out = in_key_order(out.wait() if hasattr(out, "wait") else out, KEYS)
     expected, grads = reference_step(ref, ReferenceOptimizer("sgd", LR), data, world_size)
     (out * proj).sum().backward()
     dmp.fused_optimizer.step()
+    with torch.no_grad():  # dense parameters (lowrank's P): DDP averaged their gradient, as the reference's loss
+        for p in dmp.parameters():
+            if p.grad is not None:
+                p -= LR * p.grad
     got = gather_unsharded_state_dict(dmp, dst=None)
 
     problems = []

@@ -24,7 +24,7 @@ from memcom_torchrec.export import (
 from memcom_torchrec.models.builder import build_model
 from memcom_torchrec.models.checkpoint import save_checkpoint, table_signature
 from memcom_torchrec.models.next_item import NextItemTrain
-from memcom_torchrec.modules.methods import method_names
+from memcom_torchrec.modules.methods import get_method, method_names
 from memcom_torchrec.train.config import TrainConfig
 
 NUM_USERS, NUM_ITEMS, DIM = 50, 120, 16
@@ -35,7 +35,9 @@ BATCHES = [1, 4, 37, 256]
 def tiny_model(method: str, seed: int = 0, **overrides):
     """A NextItemTrain with random (non-trivial) weights on CPU, and its config."""
     shape = dict(dict(embedding_dim=DIM, hidden=[32]), **overrides)
-    cfg = TrainConfig(method=method, compression_ratio=4.0 if method != "uncompressed" else 1.0, **shape)
+    # 4x, or the most a method reaches on this tiny table (lowrank: k = 4, 3.5x)
+    ratio = min(4.0, get_method(method).max_compression_ratio(NUM_ITEMS, shape["embedding_dim"]))
+    cfg = TrainConfig(method=method, compression_ratio=ratio if method != "uncompressed" else 1.0, **shape)
     torch.manual_seed(seed)  # the tables' init; build_model seeds the dense layers with cfg.seed
     model, tables = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("cpu"), seed=cfg.seed)
     g = torch.Generator().manual_seed(seed)
@@ -319,7 +321,9 @@ PTE_OVER_BOUND = r"method->set_inputs\(\) for method 'forward' failed with error
      ("memcom", SHAPES[3], "xnnpack", "int8"), ("qr", SHAPES[3], "portable", "fp32"),
      ("hashing", SHAPES[1], "portable", "int4"), ("memcom_2hash", SHAPES[1], "xnnpack", "int8"),
      ("memcom_2hash", SHAPES[2], "xnnpack", "fp32"), ("memcom_clustered", SHAPES[1], "xnnpack", "int4"),
-     ("memcom_freq", SHAPES[0], "portable", "fp32"), ("memcom_freq", SHAPES[1], "xnnpack", "int8")],
+     ("memcom_freq", SHAPES[0], "portable", "fp32"), ("memcom_freq", SHAPES[1], "xnnpack", "int8"),
+     ("lowrank", SHAPES[1], "xnnpack", "fp32"), ("lowrank", SHAPES[1], "xnnpack", "int8"),
+     ("lowrank", SHAPES[1], "xnnpack", "int4"), ("lowrank", SHAPES[0], "portable", "fp32")],
     ids=lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
 def test_pte_equals_eager(tmp_path, method, shape, backend, dtype):

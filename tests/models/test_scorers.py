@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from memcom_torchrec.models.builder import build_model
 from memcom_torchrec.models.config import ModelConfig
 from memcom_torchrec.modules.dense_tables import dense_tables
-from memcom_torchrec.modules.methods import method_names
+from memcom_torchrec.modules.methods import get_method, method_names
 from memcom_torchrec.train.config import TrainConfig
 from dist_utils import run_multiprocess
 
@@ -27,7 +27,8 @@ SHAPES = [("next_item", "tied", False), ("next_item", "linear", False), ("rankne
 
 
 def make_model(method: str, model: str, scorer: str, use_user_id: bool, seed: int = 0):
-    cfg = ModelConfig(model=model, method=method, compression_ratio=2.0 if method != "uncompressed" else 1.0,
+    ratio = min(2.0, get_method(method).max_compression_ratio(NUM_ITEMS, DIM))  # lowrank at d = 8: k = 4, 1.85x
+    cfg = ModelConfig(model=model, method=method, compression_ratio=ratio if method != "uncompressed" else 1.0,
                       embedding_dim=DIM, hidden=[16], use_user_id=use_user_id, scorer=scorer)
     torch.manual_seed(seed)
     train_model, tables = build_model(cfg, NUM_USERS, NUM_ITEMS, torch.device("cpu"), seed=seed)
@@ -60,6 +61,8 @@ def item_vectors(t: Dict[str, torch.Tensor], n: int) -> torch.Tensor:
     i = torch.arange(n)
     if "rows" in t:  # the MEmCom-family variants: sum_j w[i, j] U[rows[i, j]]
         return (t["w"][i].unsqueeze(2) * t["U"][t["rows"][i]]).sum(1)
+    if "A" in t:  # a low-rank table: P A[i], P of shape d x k
+        return t["A"][i] @ t["P"].t()
     if "weight" in t:
         e = t["weight"][i]
     elif "U" in t:
@@ -209,7 +212,7 @@ def _sharded_body(rank: int, world_size: int, method: str, model_kind: str, scor
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
 @pytest.mark.parametrize("method,model_kind,scorer", [("memcom", "next_item", "tied"), ("qr", "ranknet", "mlp"),
-                                                      ("memcom_qr", "ranknet", "dot")])
+                                                      ("memcom_qr", "ranknet", "dot"), ("lowrank", "next_item", "tied")])
 def test_sharded_scores_match_unsharded(method, model_kind, scorer, sharding_type):
     reference, _ = make_model(method, model_kind, scorer, False)
     state = {k: v.detach().clone() for k, v in reference.state_dict().items()}

@@ -49,3 +49,18 @@ def test_a_table_config_without_a_storage_description_is_refused() -> None:
     t = NewTableConfig(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"])
     with pytest.raises(ValueError, match="table 't': no storage description for NewTableConfig"):
         table_memory(t)
+
+
+def test_table_memory_of_a_lowrank_table() -> None:
+    """A (n x k, FBGEMM rows with row-wise state) and P (d x k, fp32 with element-wise state); ratio n*d / (n*k + k*d)."""
+    from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
+
+    t = LowRankEmbeddingBagConfig(name="t", num_embeddings=3706, embedding_dim=64, feature_names=["f"],
+                                  compression_ratio=4.0)
+    k = t.rank
+    assert k == 12 and 3706 * 64 / (3706 * (k + 4) + 64 * (k + 4)) < 4.0  # the next rank up misses 4x
+    mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+    assert mem.num_rows == 3706 and mem.num_parameters == 3706 * k + 64 * k
+    assert mem.param_bytes == (3706 * k + 64 * k) * 4
+    assert mem.optimizer_state_bytes == (3706 + 64 * k) * 4
+    assert mem.compression_ratio == pytest.approx(3706 * 64 / (3706 * k + 64 * k))

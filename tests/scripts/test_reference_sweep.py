@@ -17,6 +17,8 @@ from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagConf
 from memcom_torchrec.modules.memcom_embedding_modules import entity_weights_to_dense
 from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig, num_collisions_for_ratio
 from memcom_torchrec.modules.memcom_configs import memcom_storage, num_buckets_for_ratio
+from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
+from memcom_torchrec.modules.lowrank_embedding_modules import LowRankEmbeddingBagCollection
 from memcom_torchrec.modules.qr_configs import qr_storage
 from memcom_torchrec.modules.storage import plain_storage, table_storage
 from reference import adagrad_, rowwise_adagrad_
@@ -122,6 +124,28 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_replica_lowrank_table_matches_collection() -> None:
+    """The replica's ``P A[i]`` equals the low-rank collection: pooled output, gradients of A and P."""
+    cfg = LowRankEmbeddingBagConfig(name="item", num_embeddings=N, embedding_dim=D, feature_names=["history"],
+                                    pooling=PoolingType.MEAN, rank=8)
+    torch.manual_seed(0)
+    real = LowRankEmbeddingBagCollection([cfg])
+    storage = table_storage(cfg)
+    table = rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()}}, N)
+    tensors = real.dense_tables("item")
+    with torch.no_grad():
+        table.table.copy_(tensors["A"])
+        table.projection.copy_(tensors["P"])
+    h = histories()
+    got, expected = replica_pooled(table, h), real(as_kjt(h))["history"]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    proj = torch.randn_like(got)
+    g_replica = torch.autograd.grad((got * proj).sum(), [table.table, table.projection])
+    g_real = torch.autograd.grad((expected * proj).sum(), [tensors["A"], tensors["P"]])
+    for a, b in zip(g_replica, g_real):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method,size", [("uncompressed", 1), ("memcom", 7), ("hashing", 9), ("qr", 6), ("memcom_qr", 6)])
 def test_replica_init_matches_collections(method: str, size: int) -> None:
     """Tables start as the product's do: uniform +-sqrt(1/n) (n: entities, not rows), R = 1, w = 1."""
@@ -210,7 +234,7 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     pack = torch.load(packed)
     layouts = pack["layouts"]
     assert pack["baseline"] == "uncompressed" and pack["methods"] == [
-        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq"]  # the clustered ones need a warm-up
+        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "lowrank"]  # clustered: a warm-up
     assert layouts["memcom_2hash@16.0"]["roles"] == ["U", "rows", "w"] and layouts["memcom_2hash@16.0"]["rows"].shape == (1682, 2)
     freq = layouts["memcom_freq@16.0"]["rows"][:, 0]
     top = torch.argsort(-torch.bincount(pack["train"]["item"].long(), minlength=1682), stable=True)[0]

@@ -1,0 +1,146 @@
+"""LowRankEmbeddingBagCollection: low-rank and plain tables, KeyedJaggedTensor in, KeyedTensor out.
+
+Entity ``i`` of a low-rank table is ``P A[i]`` (``modules/lowrank_configs.py``). The rows of
+every table (``A``, and plain tables) live in an inner ``MEmComEmbeddingBagCollection`` of
+plain tables, which FBGEMM looks up and updates with its fused optimizer; the collection
+pools ``A``'s rows per bag and projects the pooled ``k``-vector with ``P`` (an ``nn.Linear``
+without bias, shared by the table's features).
+
+Sharded twin: ``DistributedModelParallel`` shards the inner collection with MEmCom's sharder
+(table-wise or row-wise, on GPUs and on CPU) and keeps ``P`` as a dense layer, replicated and
+data-parallel like the model's MLP (its gradient is averaged over ranks by DDP, as every
+dense layer's). So the sharded model is this module with a sharded child: parameter names
+and the export are the same either way.
+"""
+
+import math
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
+
+
+class Projection(nn.Linear):
+    """``P``: ``k -> d`` without bias, initialised so that ``P A[i]`` starts at a plain table's scale.
+
+    With ``A`` uniform in ``+-sqrt(1/n)`` (TorchRec's default) and ``P`` uniform in
+    ``+-sqrt(3/k)`` (variance ``1/k``), each entry of ``P A[i]`` has the variance of a plain
+    table's entry.
+    """
+
+    def __init__(self, rank: int, embedding_dim: int, device: Optional[Union[str, torch.device]] = None) -> None:
+        super().__init__(rank, embedding_dim, bias=False, device=device)
+
+    def reset_parameters(self) -> None:
+        bound = math.sqrt(3.0 / self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+
+def inner_table_config(config: EmbeddingBagConfig) -> EmbeddingBagConfig:
+    """The plain table holding a config's rows: ``A`` (``n x k``) for a low-rank table, else the table itself."""
+    if not isinstance(config, LowRankEmbeddingBagConfig):
+        return config
+    return EmbeddingBagConfig(
+        name=config.name, num_embeddings=config.num_embeddings, embedding_dim=config.rank,
+        feature_names=list(config.feature_names), pooling=config.pooling, data_type=config.data_type,
+    )
+
+
+class LowRankEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """EmbeddingBagCollection whose tables may be low-rank (``P A[i]``); plain tables behave as in TorchRec.
+
+    Parameters: ``_embedding_bag_collection._embedding_bag_collection.embedding_bags.<table>.weight``
+    (``A``, or a plain table) and ``_projections.<table>.weight`` (``P``, ``d x k``).
+
+    Args:
+        tables (List[EmbeddingBagConfig]): low-rank and/or plain table configs.
+        is_weighted (bool): whether input KJTs carry per-id weights.
+        device (Optional[torch.device]): device, ``meta`` for lazy init.
+
+    Example::
+
+        ebc = LowRankEmbeddingBagCollection(tables=[
+            LowRankEmbeddingBagConfig(name="items", num_embeddings=3706, embedding_dim=64,
+                                      feature_names=["history"], compression_ratio=4.0),
+        ])
+        kt = ebc(kjt)  # KeyedTensor with key "history", width 64
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("LowRankEmbeddingBagCollection needs at least one table")
+        self._embedding_bag_configs: List[EmbeddingBagConfig] = tables
+        self._is_weighted = is_weighted
+        # Named like the other collections' inner module: the checkpoint signature describes the outer tables.
+        self._embedding_bag_collection = MEmComEmbeddingBagCollection(
+            [inner_table_config(t) for t in tables], is_weighted=is_weighted, device=device
+        )
+        self._projections = nn.ModuleDict({
+            t.name: Projection(t.rank, t.embedding_dim, device=device)
+            for t in tables if isinstance(t, LowRankEmbeddingBagConfig)
+        })
+        table_of = {f: t.name for t in tables for f in t.feature_names}
+        rows = self._embedding_bag_collection._embedding_bag_collection  # TorchRec's EBC: the output key order
+        self._keys: List[str] = list(rows._embedding_names)
+        self._key_tables: List[str] = [table_of[k] for k in self._keys]
+        dims = {t.name: t.embedding_dim for t in tables}
+        self._dims: List[int] = [dims[table_of[k]] for k in self._keys]
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._embedding_bag_collection.device
+
+    def reset_parameters(self) -> None:
+        self._embedding_bag_collection.reset_parameters()
+        for p in self._projections.values():
+            p.reset_parameters()
+
+    def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
+        """Every tensor of one table by role, as an exporter needs them.
+
+        Returns:
+            Dict[str, torch.Tensor]: ``{"A", "P"}`` (entity ``i`` is ``P A[i]``, ``P`` of shape ``d x k``)
+            or ``{"weight"}`` (a plain ``n x d`` table).
+
+        Raises:
+            KeyError: no such table.
+        """
+        rows = self._embedding_bag_collection.dense_tables(table_name)["weight"]
+        if table_name not in self._projections:
+            return {"weight": rows}
+        return {"A": rows, "P": self._projections[table_name].weight}
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pools every feature: ``P`` times the pooled rows of ``A`` for a low-rank table.
+
+        Args:
+            features (KeyedJaggedTensor): ids (and weights if ``is_weighted``) of every feature.
+
+        Returns:
+            KeyedTensor: one ``d``-wide pooled embedding per feature (TorchRec's key order: by table, then feature).
+        """
+        # Static keys and widths (no iteration over the output): TorchRec's pipelines trace this forward.
+        pooled = self._embedding_bag_collection(features).to_dict()
+        out = [
+            self._projections[table](pooled[key]) if table in self._projections else pooled[key]
+            for key, table in zip(self._keys, self._key_tables)
+        ]
+        return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=torch.cat(out, dim=1))
