@@ -34,7 +34,7 @@ from memcom_torchrec.eval.metrics import RankingTotals, rank_batches
 from memcom_torchrec.experiment.grid import read_results, rewrite_csv
 from memcom_torchrec.export.cli import cli_error
 from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte, run_pte, write_programs
-from memcom_torchrec.export.slim import DTYPES, SlimModel, build_slim_model, kjt_to_inputs
+from memcom_torchrec.export.slim import DTYPES, FP32, INT4, INT8, SlimModel, build_slim_model, kjt_to_inputs
 from memcom_torchrec.models.builder import load_trained_model
 from memcom_torchrec.modules.methods import get_method
 from memcom_torchrec.quiet import add_verbose_flag, configure_cli
@@ -257,7 +257,7 @@ def _plot(points, front, base, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = {"fp32": "o", "int8": "s", "int4": "^"}
+    markers = {"fp32": "o", "int8": "s", "int4": "^", "int4_row": "v"}
     methods = sorted({p["method"] for p in points})
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     for p in points:
@@ -292,7 +292,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--results", required=True, help="results.csv of a memcom-experiment grid")
     p.add_argument("--data-dir", required=True, help="the prepared dataset the grid trained on")
     p.add_argument("--out-dir", required=True, help="where programs, pareto.csv/.md/.png go")
-    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    p.add_argument("--dtypes", nargs="+", default=[FP32, INT8, INT4], choices=DTYPES)
     p.add_argument("--batch-size", type=int, default=256, help="requests per runtime call when evaluating")
     p.add_argument("--repeats", type=int, default=100, help="batch-1 requests timed per program (median)")
     p.add_argument("--report-only", action="store_true", help="redraw pareto.md / .png from pareto.csv")

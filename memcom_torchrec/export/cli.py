@@ -21,8 +21,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint root or checkpoint directory")
     p.add_argument("--out", required=True, help="path of the .pte to write")
     p.add_argument("--dtype", choices=DTYPES, default=FP32,
-                   help="fp32; int8 / int4: every weight matrix (tables and linear layers) weight-only, "
-                        "asymmetric: int8 one scale per row, int4 one scale per 32 columns where the width allows "
+                   help="fp32; int8 / int4 / int4_row: every weight matrix (tables and linear layers) weight-only, "
+                        "asymmetric: int8 one scale per row, int4 one per 32 columns where the width allows, "
+                        "int4_row one per row "
                         "(ExecuTorch's embedding_byte / embedding_4bit kernels); activations float; w and biases fp16")
     p.add_argument("--backend", choices=BACKENDS, default=XNNPACK,
                    help="xnnpack: delegate what XNNPACK supports; portable: portable kernels only")

@@ -1,10 +1,10 @@
 """Storage of a slim model: torchao quantisation (``quantize_slim``) and the bytes it stores.
 
-Storage (``dtype``): ``"fp32"``; ``"int8"`` / ``"int4"`` quantise with torchao's
+Storage (``dtype``): ``"fp32"``; ``"int8"`` / ``"int4"`` / ``"int4_row"`` quantise with torchao's
 own configs (``quantize_slim``): every weight matrix, embedding tables (``U``,
 ``Q``, ``R``, plain tables) and linear layers alike, weight-only and asymmetric,
 int8 with one scale per row, int4 with one scale per 32 columns where the width
-allows (per row otherwise), which ExecuTorch runs with its
+allows (per row otherwise), ``int4_row`` int4 with one scale per row, which ExecuTorch runs with its
 ``quantized_decomposed::embedding_byte`` / ``embedding_4bit`` kernels; per-entity
 scalars (MEmCom's ``w``, the item biases) float16. Activations stay float, so a
 ``.pte`` equals its eager twin to float rounding.

@@ -2,7 +2,8 @@
 
 Weight-only and asymmetric through torchao's ``IntxWeightOnlyConfig``: int8 with one scale and
 zero point per row, int4 with one per 32 columns where the width is a multiple of 32 above 32
-(per row otherwise). Per-entity scalars (MEmCom's ``w``, item biases) are stored as float16.
+(per row otherwise), ``int4_row`` int4 with one per row whatever the width (half the scales of
+group-wise int4 at width 64, a coarser grid). Per-entity scalars (MEmCom's ``w``, item biases) are stored as float16.
 ``export.slim.quantize_slim`` quantises with these configs; quantisation-aware training
 (``train.qat``) trains against ``fake_quantize_rows`` / ``fake_quantize_half``, the same grid.
 """
@@ -10,8 +11,9 @@ zero point per row, int4 with one per 32 columns where the width is a multiple o
 import torch
 from torch import nn
 
-FP32, INT8, INT4 = "fp32", "int8", "int4"
-DTYPES = (FP32, INT8, INT4)
+FP32, INT8, INT4, INT4_ROW = "fp32", "int8", "int4", "int4_row"
+DTYPES = (FP32, INT8, INT4, INT4_ROW)
+INTEGER_DTYPES = (INT8, INT4, INT4_ROW)
 GROUP_SIZE = 32
 
 
@@ -21,14 +23,14 @@ def is_grouped(dtype: str, width: int) -> bool:
 
 
 def weight_only_config(dtype: str, grouped: bool):  # pyre-ignore[3]: torchao's config
-    """torchao's ``IntxWeightOnlyConfig`` for ``dtype`` (``int8`` / ``int4``), per row or per group."""
+    """torchao's ``IntxWeightOnlyConfig`` for ``dtype`` (``int8`` / ``int4`` / ``int4_row``), per row or per group."""
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import IntxWeightOnlyConfig, MappingType
 
-    if dtype not in (INT8, INT4):
-        raise ValueError(f"no integer grid for dtype '{dtype}'; choose {INT8} or {INT4}")
+    if dtype not in INTEGER_DTYPES:
+        raise ValueError(f"no integer grid for dtype '{dtype}'; choose one of {list(INTEGER_DTYPES)}")
     return IntxWeightOnlyConfig(
-        weight_dtype=torch.int4 if dtype == INT4 else torch.int8,
+        weight_dtype=torch.int8 if dtype == INT8 else torch.int4,
         granularity=PerGroup(GROUP_SIZE) if grouped else PerAxis(0),
         mapping_type=MappingType.ASYMMETRIC,
     )
@@ -40,7 +42,7 @@ def fake_quantize_rows(weight: torch.Tensor, dtype: str) -> torch.Tensor:
 
     Args:
         weight (torch.Tensor): a table or a linear layer's ``out x in`` weight.
-        dtype (str): ``int8`` or ``int4``.
+        dtype (str): ``int8``, ``int4`` or ``int4_row``.
 
     Returns:
         torch.Tensor: float32, the same shape.

@@ -57,7 +57,7 @@ class TrainConfig(ModelConfig):
             (fine-tuning, e.g. ``--qat`` after a converged float run); its optimizer and training
             state are not carried over ("": a fresh initialisation).
         qat (str): quantisation-aware training for the dtype the model will be exported at,
-            ``int8`` or ``int4`` ("": none): every step, validation and test see the export's grid
+            ``int8``, ``int4`` or ``int4_row`` ("": none): every step, validation and test see the export's grid
             (``train.qat``).
 
     The model fields (``model``, ``method``, ``compression_ratio``, ``compressed_tables``,
@@ -97,8 +97,12 @@ class TrainConfig(ModelConfig):
             raise ValueError(f"--distill-alpha {self.distill_alpha} is outside [0, 1]")
         if not self.distill_temperature > 0.0:
             raise ValueError(f"--distill-temperature {self.distill_temperature} must be > 0")
-        if self.qat not in ("", "int8", "int4"):
-            raise ValueError(f"--qat '{self.qat}': choose int8 or int4 (the export dtype), or leave it empty")
+        if self.qat:
+            from memcom_torchrec.modules.quant_grid import INTEGER_DTYPES  # torch: only when QAT is asked for
+
+            if self.qat not in INTEGER_DTYPES:
+                raise ValueError(f"--qat '{self.qat}': choose one of {list(INTEGER_DTYPES)} (the export dtype), "
+                                 "or leave it empty")
         if self.teacher and self.model != "next_item":
             raise ValueError(f"--teacher needs --model next_item (the student's logits over the catalogue), "
                              f"not '{self.model}'")

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from memcom_torchrec.modules.quant_grid import INT4, INT8, fake_quantize_half, fake_quantize_rows
+from memcom_torchrec.modules.quant_grid import INTEGER_DTYPES, fake_quantize_half, fake_quantize_rows
 
-QAT_DTYPES = (INT8, INT4)
+QAT_DTYPES = INTEGER_DTYPES
 ROWS, HALF = "rows", "half"
 
 

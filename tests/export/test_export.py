@@ -160,7 +160,19 @@ def _row_step(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return ((hi - lo) / (2**bits - 1)).repeat_interleave(group, dim=1)
 
 
-@pytest.mark.parametrize("dtype,bits", [("int8", 8), ("int4", 4)])
+def test_row_wise_int4_stores_one_scale_per_row():
+    """``int4_row``: one scale and zero point per row; ``int4``: one per 32 columns (at d = 64, two per row)."""
+    model, _ = tiny_model("memcom_qr", embedding_dim=64, **shaped("next_item", "tied", False))
+    grouped, row = build_slim_model(model, "int4"), build_slim_model(model, "int4_row")
+    for name, module in row.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            w, g = module.weight, dict(grouped.named_modules())[name].weight
+            assert w.target_dtype == torch.int4 and w.scale.numel() == w.shape[0], name
+            assert g.scale.numel() == w.shape[0] * (2 if w.shape[1] == 64 else 1), name
+    assert embedding_bytes(row) < embedding_bytes(grouped) and dense_bytes(row) < dense_bytes(grouped)
+
+
+@pytest.mark.parametrize("dtype,bits", [("int8", 8), ("int4", 4), ("int4_row", 4)])
 @pytest.mark.parametrize("method", ["uncompressed", "memcom", "qr", "memcom_qr"])
 def test_quantized_tables_are_torchao_tensors_within_one_step(method, dtype, bits):
     """Every table and every linear layer's weight is stored by torchao at ``bits`` bits, within one
@@ -304,7 +316,8 @@ def test_bad_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------- ExecuTorch
-QUANT_OPS = {"int8": "quantized_decomposed::embedding_byte.out", "int4": "quantized_decomposed::embedding_4bit.out"}
+QUANT_OPS = {"int8": "quantized_decomposed::embedding_byte.out", "int4": "quantized_decomposed::embedding_4bit.out",
+             "int4_row": "quantized_decomposed::embedding_4bit.out"}
 # ExecuTorch's error codes (runtime/core/error.h): a kernel's argument check failed (InvalidArgument,
 # 0x12), or inputs above the program's planned bounds were refused when set (NotSupported, 0x10)
 PTE_INVALID_ARGUMENT = r"method->execute\(\) failed with error 0x12"
@@ -323,7 +336,8 @@ PTE_OVER_BOUND = r"method->set_inputs\(\) for method 'forward' failed with error
      ("memcom_2hash", SHAPES[2], "xnnpack", "fp32"), ("memcom_clustered", SHAPES[1], "xnnpack", "int4"),
      ("memcom_freq", SHAPES[0], "portable", "fp32"), ("memcom_freq", SHAPES[1], "xnnpack", "int8"),
      ("lowrank", SHAPES[1], "xnnpack", "fp32"), ("lowrank", SHAPES[1], "xnnpack", "int8"),
-     ("lowrank", SHAPES[1], "xnnpack", "int4"), ("lowrank", SHAPES[0], "portable", "fp32")],
+     ("lowrank", SHAPES[1], "xnnpack", "int4"), ("lowrank", SHAPES[0], "portable", "fp32"),
+     ("memcom_qr", SHAPES[1], "xnnpack", "int4_row"), ("uncompressed", SHAPES[0], "portable", "int4_row")],
     ids=lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
 def test_pte_equals_eager(tmp_path, method, shape, backend, dtype):

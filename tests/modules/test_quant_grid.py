@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from memcom_torchrec.modules.quant_grid import INT4, INT8, fake_quantize_half, fake_quantize_rows, is_grouped
+from memcom_torchrec.modules.quant_grid import INT4, INT4_ROW, INT8, fake_quantize_half, fake_quantize_rows, is_grouped
 
 pytest.importorskip("torchao")
 
 
-@pytest.mark.parametrize("dtype,width,levels", [(INT8, 16, 256), (INT4, 64, 16), (INT4, 16, 16)])
+@pytest.mark.parametrize("dtype,width,levels", [(INT8, 16, 256), (INT4, 64, 16), (INT4, 16, 16), (INT4_ROW, 64, 16)])
 def test_rows_land_on_a_grid_of_the_dtype(dtype: str, width: int, levels: int):
     torch.manual_seed(0)
     w = torch.randn(7, width) * torch.linspace(0.1, 3, 7)[:, None]
@@ -28,7 +28,7 @@ def test_rows_land_on_a_grid_of_the_dtype(dtype: str, width: int, levels: int):
 
 def test_grouping_follows_the_export():
     assert is_grouped(INT4, 64) and not is_grouped(INT4, 32) and not is_grouped(INT4, 48)
-    assert not is_grouped(INT8, 64)
+    assert not is_grouped(INT8, 64) and not is_grouped(INT4_ROW, 64)
 
 
 def test_scalars_round_to_float16():

@@ -50,7 +50,7 @@ def test_trainer_scores_what_the_program_scores(ml100k_dir: str, tmp_path, metho
 
 
 def test_qat_dtype_is_checked():
-    with pytest.raises(ValueError, match=r"--qat 'int3': choose int8 or int4"):
+    with pytest.raises(ValueError, match=r"--qat 'int3': choose one of \['int8', 'int4', 'int4_row'\]"):
         TrainConfig(qat="int3")
 
 
