@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from memcom_torchrec.modules.collection_base import CollectionBase
 from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
 from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
 
@@ -52,7 +52,7 @@ def inner_table_config(config: EmbeddingBagConfig) -> EmbeddingBagConfig:
     )
 
 
-class LowRankEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class LowRankEmbeddingBagCollection(CollectionBase):
     """EmbeddingBagCollection whose tables may be low-rank (``P A[i]``); plain tables behave as in TorchRec.
 
     Parameters: ``_embedding_bag_collection._embedding_bag_collection.embedding_bags.<table>.weight``
@@ -78,11 +78,7 @@ class LowRankEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
-        super().__init__()
-        if not tables:
-            raise ValueError("LowRankEmbeddingBagCollection needs at least one table")
-        self._embedding_bag_configs: List[EmbeddingBagConfig] = tables
-        self._is_weighted = is_weighted
+        super().__init__(tables, is_weighted)
         # Named like the other collections' inner module: the checkpoint signature describes the outer tables.
         self._embedding_bag_collection = MEmComEmbeddingBagCollection(
             [inner_table_config(t) for t in tables], is_weighted=is_weighted, device=device
@@ -97,12 +93,6 @@ class LowRankEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._key_tables: List[str] = [table_of[k] for k in self._keys]
         dims = {t.name: t.embedding_dim for t in tables}
         self._dims: List[int] = [dims[table_of[k]] for k in self._keys]
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._embedding_bag_configs
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
 
     @property
     def device(self) -> torch.device:

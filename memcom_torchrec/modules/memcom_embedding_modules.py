@@ -12,12 +12,10 @@ from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Tu
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import (
-    EmbeddingBagCollection,
-    EmbeddingBagCollectionInterface,
-)
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from memcom_torchrec.modules.collection_base import CollectionBase
 from memcom_torchrec.modules.memcom_configs import MEmComEmbeddingBagConfig, assignment_dtype, hash_multiplier
 from memcom_torchrec.modules.validation import validate_feature_specs
 
@@ -208,7 +206,7 @@ def apply_mean_pooling(
     return pooled / torch.cat(divisors, dim=1)
 
 
-class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class MEmComEmbeddingBagCollection(CollectionBase):
     """EmbeddingBagCollection whose tables may be MEmCom-compressed.
 
     Entity ``i`` of a MEmCom table is ``w[i] * U[i mod m]``; a bag pools
@@ -241,11 +239,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
-        super().__init__()
-        if not tables:
-            raise ValueError("MEmComEmbeddingBagCollection needs at least one table")
-        self._embedding_bag_configs: List[EmbeddingBagConfig] = tables
-        self._is_weighted = is_weighted
+        super().__init__(tables, is_weighted)
         self._feature_specs: Dict[str, FeatureSpec] = feature_specs(tables)
         self._embedding_bag_collection = EmbeddingBagCollection(
             tables=inner_table_configs(tables), is_weighted=True, device=device
@@ -261,14 +255,6 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ API
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        """Returns: the table configs this collection was built from."""
-        return self._embedding_bag_configs
-
-    def is_weighted(self) -> bool:
-        """Returns: whether input KJTs carry per-id weights."""
-        return self._is_weighted
-
     @property
     def device(self) -> torch.device:
         return self._device

@@ -26,9 +26,10 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from memcom_torchrec.modules.collection_base import CollectionBase
 from memcom_torchrec.modules.qr_configs import (
     ENTITY_WEIGHT_INIT,
     QUOTIENT_SUFFIX,
@@ -182,7 +183,7 @@ def input_weight_scales(
 # ---------------------------------------------------------------------------
 # Module
 # ---------------------------------------------------------------------------
-class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class QREmbeddingBagCollection(CollectionBase):
     """EmbeddingBagCollection whose tables may be quotient-remainder compressed.
 
     Entity ``i`` of a QR table is ``Q[i // p] * R[i % p]``; a bag pools
@@ -222,14 +223,10 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: Optional[Union[str, torch.device]] = None,
         validate_inputs: bool = True,
     ) -> None:
-        super().__init__()
-        if not tables:
-            raise ValueError("QREmbeddingBagCollection needs at least one table")
+        super().__init__(tables, is_weighted)
         names = [t.name for t in tables]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate table names {names}")
-        self._embedding_bag_configs: List[EmbeddingBagConfig] = tables
-        self._is_weighted = is_weighted
         self._validate_inputs = validate_inputs
         self._device: torch.device = torch.device(device) if device is not None else torch.device("cpu")
         self._feature_specs: Dict[str, QRFeatureSpec] = qr_feature_specs(tables)
@@ -247,14 +244,6 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._reset_entity_weights()
 
     # ------------------------------------------------------------------ API
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        """Returns: the table configs this collection was built from."""
-        return self._embedding_bag_configs
-
-    def is_weighted(self) -> bool:
-        """Returns: whether input KJTs carry per-id weights."""
-        return self._is_weighted
-
     @property
     def device(self) -> torch.device:
         return self._device
