@@ -66,6 +66,7 @@ def pack(data: str, out: str) -> None:
     from memcom_torchrec.models.embeddings import build_collection
     from memcom_torchrec.modules.assignment import frequency_assignment
     from memcom_torchrec.modules.dense_tables import dense_tables
+    from memcom_torchrec.modules.mixed_dim_configs import frequency_slots
     from memcom_torchrec.modules.storage import table_storage
     from memcom_torchrec.modules.memcom_configs import FREQUENCY
     from memcom_torchrec.modules.methods import TableSpec, get_method, method_names
@@ -112,6 +113,8 @@ def pack(data: str, out: str) -> None:
                 storage = table_storage(config)
                 layouts[f"{name}@{r}"] = {"roles": list(storage.roles),
                                           "shapes": {k: list(v) for k, v in storage.shapes.items()}}
+                if storage.has("slots"):  # mixed-dimension: slots by training frequency, as the trainer sets them
+                    layouts[f"{name}@{r}"]["slots"] = frequency_slots(counts).to(torch.int32)
                 if storage.has("rows"):  # the variants' rows of U per entity: a second hash, or a frequency head
                     collection = build_collection([config], device="cpu")
                     if config.assignment == FREQUENCY:
@@ -138,17 +141,22 @@ class ItemTable(nn.Module):
     (``Q[i // p] * R[i mod p]``, ``R`` initialised to 1), and ``w`` (times ``w[i]``, initialised to 1);
     ``U``, ``rows``, ``w``: ``sum_j w[i, j] U[rows[i, j]]`` (the MEmCom-family variants; ``rows``
     stored in the layout, ``w`` a flat ``n*k`` vector, element-wise Adagrad as the product's);
-    ``A``, ``P``: ``P A[i]`` (low-rank; ``P`` of shape ``d x k``, trained with the dense layers).
+    ``A``, ``P``: ``P A[i]`` (low-rank; ``P`` of shape ``d x k``, trained with the dense layers);
+    ``head``, ``tail``, ``P``, ``slots``: ``head[s]`` or ``P tail[s - h]`` (mixed-dimension, ``s = slots[i]``).
     """
 
     def __init__(self, layout: Dict, n: int) -> None:
         super().__init__()
         self.roles, self.n, shapes = frozenset(layout["roles"]), n, layout["shapes"]
-        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}, {"U", "rows", "w"}, {"A", "P"}]
+        known = [{"weight"}, {"U"}, {"U", "w"}, {"Q", "R"}, {"Q", "R", "w"}, {"U", "rows", "w"}, {"A", "P"},
+                 {"head", "tail", "P", "slots"}]
         if set(self.roles) not in known:
             raise ValueError(f"no replica for a table with tensors {sorted(self.roles)}")
         bound = math.sqrt(1.0 / n)  # TorchRec's default init for an n-row table
-        table = next(r for r in ("weight", "U", "Q", "A") if r in self.roles)
+        table = next(r for r in ("weight", "U", "Q", "A", "head") if r in self.roles)
+        if "tail" in self.roles:  # mixed-dimension: both blocks start as an n-row table would
+            self.tail = nn.Parameter(torch.empty(*shapes["tail"]).uniform_(-bound, bound))
+            self.register_buffer("slots", layout["slots"].long())
         if "P" in self.roles:  # low-rank: P A[i], P (d x k) uniform in +-sqrt(3/k) as the package's Projection
             k = shapes["P"][1]
             self.projection = nn.Parameter(torch.empty(*shapes["P"]).uniform_(-math.sqrt(3 / k), math.sqrt(3 / k)))
@@ -170,6 +178,10 @@ class ItemTable(nn.Module):
             return (w.unsqueeze(-1) * self.table[self.rows[ids]]).sum(-2)
         if "A" in self.roles:
             return self.table[ids] @ self.projection.t()
+        if "slots" in self.roles:  # head[s] if s < h, else P tail[s - h]
+            s, h = self.slots[ids], self.table.shape[0]
+            tail = self.tail[(s - h).clamp(min=0)] @ self.projection.t()
+            return torch.where((s < h).unsqueeze(-1), self.table[s.clamp(max=h - 1)], tail)
         if "weight" in self.roles:
             v = self.table[ids]
         elif "U" in self.roles:

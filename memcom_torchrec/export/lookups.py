@@ -12,7 +12,9 @@ one lookup class per storage layout (``make_lookup`` picks it from the roles):
 - ``MultiRowLookup``, ``U``, ``rows``, ``w``: ``sum_j w[i, j] * U[rows[i, j]]`` (the
   MEmCom-family variants: a second hash, or a stored assignment), ``rows`` kept
   in the program as int16 (int32 when ``m`` > 32,767);
-- ``LowRankLookup``, ``A``, ``P``: ``P A[i]`` (a low-rank table; ``P`` is ``d x k``).
+- ``LowRankLookup``, ``A``, ``P``: ``P A[i]`` (a low-rank table; ``P`` is ``d x k``);
+- ``MixedDimLookup``, ``head``, ``tail``, ``P``, ``slots``: ``head[s]`` or ``P tail[s - h]``
+  (a mixed-dimension table; ``slots`` kept as int16 up to 32,767 entities).
 
 Each lookup also scores a query against every entity (``catalogue_scores``, for the
 ``tied`` / ``dot`` scorers). For ``U`` layouts it is computed as
@@ -291,7 +293,29 @@ class LowRankLookup(SlimLookup):
         return nn.functional.linear(q @ self.projection.all_rows(), self.rows.all_rows())
 
 
-LOOKUPS: Tuple[type, ...] = (PlainLookup, HashedLookup, QRLookup, MultiRowLookup, LowRankLookup)
+class MixedDimLookup(SlimLookup):
+    """``head[s]`` if ``s = slots[i] < h``, else ``P tail[s - h]``: a mixed-dimension table."""
+
+    LAYOUTS: ClassVar[Tuple[Layout, ...]] = (("P", "head", "slots", "tail"),)
+
+    def store(self, tables: Dict[str, torch.Tensor]) -> None:
+        self.head = RowTable(tables["head"])
+        self.tail = RowTable(tables["tail"])
+        self.projection = RowTable(tables["P"])
+        dtype = torch.int16 if self.info.num_embeddings <= (1 << 15) - 1 else torch.int32
+        self.register_buffer("slots", tables["slots"].to(dtype).clone().contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``len(ids) x d`` float32 embeddings; the poisoned index ``n`` of an invalid id fails the slot lookup."""
+        h = self.head.num_rows
+        s = self.slots.index_select(0, torch.where(self.valid(ids), ids, self.info.num_embeddings)).long()
+        in_head = s < h
+        head = self.head(torch.where(in_head, s, 0))
+        tail = nn.functional.linear(self.tail(torch.where(in_head, 0, s - h)), self.projection.all_rows())
+        return torch.where(in_head.unsqueeze(1), head, tail)
+
+
+LOOKUPS: Tuple[type, ...] = (PlainLookup, HashedLookup, QRLookup, MultiRowLookup, LowRankLookup, MixedDimLookup)
 # The table layouts a slim lookup computes: sorted tensor roles (see the module docstring).
 LAYOUTS: Tuple[Layout, ...] = tuple(layout for cls in LOOKUPS for layout in cls.LAYOUTS)
 

@@ -5,6 +5,9 @@
 - ``memcom_configs``, ``memcom_embedding_modules``: MEmCom (and the hashing trick);
 - ``qr_configs``, ``qr_embedding_modules``: quotient-remainder (and ``memcom_qr``);
 - ``lowrank_configs``, ``lowrank_embedding_modules``: low-rank tables, ``P A[i]``;
+- ``mixed_dim_configs``, ``mixed_dim_embedding_modules``: mixed-dimension tables (full rows for the
+  most frequent entities, projected narrow rows for the rest);
+- ``collection_base``: what every collection shares;
 - ``storage``: ``table_storage``, the one description of a table's layout and the only source
   of compression ratios (``TableStorage.compression_ratio``);
 - ``memory``: ``table_memory``, bytes and optimizer state under a fused optimizer;

@@ -39,6 +39,7 @@ from memcom_torchrec.modules.memcom_configs import (
     max_variant_compression_ratio,
 )
 from memcom_torchrec.modules.lowrank_configs import max_lowrank_compression_ratio
+from memcom_torchrec.modules.mixed_dim_configs import max_mixed_dim_compression_ratio
 from memcom_torchrec.modules.qr_configs import max_qr_compression_ratio
 
 
@@ -337,5 +338,15 @@ LOWRANK: EmbeddingMethod = register_method(EmbeddingMethod(
     max_compression_ratio=max_lowrank_compression_ratio,
     config_class="memcom_torchrec.modules.lowrank_configs:LowRankEmbeddingBagConfig",
     collection="memcom_torchrec.modules.lowrank_embedding_modules:LowRankEmbeddingBagCollection",
+    sharder=_MEMCOM_SHARDER,  # shards the collection's inner MEmCom collection; P stays a dense layer
+))
+MIXED_DIM: EmbeddingMethod = register_method(EmbeddingMethod(
+    name="mixed_dim",
+    description="mixed-dimension (Ginart et al.): full rows for the most frequent entities, P-projected narrow "
+                "rows for the rest (stored slots)",
+    make_config=_compressed_config("memcom_torchrec.modules.mixed_dim_configs:MixedDimEmbeddingBagConfig"),
+    max_compression_ratio=max_mixed_dim_compression_ratio,
+    config_class="memcom_torchrec.modules.mixed_dim_configs:MixedDimEmbeddingBagConfig",
+    collection="memcom_torchrec.modules.mixed_dim_embedding_modules:MixedDimEmbeddingBagCollection",
     sharder=_MEMCOM_SHARDER,  # shards the collection's inner MEmCom collection; P stays a dense layer
 ))

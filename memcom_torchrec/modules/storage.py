@@ -9,7 +9,10 @@ a collection's ``dense_tables`` hands over, see ``modules/dense_tables.py``):
 - ``A``, ``P``: a low-rank table's ``n x k`` rows and its ``d x k`` projection;
 - ``w``: the per-entity scalars (``n``, or ``n x k`` for ``k`` cells per entity);
 - ``rows``: the ``n x k`` rows of ``U`` each entity reads (variants), computed from
-  the id by a hash or read from a stored ``assignment`` (``n`` int16/int32).
+  the id by a hash or read from a stored ``assignment`` (``n`` int16/int32);
+- ``head``, ``tail``, ``P``, ``slots``: a mixed-dimension table's full-width rows of its most
+  frequent entities, narrow rows of the rest, the narrow rows' projection and the stored
+  entity -> slot map.
 
 Who reads it: the memory accounting and every compression ratio
 (``modules/memory.py`` and the ratio solvers of the configs), the checkpoint
@@ -54,6 +57,8 @@ class TableTensor:
             holds it in (``None``: ``shape``).
         is_row_table (bool): a table of rows that FBGEMM's fused TBE looks up and updates
             (in the config's data type, with the fused optimizer's state).
+        handed_over (Optional[bool]): whether ``dense_tables`` hands it to the export (default:
+            every tensor but an assignment, whose content reaches the export as ``rows``).
     """
 
     role: str
@@ -62,6 +67,12 @@ class TableTensor:
     dtype: torch.dtype = torch.float32
     held_shape: Optional[Tuple[int, ...]] = None
     is_row_table: bool = False
+    handed_over: Optional[bool] = None
+
+    @property
+    def exported(self) -> bool:
+        """Whether ``dense_tables`` hands it over (see ``handed_over``)."""
+        return self.handed_over if self.handed_over is not None else self.kind != ASSIGNMENT
 
     @property
     def numel(self) -> int:
@@ -104,13 +115,13 @@ class TableStorage:
 
     @property
     def roles(self) -> Tuple[str, ...]:
-        """Sorted roles of the tensors ``dense_tables`` hands over (parameters and computed ones)."""
-        return tuple(sorted(t.role for t in self.tensors if t.kind != ASSIGNMENT))
+        """Sorted roles of the tensors ``dense_tables`` hands over."""
+        return tuple(sorted(t.role for t in self.tensors if t.exported))
 
     @property
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Logical shape of every tensor ``dense_tables`` hands over, by role."""
-        return {t.role: t.shape for t in self.tensors if t.kind != ASSIGNMENT}
+        return {t.role: t.shape for t in self.tensors if t.exported}
 
     @property
     def num_parameters(self) -> int:

@@ -31,8 +31,9 @@ from memcom_torchrec.eval.popularity import item_counts
 from memcom_torchrec.models.builder import build_model, load_trained_model
 from memcom_torchrec.models.checkpoint import latest_checkpoint, save_checkpoint
 from memcom_torchrec.modules.assignment import clustered_assignment, frequency_assignment, line_fit_residual
-from memcom_torchrec.modules.memcom_configs import CLUSTERED, FREQUENCY, MEmComEmbeddingBagConfig
+from memcom_torchrec.modules.memcom_configs import CLUSTERED, FREQUENCY
 from memcom_torchrec.modules.methods import get_method
+from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig, frequency_slots
 from memcom_torchrec.train.config import TrainConfig
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ CLUSTER_INIT = "cluster_init"
 WARMUP = "warmup"
 
 
-def stored_tables(tables: List[EmbeddingBagConfig], assignment: str) -> List[MEmComEmbeddingBagConfig]:
-    """The tables whose stored assignment is of kind ``assignment``."""
-    return [t for t in tables if isinstance(t, MEmComEmbeddingBagConfig) and t.assignment == assignment]
+def stored_tables(tables: List[EmbeddingBagConfig], assignment: str) -> List[EmbeddingBagConfig]:
+    """The tables whose stored assignment is of kind ``assignment`` (MEmCom's variants, mixed-dimension)."""
+    return [t for t in tables if getattr(t, "stores_assignment", False) and t.assignment == assignment]
 
 
 def collection_of(model: nn.Module, table: str, method: str = "set_assignment") -> nn.Module:
@@ -61,8 +62,8 @@ def collection_of(model: nn.Module, table: str, method: str = "set_assignment") 
     raise ValueError(f"no collection of the model holds table '{table}'")
 
 
-def frequency_cells(data_dir: str, config: MEmComEmbeddingBagConfig) -> torch.Tensor:
-    """A ``"frequency"`` table's cells from the training split's counts.
+def frequency_cells(data_dir: str, config: EmbeddingBagConfig) -> torch.Tensor:
+    """A ``"frequency"`` table's cells (a mixed-dimension table's slots) from the training split's counts.
 
     Raises:
         ValueError: the table is neither ``item`` nor ``user`` (no count column).
@@ -70,7 +71,10 @@ def frequency_cells(data_dir: str, config: MEmComEmbeddingBagConfig) -> torch.Te
     column = COUNT_COLUMNS.get(config.name)
     if column is None:
         raise ValueError(f"table '{config.name}': no training-split column to count for a frequency head")
-    return frequency_assignment(item_counts(data_dir, column), config)
+    counts = item_counts(data_dir, column)
+    if isinstance(config, MixedDimEmbeddingBagConfig):  # slot r: the r-th most frequent entity (ties by id)
+        return frequency_slots(counts)
+    return frequency_assignment(counts, config)
 
 
 def set_frequency_assignments(cfg: TrainConfig, model: nn.Module, tables: List[EmbeddingBagConfig]) -> None:

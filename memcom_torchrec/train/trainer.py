@@ -93,12 +93,14 @@ def build_optimizer(cfg: TrainConfig, model: DistributedModelParallel) -> Tuple[
 def make_pipeline(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
     """TorchRec's sparse-dist pipeline (next batch's input all-to-all overlapped with this step).
 
-    Every collection (TorchRec's, MEmCom, QR) is pipelined. Models that read
+    Every collection (TorchRec's, MEmCom, QR, low-rank) is pipelined. Models that read
     items through a ``candidate`` feature (RankNet, the ``tied`` scorer) build
-    that KJT inside their forward, so TorchRec cannot start that input dist
-    early: they run with the plain pipeline (forward, backward, step).
+    that KJT inside their forward, and collections that compute their inner
+    collection's input (``remaps_input``: mixed-dimension) do the same, so TorchRec
+    cannot start that input dist early: they run with the plain pipeline
+    (forward, backward, step).
     """
-    if cfg.scores_catalogue:
+    if cfg.scores_catalogue or any(getattr(m, "remaps_input", False) for m in model.modules()):
         return TrainPipelineBase(model, optimizer, device)
     return TrainPipelineSparseDist(model, optimizer, device)
 

@@ -43,7 +43,7 @@ def make_tables(method: str) -> List[EmbeddingBagConfig]:
     m = get_method(method)
     tables = []
     for spec, d, ratio in SPECS:  # the ratio, or the most the method reaches (lowrank: k = 4; none at d = 4)
-        ratio = min(ratio, m.max_compression_ratio(spec.num_embeddings, d))
+        ratio = min(ratio, 0.95 * m.max_compression_ratio(spec.num_embeddings, d))  # a head row per rank (RW)
         tables.append(m.table_config(spec, d, ratio) if ratio > 1.0 else UNCOMPRESSED.table_config(spec, d, 1.0))
     return tables[:1] + [UNCOMPRESSED.table_config(TableSpec("user", 12, ["user"]), 8, 1.0)] + tables[1:]
 

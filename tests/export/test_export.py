@@ -337,7 +337,9 @@ PTE_OVER_BOUND = r"method->set_inputs\(\) for method 'forward' failed with error
      ("memcom_freq", SHAPES[0], "portable", "fp32"), ("memcom_freq", SHAPES[1], "xnnpack", "int8"),
      ("lowrank", SHAPES[1], "xnnpack", "fp32"), ("lowrank", SHAPES[1], "xnnpack", "int8"),
      ("lowrank", SHAPES[1], "xnnpack", "int4"), ("lowrank", SHAPES[0], "portable", "fp32"),
-     ("memcom_qr", SHAPES[1], "xnnpack", "int4_row"), ("uncompressed", SHAPES[0], "portable", "int4_row")],
+     ("memcom_qr", SHAPES[1], "xnnpack", "int4_row"), ("uncompressed", SHAPES[0], "portable", "int4_row"),
+     ("mixed_dim", SHAPES[1], "xnnpack", "fp32"), ("mixed_dim", SHAPES[1], "xnnpack", "int8"),
+     ("mixed_dim", SHAPES[1], "xnnpack", "int4"), ("mixed_dim", SHAPES[0], "portable", "fp32")],
     ids=lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
 def test_pte_equals_eager(tmp_path, method, shape, backend, dtype):

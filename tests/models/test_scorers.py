@@ -27,7 +27,8 @@ SHAPES = [("next_item", "tied", False), ("next_item", "linear", False), ("rankne
 
 
 def make_model(method: str, model: str, scorer: str, use_user_id: bool, seed: int = 0):
-    ratio = min(2.0, get_method(method).max_compression_ratio(NUM_ITEMS, DIM))  # lowrank at d = 8: k = 4, 1.85x
+    # lowrank at d = 8: k = 4, 1.85x; mixed_dim below its maximum, so that its head has a row per rank (RW)
+    ratio = min(2.0, 0.95 * get_method(method).max_compression_ratio(NUM_ITEMS, DIM))
     cfg = ModelConfig(model=model, method=method, compression_ratio=ratio if method != "uncompressed" else 1.0,
                       embedding_dim=DIM, hidden=[16], use_user_id=use_user_id, scorer=scorer)
     torch.manual_seed(seed)
@@ -63,6 +64,10 @@ def item_vectors(t: Dict[str, torch.Tensor], n: int) -> torch.Tensor:
         return (t["w"][i].unsqueeze(2) * t["U"][t["rows"][i]]).sum(1)
     if "A" in t:  # a low-rank table: P A[i], P of shape d x k
         return t["A"][i] @ t["P"].t()
+    if "slots" in t:  # mixed-dimension: head[s] if s = slots[i] < h, else P tail[s - h]
+        s, h = t["slots"][i].long(), t["head"].shape[0]
+        tail = t["tail"][(s - h).clamp(min=0)] @ t["P"].t()
+        return torch.where((s < h).unsqueeze(1), t["head"][s.clamp(max=h - 1)], tail)
     if "weight" in t:
         e = t["weight"][i]
     elif "U" in t:
@@ -212,7 +217,8 @@ def _sharded_body(rank: int, world_size: int, method: str, model_kind: str, scor
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
 @pytest.mark.parametrize("method,model_kind,scorer", [("memcom", "next_item", "tied"), ("qr", "ranknet", "mlp"),
-                                                      ("memcom_qr", "ranknet", "dot"), ("lowrank", "next_item", "tied")])
+                                                      ("memcom_qr", "ranknet", "dot"), ("lowrank", "next_item", "tied"),
+                                                      ("mixed_dim", "next_item", "tied")])
 def test_sharded_scores_match_unsharded(method, model_kind, scorer, sharding_type):
     reference, _ = make_model(method, model_kind, scorer, False)
     state = {k: v.detach().clone() for k, v in reference.state_dict().items()}

@@ -64,3 +64,20 @@ def test_table_memory_of_a_lowrank_table() -> None:
     assert mem.param_bytes == (3706 * k + 64 * k) * 4
     assert mem.optimizer_state_bytes == (3706 + 64 * k) * 4
     assert mem.compression_ratio == pytest.approx(3706 * 64 / (3706 * k + 64 * k))
+
+
+def test_table_memory_of_a_mixed_dim_table() -> None:
+    """head (h x d) and tail ((n-h) x t) FBGEMM rows, P (d x t), int16 slots; the largest head within 4x."""
+    from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig
+
+    n, d = 3706, 64
+    t = MixedDimEmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=d, feature_names=["f"],
+                                   compression_ratio=4.0)
+    h, w = t.head_rows, t.tail_dim
+    stored = h * d + (n - h) * w + d * w + n * 2 / 4
+    assert (h, w) == (234, 12) and stored <= n * d / 4 < stored + (d - w)  # one more head row would miss 4x
+    mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+    assert mem.num_rows == n and mem.assignment_bytes == 2 * n
+    assert mem.param_bytes == (h * d + (n - h) * w + d * w) * 4 + 2 * n
+    assert mem.optimizer_state_bytes == (n + d * w) * 4
+    assert mem.compression_ratio == pytest.approx(n * d / stored)

@@ -19,6 +19,8 @@ from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConf
 from memcom_torchrec.modules.memcom_configs import memcom_storage, num_buckets_for_ratio
 from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
 from memcom_torchrec.modules.lowrank_embedding_modules import LowRankEmbeddingBagCollection
+from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig
+from memcom_torchrec.modules.mixed_dim_embedding_modules import MixedDimEmbeddingBagCollection
 from memcom_torchrec.modules.qr_configs import qr_storage
 from memcom_torchrec.modules.storage import plain_storage, table_storage
 from reference import adagrad_, rowwise_adagrad_
@@ -121,6 +123,31 @@ def test_replica_item_table_matches_collection(method: str, size: int) -> None:
     for a, b in zip(g_replica, g_real):
         if a.shape != b.shape:  # MEmCom's w: the replica's dense vector vs the collection's (m, Q) grid
             b = entity_weights_to_dense(b, N)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_replica_mixed_dim_table_matches_collection() -> None:
+    """The replica's ``head[s]`` / ``P tail[s - h]`` equals the mixed-dimension collection: output and gradients."""
+    cfg = MixedDimEmbeddingBagConfig(name="item", num_embeddings=N, embedding_dim=D, feature_names=["history"],
+                                     pooling=PoolingType.MEAN, head_rows=11, tail_dim=8)
+    torch.manual_seed(0)
+    real = MixedDimEmbeddingBagCollection([cfg])
+    real.set_assignment("item", torch.randperm(N))
+    storage = table_storage(cfg)
+    tensors = real.dense_tables("item")
+    table = rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()},
+                          "slots": tensors["slots"]}, N)
+    with torch.no_grad():
+        table.table.copy_(tensors["head"])
+        table.tail.copy_(tensors["tail"])
+        table.projection.copy_(tensors["P"])
+    h = histories()
+    got, expected = replica_pooled(table, h), real(as_kjt(h))["history"]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    proj = torch.randn_like(got)
+    g_replica = torch.autograd.grad((got * proj).sum(), [table.table, table.tail, table.projection])
+    g_real = torch.autograd.grad((expected * proj).sum(), [tensors["head"], tensors["tail"], tensors["P"]])
+    for a, b in zip(g_replica, g_real):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -234,11 +261,13 @@ def test_pack_run_report_on_ml100k(ml100k_dir: str, tmp_path) -> None:
     pack = torch.load(packed)
     layouts = pack["layouts"]
     assert pack["baseline"] == "uncompressed" and pack["methods"] == [
-        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "lowrank"]  # clustered: a warm-up
+        "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "lowrank", "mixed_dim"]  # clustered: a warm-up
     assert layouts["memcom_2hash@16.0"]["roles"] == ["U", "rows", "w"] and layouts["memcom_2hash@16.0"]["rows"].shape == (1682, 2)
     freq = layouts["memcom_freq@16.0"]["rows"][:, 0]
     top = torch.argsort(-torch.bincount(pack["train"]["item"].long(), minlength=1682), stable=True)[0]
     assert int((freq == freq[top]).sum()) == 1  # the most frequent item alone in its row
+    slots = layouts["mixed_dim@4.0"]["slots"]  # by frequency: the most frequent item has slot 0
+    assert int(slots[top]) == 0 and torch.equal(torch.sort(slots.long()).values, torch.arange(1682))
     assert "qr@40.0" not in layouts  # 40x is beyond QR for 1,682 items
     # sizes from the package's own rules (the registry's table configs)
     m, p = num_buckets_for_ratio(1682, D, 16.0), num_collisions_for_ratio(1682, 16.0)

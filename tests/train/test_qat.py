@@ -20,7 +20,7 @@ from memcom_torchrec.train.config import TrainConfig
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,scorer,dtype", [("memcom_qr", "tied", "int4"), ("memcom", "linear", "int8"),
-                                                ("lowrank", "tied", "int4")])
+                                                ("lowrank", "tied", "int4"), ("mixed_dim", "tied", "int8")])
 def test_trainer_scores_what_the_program_scores(ml100k_dir: str, tmp_path, method: str, scorer: str, dtype: str):
     pytest.importorskip("executorch")
     from memcom_torchrec.experiment.pareto import measure_grid

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.slow
      # a MEmCom-family variant (memcom_freq and memcom_clustered: the test below)
      ("next_item", "memcom_2hash", 2, "", True),
      # low-rank: FBGEMM rows sharded inside, a dense projection (TorchRec's traced pipeline, and the tied model)
-     ("next_item", "lowrank", 2, "", True), ("next_item", "lowrank", 2, "tied", False)],
+     ("next_item", "lowrank", 2, "", True), ("next_item", "lowrank", 2, "tied", False),
+     # mixed-dimension: slots by training frequency, the inner collection's input computed (plain pipeline)
+     ("next_item", "mixed_dim", 2, "", True), ("next_item", "mixed_dim", 2, "tied", False)],
 )
 def test_method_short_run_lowers_its_training_loss(
     ml100k_dir: str, tmp_path, model: str, method: str, world_size: int, scorer: str, use_user_id: bool

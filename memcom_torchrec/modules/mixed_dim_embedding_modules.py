@@ -1,0 +1,193 @@
+"""MixedDimEmbeddingBagCollection: mixed-dimension and plain tables, KeyedJaggedTensor in, KeyedTensor out.
+
+Entity ``i`` of a mixed-dimension table (``modules/mixed_dim_configs.py``) is ``head[s]`` if its
+slot ``s = slots[i]`` is below ``h``, else ``P tail[s - h]``. The head and tail rows (and plain
+tables) live in an inner ``MEmComEmbeddingBagCollection`` of plain tables that FBGEMM looks up
+and updates; each input feature ``f`` of a mixed table is split into ``f__head`` and ``f__tail``
+(the ids' slots, by block, in bag order), both sum-pooled, and the feature's embedding is
+``head_sum + P tail_sum`` (divided by the bag length for MEAN pooling): ``P`` commutes with the sum.
+
+Sharded twin: ``DistributedModelParallel`` shards the inner collection with MEmCom's sharder (TW or
+RW) and keeps ``P`` as a dense layer; each rank splits its own batch before the inner input
+all-to-all. TorchRec's sparse-dist pipeline cannot start that all-to-all a batch early (its input
+is computed here), so the trainer runs such models with the plain pipeline (``remaps_input``).
+"""
+
+import math
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from memcom_torchrec.modules.collection_base import CollectionBase
+from memcom_torchrec.modules.lowrank_embedding_modules import Projection
+from memcom_torchrec.modules.memcom_configs import assignment_dtype
+from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
+from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig
+
+HEAD, TAIL = "__head", "__tail"
+
+
+def inner_table_configs(config: EmbeddingBagConfig) -> List[EmbeddingBagConfig]:
+    """The plain tables holding a config's rows: its head and tail (sum-pooled), or the table itself.
+
+    Both blocks start as a plain ``n``-row table would (uniform ``+-sqrt(1/n)``), the tail's projection
+    keeping that scale (``Projection``).
+    """
+    if not isinstance(config, MixedDimEmbeddingBagConfig):
+        return [config]
+    bound = math.sqrt(1.0 / config.num_embeddings)
+    common = dict(pooling=PoolingType.SUM, data_type=config.data_type, weight_init_min=-bound, weight_init_max=bound)
+    return [
+        EmbeddingBagConfig(name=config.name + HEAD, num_embeddings=config.head_rows,
+                           embedding_dim=config.embedding_dim, feature_names=[f + HEAD for f in config.feature_names],
+                           **common),
+        EmbeddingBagConfig(name=config.name + TAIL, num_embeddings=config.num_embeddings - config.head_rows,
+                           embedding_dim=config.tail_dim, feature_names=[f + TAIL for f in config.feature_names],
+                           **common),
+    ]
+
+
+class MixedDimEmbeddingBagCollection(CollectionBase):
+    """EmbeddingBagCollection whose tables may be mixed-dimension; plain tables behave as in TorchRec.
+
+    Parameters: ``_embedding_bag_collection._embedding_bag_collection.embedding_bags.<table>__head.weight``,
+    ``...<table>__tail.weight``, ``_projections.<table>.weight`` (``P``, ``d x t``) and the buffer
+    ``_slots.<table>`` (entity -> slot).
+
+    Args:
+        tables (List[EmbeddingBagConfig]): mixed-dimension and/or plain table configs.
+        is_weighted (bool): must be False (per-id weights are not supported).
+        device (Optional[torch.device]): device, ``meta`` for lazy init.
+    """
+
+    # The trainer's signal to run the plain pipeline (the inner collection's input is computed here).
+    remaps_input: bool = True
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        super().__init__(tables, is_weighted)
+        if is_weighted:
+            raise ValueError("MixedDimEmbeddingBagCollection does not take per-id weights (is_weighted=True)")
+        self._embedding_bag_collection = MEmComEmbeddingBagCollection(
+            [c for t in tables for c in inner_table_configs(t)], device=device
+        )
+        mixed = [t for t in tables if isinstance(t, MixedDimEmbeddingBagConfig)]
+        self._mixed: Dict[str, MixedDimEmbeddingBagConfig] = {t.name: t for t in mixed}
+        self._projections = nn.ModuleDict({t.name: Projection(t.tail_dim, t.embedding_dim, device=device)
+                                           for t in mixed})
+        self._slots = nn.Module()
+        for t in mixed:
+            self._slots.register_buffer(
+                t.name, torch.arange(t.num_embeddings, device=device).to(assignment_dtype(t.num_embeddings)))
+        self._table_of: Dict[str, EmbeddingBagConfig] = {f: t for t in tables for f in t.feature_names}
+        self._keys: List[str] = [f for t in tables for f in t.feature_names]
+
+    @property
+    def device(self) -> torch.device:
+        return self._embedding_bag_collection.device
+
+    def reset_parameters(self) -> None:
+        self._embedding_bag_collection.reset_parameters()
+        for p in self._projections.values():
+            p.reset_parameters()
+
+    def set_assignment(self, table_name: str, slots: torch.Tensor) -> None:
+        """Sets a table's entity -> slot map (a permutation of ``[0, n)``: slots below ``h`` are the head).
+
+        Raises:
+            ValueError: not a mixed-dimension table, or ``slots`` is not a permutation of ``[0, n)``.
+        """
+        if table_name not in self._mixed:
+            raise ValueError(f"table '{table_name}' is not a mixed-dimension table")
+        n = self._mixed[table_name].num_embeddings
+        slots = slots.detach().long().cpu()
+        if slots.shape != (n,) or not torch.equal(torch.sort(slots).values, torch.arange(n)):
+            raise ValueError(f"table '{table_name}': slots must be a permutation of [0, {n}), "
+                             f"got shape {tuple(slots.shape)}")
+        buffer = getattr(self._slots, table_name)
+        buffer.copy_(slots.to(buffer.dtype))
+
+    def assignment(self, table_name: str) -> torch.Tensor:
+        """A table's entity -> slot map."""
+        return getattr(self._slots, table_name)
+
+    def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
+        """Every tensor of one table by role, as an exporter needs them.
+
+        Returns:
+            Dict[str, torch.Tensor]: ``{"head", "tail", "P", "slots"}`` for a mixed-dimension table
+            (see the module docstring), or ``{"weight"}`` (a plain ``n x d`` table).
+
+        Raises:
+            KeyError: no such table.
+        """
+        inner = self._embedding_bag_collection
+        if table_name not in self._mixed:
+            return inner.dense_tables(table_name)
+        return {
+            "head": inner.dense_tables(table_name + HEAD)["weight"],
+            "tail": inner.dense_tables(table_name + TAIL)["weight"],
+            "P": self._projections[table_name].weight,
+            "slots": getattr(self._slots, table_name),
+        }
+
+    def _split(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Each mixed feature's ids as slots, split into its head and tail features (bag order kept)."""
+        keys, values, lengths = [], [], []
+        for key, jt in features.to_dict().items():
+            table = self._table_of.get(key)
+            if table is None:
+                raise ValueError(f"unknown feature '{key}'; this collection has {self._keys}")
+            ids, lens = jt.values(), jt.lengths()
+            if table.name not in self._mixed:
+                keys.append(key)
+                values.append(ids)
+                lengths.append(lens)
+                continue
+            n, h = table.num_embeddings, table.head_rows
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                bad = int(ids[(ids < 0) | (ids >= n)][0])
+                raise ValueError(f"feature '{key}': id {bad} is out of range for table '{table.name}' "
+                                 f"(num_embeddings={n})")
+            slot = getattr(self._slots, table.name).index_select(0, ids.long()).long()
+            head = slot < h
+            bag = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens.long())
+            head_lens = torch.zeros_like(lens).index_add(0, bag, head.to(lens.dtype))
+            keys += [key + HEAD, key + TAIL]
+            values += [slot[head], slot[~head] - h]
+            lengths += [head_lens, lens - head_lens]
+        return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pools every feature (see the module docstring).
+
+        Args:
+            features (KeyedJaggedTensor): ids of every feature of the collection.
+
+        Returns:
+            KeyedTensor: one ``d``-wide pooled embedding per feature, in table order.
+
+        Raises:
+            ValueError: unknown keys, ids out of range (and what the inner collection refuses).
+        """
+        pooled = self._embedding_bag_collection(self._split(features)).to_dict()
+        lengths = {k: jt.lengths() for k, jt in features.to_dict().items()}
+        out, dims = [], []
+        for key in self._keys:
+            table = self._table_of[key]
+            dims.append(table.embedding_dim)
+            if table.name not in self._mixed:
+                out.append(pooled[key])
+                continue
+            v = pooled[key + HEAD] + self._projections[table.name](pooled[key + TAIL])
+            if table.pooling == PoolingType.MEAN:
+                v = v / lengths[key].clamp(min=1).unsqueeze(1).to(v.dtype)
+            out.append(v)
+        return KeyedTensor(keys=self._keys, length_per_key=dims, values=torch.cat(out, dim=1))
