@@ -153,8 +153,9 @@ class MixedDimEmbeddingBagCollection(CollectionBase):
                 continue
             n, h = table.num_embeddings, table.head_rows
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                bad = int(ids[(ids < 0) | (ids >= n)][0])
-                raise ValueError(f"feature '{key}': id {bad} is out of range for table '{table.name}' "
+                bad = int(ids[(ids < 0) | (ids >= n)][0])  # worded as the other collections' checks
+                raise ValueError(f"feature '{key}': negative id {bad} for table '{table.name}'" if bad < 0 else
+                                 f"feature '{key}': id {bad} is out of range for table '{table.name}' "
                                  f"(num_embeddings={n})")
             slot = getattr(self._slots, table.name).index_select(0, ids.long()).long()
             head = slot < h
