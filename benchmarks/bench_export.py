@@ -1,11 +1,11 @@
-"""Per-request latency and file sizes of exported models (any model kind and scorer, fp32 / int8 / int4).
+"""Per-request latency and file sizes of exported models (any model kind and scorer, every export dtype).
 
 Latency: one request (batch 1, a history of ``--history`` items) through the
 eager TorchRec model, the eager slim model, and the ``.pte`` programs (portable
 kernels only, and XNNPACK) run by ExecuTorch's runtime on this CPU; median of
 ``--repeats`` calls after warm-up. Sizes: the ``.pte`` files of the fp32
-uncompressed run (``--baseline``, if given), the fp32, int8 and int4 exports of
-``--checkpoint``; ratios are to the first row of each table. (``memcom-pareto``
+uncompressed run (``--baseline``, if given), the exports of
+``--checkpoint`` at every dtype (fp32, int8, int4, int4_row); ratios are to the first row of each table. (``memcom-pareto``
 measures whole grids, with each program's own nDCG.)
 
     .venv/bin/python benchmarks/bench_export.py --checkpoint /tmp/run1 --baseline /tmp/run_unc
@@ -105,18 +105,18 @@ def main() -> None:
               f"{s['emb'] / sizes[0]['emb']:.3f} | {r.pt2_bytes:,} |")
     if args.data_dir:
         from memcom_torchrec.data import make_dataloader
-        from memcom_torchrec.eval.metrics import RankingTotals, ranking_totals, target_ranks
+        from memcom_torchrec.eval.metrics import rank_batches
         from memcom_torchrec.export import kjt_to_inputs
 
-        twins = {dtype: build_slim_model(model, dtype) for dtype in DTYPES}
-        totals = {k: RankingTotals() for k in twins}
-        with torch.no_grad():
+        def scored(m):  # pyre-ignore[2,3]
             for batch in make_dataloader(args.data_dir, "test", 1024, history_len=meta["config"]["history_len"],
                                          num_workers=0, with_user=with_user):
-                xb, ex = kjt_to_inputs(batch.sparse_features, with_user), batch.exclude
-                for k, m in twins.items():
-                    ranks = target_ranks(m(*xb), batch.labels, ex.lengths(), ex.values())
-                    totals[k] = totals[k].add(ranking_totals(ranks, 10))
+                ex = batch.exclude
+                yield m(*kjt_to_inputs(batch.sparse_features, with_user)), batch.labels, ex.lengths(), ex.values()
+
+        twins = {dtype: build_slim_model(model, dtype) for dtype in DTYPES}
+        with torch.no_grad():
+            totals = {k: rank_batches(scored(m), 10) for k, m in twins.items()}
         a = totals["fp32"].mean_ndcg
         print(f"\ntest nDCG@10 ({totals['fp32'].count} users): " + ", ".join(
             f"{k} {t.mean_ndcg:.5f} ({(t.mean_ndcg - a) / a * 100:+.2f}%)" for k, t in totals.items()))

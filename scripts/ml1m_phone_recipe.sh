@@ -6,7 +6,7 @@
 #   STEP=history bash scripts/ml1m_phone_recipe.sh   # uncompressed, history 5 vs 10 (one core)
 #   STEP=lr METHOD=memcom_qr bash scripts/ml1m_phone_recipe.sh  # embedding lr in {0.05, 0.1, 0.2} at 16x
 #   (one method per job, one core each: run two methods side by side on 2 cores; uncompressed: RATIOS=1)
-#   STEP=extend DIR=runs/ml1m_recipe/lr_qr bash scripts/ml1m_phone_recipe.sh  # resume DIR's runs that
+#   STEP=extend DIR=runs/ml1m_recipe/lr_qr [OLD_CAP=30] bash scripts/ml1m_phone_recipe.sh  # resume DIR's runs that
 #   stopped at the 30-epoch cap, up to EPOCHS, then measure them again (scripts/studies/raise_epoch_cap.py)
 #   STEP=grid METHOD=qr RATIOS="4 8" LRS=0.2 bash scripts/ml1m_phone_recipe.sh  # the Pareto's other
 #   ratios at the learning rate chosen at 16x
@@ -38,13 +38,13 @@ case "${STEP:-history}" in
   lr) grid "$OUT/lr_${METHOD:?set METHOD, e.g. METHOD=qr}" "$METHOD" "$RATIOS" "$LRS" "$HISTORY" ;;
   grid) grid "$OUT/grid_${METHOD:?set METHOD}" "$METHOD" "$RATIOS" "${LRS:?the lr chosen at 16x}" "$HISTORY" ;;
   extend)  # the grid's own methods, ratios and lrs, read back from its results and re-opened runs
-    .venv/bin/python scripts/studies/raise_epoch_cap.py "${DIR:?set DIR}" 30 "$EPOCHS"
+    .venv/bin/python scripts/studies/raise_epoch_cap.py "${DIR:?set DIR}" "${OLD_CAP:-30}" "$EPOCHS"
     cells=$(.venv/bin/python - "$DIR" <<'PY'
-import glob, json, os, re, sys
-runs = [os.path.basename(p) for p in glob.glob(os.path.join(sys.argv[1], "runs", "*")) if os.path.isdir(p)]
-keys = [re.match(r"(.+)_r([\d.]+)_s\d+_lr([\d.]+)$", r).groups() for r in runs]
-print(" ".join(sorted({k[0] for k in keys})), "|", " ".join(sorted({k[1] for k in keys})), "|",
-      " ".join(sorted({k[2] for k in keys})))
+import glob, os, sys
+from memcom_torchrec.experiment.grid import parse_run_key
+keys = [parse_run_key(os.path.basename(p)) for p in glob.glob(os.path.join(sys.argv[1], "runs", "*")) if os.path.isdir(p)]
+print(" ".join(sorted({k[0] for k in keys})), "|", " ".join(sorted({f"{k[1]:g}" for k in keys})), "|",
+      " ".join(sorted({f"{k[3]:g}" for k in keys})))
 PY
 )
     IFS='|' read -r methods ratios lrs <<< "$cells"

@@ -18,7 +18,8 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "memcom_torchrec")
-METHOD_NAMES = ("uncompressed", "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered", "memcom_clustered_2hash")
+METHOD_NAMES = ("uncompressed", "hashing", "memcom", "qr", "memcom_qr", "memcom_2hash", "memcom_freq", "memcom_clustered",
+                "memcom_clustered_2hash", "lowrank", "mixed_dim")
 SCORER_NAMES = ("linear", "tied", "dot", "mlp")
 # The registry's constants of its entries (``models.scorers.LINEAR``...): comparing with them is comparing names.
 SCORER_CONSTANTS = ("LINEAR", "TIED", "DOT", "MLP")
@@ -272,6 +273,13 @@ def _scorer_comparisons(tree: ast.AST) -> List[Tuple[int, str]]:
         if found:
             hits.append((node.lineno, f"compares {found}"))
     return hits
+
+
+def test_method_names_are_the_registry_s() -> None:
+    """The names this test looks for are the registered ones (a new method is added here too)."""
+    from memcom_torchrec.modules.methods import method_names
+
+    assert sorted(method_names()) == sorted(METHOD_NAMES)
 
 
 def test_scorer_names_are_the_registry_s() -> None:

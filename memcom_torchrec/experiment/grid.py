@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,19 @@ def dataset_name(data_dir: str) -> str:
 
 def run_key(method: str, ratio: float, seed: int, lr: float) -> str:
     return f"{method}_r{ratio:g}_s{seed}_lr{lr:g}"
+
+
+def parse_run_key(key: str) -> Tuple[str, float, int, float]:
+    """``(method, ratio, seed, lr)`` of a run directory's name (``run_key``'s inverse).
+
+    Raises:
+        ValueError: ``key`` is not a run key.
+    """
+    match = re.match(r"(.+)_r([0-9.e+-]+)_s(\d+)_lr([0-9.e+-]+)$", key)
+    if match is None:
+        raise ValueError(f"'{key}' is not a run directory name (<method>_r<ratio>_s<seed>_lr<lr>)")
+    method, ratio, seed, lr = match.groups()
+    return method, float(ratio), int(seed), float(lr)
 
 
 def read_results(path: str) -> List[Dict[str, str]]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from memcom_torchrec.modules.dense_tables import dense_tables
+from memcom_torchrec.modules.memcom_configs import assignment_dtype
 from memcom_torchrec.modules.storage import TableStorage, table_storage
 
 Layout = Tuple[str, ...]
@@ -146,6 +147,7 @@ class SlimLookup(nn.Module):
                     f"expected {expected[k]}"
                 )
         self.store(tables)
+        self.register_buffer("id_guard", torch.zeros(info.num_embeddings, 0))
         if "w" in info.roles:
             self.entity_weights = ScalarTable(tables["w"])
 
@@ -154,8 +156,24 @@ class SlimLookup(nn.Module):
         raise NotImplementedError
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
+        """``len(ids) x d`` float32 embeddings; an invalid id fails the guard's bounds-checked lookup first."""
+        return self.lookup(self.guarded(ids))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The layout's ``len(ids) x d`` embeddings (``ids`` already guarded)."""
         raise NotImplementedError
+
+    def guarded(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids``, after a bounds-checked lookup of each in a zero-width ``n x 0`` table.
+
+        ExecuTorch's quantised embedding kernels abort the process on an index out of range
+        (``embedding_byte``) or do not check it (``embedding_4bit`` at some widths); the portable
+        ``embedding`` kernel fails the call instead. Every id goes through it first, and the layout's
+        lookups depend on its (empty) result, so an invalid id fails before any quantised kernel runs.
+        The guard stores no bytes.
+        """
+        poisoned = torch.where(self.valid(ids), ids, self.info.num_embeddings)
+        return ids + nn.functional.embedding(poisoned, self.id_guard).sum(1).to(ids.dtype)
 
     def weigh(self, ids: torch.Tensor, valid: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``w[ids] * v`` if the table stores ``w`` (``v`` otherwise).
@@ -203,7 +221,7 @@ class PlainLookup(SlimLookup):
     def store(self, tables: Dict[str, torch.Tensor]) -> None:
         self.rows = RowTable(tables["weight"])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
         return self.rows(torch.where(self.valid(ids), ids, self.info.num_embeddings))
 
@@ -216,7 +234,7 @@ class HashedLookup(SlimLookup):
     def store(self, tables: Dict[str, torch.Tensor]) -> None:
         self.rows = RowTable(tables["U"])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
         m = self.rows.num_rows
         valid = self.valid(ids)
@@ -238,7 +256,7 @@ class QRLookup(SlimLookup):
         self.quotient = RowTable(tables["Q"])
         self.remainder = RowTable(tables["R"])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
         p = self.remainder.num_rows
         valid = self.valid(ids)
@@ -253,12 +271,11 @@ class MultiRowLookup(SlimLookup):
 
     def store(self, tables: Dict[str, torch.Tensor]) -> None:
         self.rows = RowTable(tables["U"])
-        self.num_hashes = int(tables["rows"].shape[1]) if tables["rows"].dim() == 2 else 1
+        self.num_hashes = int(tables["rows"].shape[1])  # rows is n x k (the storage description's shape)
         # entity -> rows of U, as small as m allows (int16 up to 32,767 rows)
-        dtype = torch.int16 if self.rows.num_rows <= (1 << 15) - 1 else torch.int32
-        self.register_buffer("bucket_rows", tables["rows"].to(dtype).reshape(-1).clone().contiguous())
+        self.register_buffer("bucket_rows", tables["rows"].to(assignment_dtype(self.rows.num_rows)).reshape(-1).clone())
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; the poisoned index ``n*k`` of an invalid id fails every lookup."""
         n, m, k = self.info.num_embeddings, self.rows.num_rows, self.num_hashes
         slots = (torch.where(self.valid(ids), ids, n).unsqueeze(1) * k + torch.arange(k)).reshape(-1)
@@ -283,7 +300,7 @@ class LowRankLookup(SlimLookup):
         self.rows = RowTable(tables["A"])
         self.projection = RowTable(tables["P"])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``len(ids) x d`` float32 embeddings; invalid ids make a lookup go out of bounds."""
         a = self.rows(torch.where(self.valid(ids), ids, self.info.num_embeddings))
         return nn.functional.linear(a, self.projection.all_rows())
@@ -302,15 +319,15 @@ class MixedDimLookup(SlimLookup):
         self.head = RowTable(tables["head"])
         self.tail = RowTable(tables["tail"])
         self.projection = RowTable(tables["P"])
-        dtype = torch.int16 if self.info.num_embeddings <= (1 << 15) - 1 else torch.int32
-        self.register_buffer("slots", tables["slots"].to(dtype).clone().contiguous())
+        self.register_buffer("slots", tables["slots"].to(assignment_dtype(self.info.num_embeddings)).clone())
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``len(ids) x d`` float32 embeddings; the poisoned index ``n`` of an invalid id fails the slot lookup."""
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """``len(ids) x d`` float32 embeddings; an invalid id's head index is the head's row count, which fails."""
         h = self.head.num_rows
-        s = self.slots.index_select(0, torch.where(self.valid(ids), ids, self.info.num_embeddings)).long()
+        valid = self.valid(ids)
+        s = self.slots.index_select(0, torch.where(valid, ids, 0)).long()
         in_head = s < h
-        head = self.head(torch.where(in_head, s, 0))
+        head = self.head(torch.where(valid, torch.where(in_head, s, 0), h))
         tail = nn.functional.linear(self.tail(torch.where(in_head, 0, s - h)), self.projection.all_rows())
         return torch.where(in_head.unsqueeze(1), head, tail)
 

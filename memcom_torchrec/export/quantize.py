@@ -69,7 +69,7 @@ def quantize_slim(slim: "SlimModel", dtype: str) -> "SlimModel":
 
     Every weight matrix, embedding tables and linear layers alike, becomes an
     ``nn.Embedding`` quantised by torchao's ``IntxWeightOnlyConfig`` (asymmetric;
-    int8 one scale per row, int4 one per 32 columns where the width allows), which
+    int8 one scale per row, int4 one per 32 columns where the width allows, int4_row one per row), which
     ExecuTorch lowers to ``quantized_decomposed::embedding_byte`` / ``embedding_4bit``;
     per-entity scalars (``w``, item biases) become float16. The result is the
     program's eager twin: torchao's tensors compute with the dequantised weights,

@@ -10,11 +10,12 @@ run (``aten::_embedding_bag`` and FBGEMM ops have no ExecuTorch kernels).
 The pieces, one file each:
 
 - ``export.lookups``: ids -> per-id embeddings, one lookup per storage layout of a
-  table's tensors (``weight``; ``U``(+``w``); ``Q``, ``R``(+``w``); ``U``, ``rows``, ``w``);
+  table's tensors (``weight``; ``U``(+``w``); ``Q``, ``R``(+``w``); ``U``, ``rows``, ``w``;
+  ``A``, ``P``; ``head``, ``tail``, ``P``, ``slots``);
 - ``export.scorers``: the query -> a score per item (``linear``, ``tied`` / ``dot``,
   ``mlp``), and how each is copied from the trained model (the scorer registry
   ``models.scorers`` names the function);
-- ``export.quantize``: fp32 / int8 / int4 storage with torchao, and the bytes stored;
+- ``export.quantize``: fp32 / int8 / int4 / int4_row storage with torchao, and the bytes stored;
 - here: ``SlimModel`` (pooling, query, scorer), ``build_slim_model`` and inputs.
 
 Invalid input:

@@ -70,6 +70,17 @@ def table_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _legacy_fields(signature: Dict[str, Any]) -> Dict[str, Any]:
+    """The size fields an older signature recorded, from a current signature's shapes by role."""
+    tensors = signature.get("tensors", {})
+    out: Dict[str, Any] = {}
+    if signature["kind"] == "MEmComEmbeddingBagConfig":
+        out.update(num_buckets=tensors["U"][0], train_entity_weights="w" in tensors)
+    elif signature["kind"] == "QREmbeddingBagConfig":
+        out.update(num_collisions=tensors["R"][0], entity_weights="w" in tensors)
+    return out
+
+
 def save_checkpoint(
     root: str,
     step: int,
@@ -169,12 +180,18 @@ def check_compatible(path: str, model: nn.Module) -> Dict[str, Any]:
             raise ValueError(f"checkpoint {path} has no table '{table}' (it has {sorted(saved)})")
         if table not in current:
             raise ValueError(f"checkpoint {path} has table '{table}', which the model lacks")
-        # A checkpoint from before the tensors' shapes were recorded names its sizes by config
-        # fields instead: the fields both have are compared, and the loader checks every shape.
-        keys = set(saved[table]) | set(current[table]) if "tensors" in saved[table] else set(current[table]) & set(
-            saved[table])
-        diff = {k: (saved[table].get(k), current[table].get(k)) for k in sorted(keys)
-                if saved[table].get(k) != current[table].get(k)}
+        if "tensors" in saved[table]:
+            keys = set(saved[table]) | set(current[table])
+            mine = current[table]
+        else:  # a checkpoint from before the signature recorded shapes: its size fields, read from the shapes
+            mine = dict(current[table], **_legacy_fields(current[table]))
+            keys = set(mine) & set(saved[table])
+        diff = {k: (saved[table].get(k), mine.get(k)) for k in sorted(keys) if saved[table].get(k) != mine.get(k)}
+        if diff and "tensors" not in saved[table] and "num_buckets" in diff:
+            raise ValueError(
+                f"table '{table}' differs between checkpoint {path} and model: (saved, model) {diff}; checkpoints of "
+                "MEmCom-family variants saved before the storage description (commit 10f3d22) were sized with w's "
+                "grid padding in the ratio: load them with the version that trained them")
         if diff:
             raise ValueError(f"table '{table}' differs between checkpoint {path} and model: (saved, model) {diff}")
     return meta

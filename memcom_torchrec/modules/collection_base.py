@@ -7,7 +7,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
 
 class CollectionBase(EmbeddingBagCollectionInterface):
-    """Base of the MEmCom, QR and low-rank collections (KeyedJaggedTensor in, KeyedTensor out).
+    """Base of the MEmCom, QR, low-rank and mixed-dimension collections (KeyedJaggedTensor in, KeyedTensor out).
 
     Args:
         tables (List[EmbeddingBagConfig]): the table configs, at least one.

@@ -1,9 +1,8 @@
 """A table's tensors by role, from any collection: what the export and the reference sweep read.
 
-Roles: ``weight`` (a plain ``n x d`` table), ``U`` (``U[i mod m]``), ``Q`` and
-``R`` (``Q[i // p] * R[i mod p]``), ``w`` (times ``w[i]``). The MEmCom and QR
-collections hand theirs over with their ``dense_tables`` method; TorchRec's own
-``EmbeddingBagCollection`` holds plain tables only.
+The roles and their shapes are the table's storage description (``modules/storage.py``,
+which lists them). This package's collections hand their tensors over with their
+``dense_tables`` method; TorchRec's own ``EmbeddingBagCollection`` holds plain tables only.
 """
 
 from typing import Dict

@@ -25,7 +25,7 @@ RANK_STEP: int = 4
 def lowrank_storage(name: str, num_embeddings: int, embedding_dim: int, rank: int) -> TableStorage:
     """What a low-rank table stores: ``A`` (``n x k``, FBGEMM rows) and ``P`` (``d x k``, a dense layer)."""
     n, d, k = num_embeddings, embedding_dim, rank
-    return TableStorage(name, n, d, (TableTensor("A", (n, k), is_row_table=True), TableTensor("P", (d, k))))
+    return TableStorage(name, n, d, (TableTensor("A", (n, k), is_row_table=True), TableTensor("P", (d, k), dense_layer=True)))
 
 
 def rank_for_ratio(num_embeddings: int, embedding_dim: int, ratio: float) -> int:

@@ -46,7 +46,8 @@ class TableMemory:
         table (str): table name.
         num_embeddings (int): entities ``n``.
         embedding_dim (int): ``d``.
-        num_rows (int): rows of ``d`` actually stored (``m`` for MEmCom, ``ceil(n/p) + p`` for QR).
+        num_rows (int): rows of FBGEMM tables stored (``m`` for MEmCom, ``ceil(n/p) + p`` for QR,
+            ``n`` for low-rank and mixed-dimension tables, whose rows are narrower than ``d``).
         num_parameters (int): trainable scalars, ``m*d + n`` for MEmCom,
             ``m*d + 2n`` for ``memcom_2hash`` (``TableStorage.num_parameters``).
         param_bytes (int): bytes of stored parameters (``w``'s grid padding included)
@@ -97,7 +98,10 @@ def table_memory(
         elif t.kind == PARAMETER and t.is_row_table:  # FBGEMM's tables, in the config's data type
             param_bytes += t.numel * elem
             state += _state_floats(optimizer, t.shape[0], t.shape[1]) * 4
-        elif t.kind == PARAMETER:  # w (in its padded grid) and a low-rank projection: fp32, element-wise state
+        elif t.kind == PARAMETER and t.dense_layer:  # a projection: fp32, the dense Adam's two moments
+            param_bytes += t.numel * 4
+            state += 2 * t.numel * 4
+        elif t.kind == PARAMETER:  # w, in its padded grid: fp32, its own element-wise state
             param_bytes += t.held_numel * 4
             state += _entity_state_floats(optimizer, t.held_numel) * 4
     return TableMemory(

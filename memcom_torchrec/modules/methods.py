@@ -19,8 +19,8 @@ asks about it:
 Models, training, the experiment grid and the reference sweep look a method up
 here (``get_method``); none of them compares method names. The export needs no
 method at all: every collection hands it a table's tensors by role
-(``dense_tables``: ``weight``, ``U``, ``Q``/``R``, ``w``), and the slim lookup
-computes by role. Adding a method with a new config family means writing its
+(``dense_tables``; the roles are listed in ``modules/storage.py``), and the slim
+lookup computes by role. Adding a method with a new config family means writing its
 config (with its ``register_storage``), its collection (and sharded twin) and
 one ``register_method`` call; a method whose tensors have new roles also needs
 a slim lookup for them.

@@ -5,7 +5,7 @@ keep a full ``d``-wide row, the others (the tail) a ``t``-wide row lifted to ``d
 projection ``P`` (``d x t``). A stored map gives each entity its slot: slot ``s < h`` is row
 ``s`` of the head table, slot ``s >= h`` row ``s - h`` of the tail table (``n`` int16, int32
 above 32,767 entities, counted in the ratio). Until the frequencies are set (the trainer sets
-them from the training split), slot ``i`` is entity ``i``.
+them from the training split), slot ``i`` is entity ``i`` (the collection's ``reset_parameters``).
 
 Ratio (``modules/storage.py``'s one basis): ``n*d / (h*d + (n - h)*t + d*t + n*bytes/4)``.
 Rule for a target ratio: the tail is as wide as the budget allows up to ``d / 4`` (a multiple of
@@ -38,7 +38,7 @@ def mixed_dim_storage(name: str, num_embeddings: int, embedding_dim: int, head_r
     return TableStorage(name, n, d, (
         TableTensor("head", (h, d), is_row_table=True),
         TableTensor("tail", (n - h, t), is_row_table=True),
-        TableTensor("P", (d, t)),
+        TableTensor("P", (d, t), dense_layer=True),
         TableTensor("slots", (n,), kind=ASSIGNMENT, dtype=assignment_dtype(n), handed_over=True),
     ))
 

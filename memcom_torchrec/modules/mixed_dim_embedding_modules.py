@@ -26,6 +26,7 @@ from memcom_torchrec.modules.lowrank_embedding_modules import Projection
 from memcom_torchrec.modules.memcom_configs import assignment_dtype
 from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
 from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig
+from memcom_torchrec.modules.validation import InputCheck, raise_on_any_rank
 
 HEAD, TAIL = "__head", "__tail"
 
@@ -94,9 +95,13 @@ class MixedDimEmbeddingBagCollection(CollectionBase):
         return self._embedding_bag_collection.device
 
     def reset_parameters(self) -> None:
+        """Fresh tables and projections; every entity's slot is its id until ``set_assignment``."""
         self._embedding_bag_collection.reset_parameters()
         for p in self._projections.values():
             p.reset_parameters()
+        with torch.no_grad():
+            for name, slots in self._slots.named_buffers():
+                slots.copy_(torch.arange(slots.numel(), device=slots.device).to(slots.dtype))
 
     def set_assignment(self, table_name: str, slots: torch.Tensor) -> None:
         """Sets a table's entity -> slot map (a permutation of ``[0, n)``: slots below ``h`` are the head).
@@ -108,9 +113,12 @@ class MixedDimEmbeddingBagCollection(CollectionBase):
             raise ValueError(f"table '{table_name}' is not a mixed-dimension table")
         n = self._mixed[table_name].num_embeddings
         slots = slots.detach().long().cpu()
-        if slots.shape != (n,) or not torch.equal(torch.sort(slots).values, torch.arange(n)):
-            raise ValueError(f"table '{table_name}': slots must be a permutation of [0, {n}), "
-                             f"got shape {tuple(slots.shape)}")
+        if slots.shape != (n,):
+            raise ValueError(f"table '{table_name}': slots must be a permutation of [0, {n}), got shape "
+                             f"{tuple(slots.shape)}")
+        if not torch.equal(torch.sort(slots).values, torch.arange(n)):
+            raise ValueError(f"table '{table_name}': slots must be a permutation of [0, {n}) (some slot is "
+                             "repeated or out of range)")
         buffer = getattr(self._slots, table_name)
         buffer.copy_(slots.to(buffer.dtype))
 
@@ -138,25 +146,50 @@ class MixedDimEmbeddingBagCollection(CollectionBase):
             "slots": getattr(self._slots, table_name),
         }
 
+    def _check(self, features: KeyedJaggedTensor) -> None:
+        """Raises on unknown keys or ids out of range, on every rank if the inner collection is sharded.
+
+        The mixed features' ids are read here, before the inner collection checks its own
+        input: a bad id on one rank must not leave the others waiting in its all-to-all.
+        """
+        unknown = [k for k in features.keys() if k not in self._table_of]
+        bad = torch.zeros((), dtype=torch.long, device=features.values().device)
+        parts = features.to_dict() if not unknown else {}
+        for key, jt in parts.items():
+            table = self._table_of[key]
+            if table.name in self._mixed:
+                ids = jt.values()
+                bad = bad + ((ids < 0) | (ids >= table.num_embeddings)).sum()
+
+        def describe() -> Optional[str]:  # worded as the other collections' checks
+            for key, jt in parts.items():
+                table, ids = self._table_of[key], jt.values()
+                wrong = ids[(ids < 0) | (ids >= table.num_embeddings)] if table.name in self._mixed else ids[:0]
+                if wrong.numel():
+                    v = int(wrong[0])
+                    return (f"feature '{key}': negative id {v} for table '{table.name}'" if v < 0 else
+                            f"feature '{key}': id {v} is out of range for table '{table.name}' "
+                            f"(num_embeddings={table.num_embeddings})")
+            return None
+
+        error = f"unknown feature(s) {unknown}; this collection has {self._keys}" if unknown else None
+        inner = self._embedding_bag_collection
+        pg = getattr(inner, "_pg", None)  # the sharded inner collection's process group (None: unsharded)
+        raise_on_any_rank(InputCheck(error, bad, describe), pg, features.values().device)
+
     def _split(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Each mixed feature's ids as slots, split into its head and tail features (bag order kept)."""
+        self._check(features)
         keys, values, lengths = [], [], []
         for key, jt in features.to_dict().items():
-            table = self._table_of.get(key)
-            if table is None:
-                raise ValueError(f"unknown feature '{key}'; this collection has {self._keys}")
+            table = self._table_of[key]
             ids, lens = jt.values(), jt.lengths()
             if table.name not in self._mixed:
                 keys.append(key)
                 values.append(ids)
                 lengths.append(lens)
                 continue
-            n, h = table.num_embeddings, table.head_rows
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                bad = int(ids[(ids < 0) | (ids >= n)][0])  # worded as the other collections' checks
-                raise ValueError(f"feature '{key}': negative id {bad} for table '{table.name}'" if bad < 0 else
-                                 f"feature '{key}': id {bad} is out of range for table '{table.name}' "
-                                 f"(num_embeddings={n})")
+            h = table.head_rows
             slot = getattr(self._slots, table.name).index_select(0, ids.long()).long()
             head = slot < h
             bag = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens.long())

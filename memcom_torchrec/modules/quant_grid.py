@@ -4,7 +4,7 @@ Weight-only and asymmetric through torchao's ``IntxWeightOnlyConfig``: int8 with
 zero point per row, int4 with one per 32 columns where the width is a multiple of 32 above 32
 (per row otherwise), ``int4_row`` int4 with one per row whatever the width (half the scales of
 group-wise int4 at width 64, a coarser grid). Per-entity scalars (MEmCom's ``w``, item biases) are stored as float16.
-``export.slim.quantize_slim`` quantises with these configs; quantisation-aware training
+``export.quantize.quantize_slim`` quantises with these configs; quantisation-aware training
 (``train.qat``) trains against ``fake_quantize_rows`` / ``fake_quantize_half``, the same grid.
 """
 

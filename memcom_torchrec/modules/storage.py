@@ -48,7 +48,8 @@ class TableTensor:
     """One tensor of a table.
 
     Args:
-        role (str): ``weight``, ``U``, ``Q``, ``R``, ``A``, ``P``, ``w``, ``rows`` or ``assignment``.
+        role (str): ``weight``, ``U``, ``Q``, ``R``, ``A``, ``P``, ``w``, ``rows``, ``assignment``,
+            ``head``, ``tail`` or ``slots`` (see the module docstring).
         shape (Tuple[int, ...]): its logical shape (what ``dense_tables`` hands over).
         kind (str): ``PARAMETER`` (trained), ``ASSIGNMENT`` (stored, not trained) or
             ``COMPUTED`` (derived from the id; stores nothing while training).
@@ -59,6 +60,8 @@ class TableTensor:
             (in the config's data type, with the fused optimizer's state).
         handed_over (Optional[bool]): whether ``dense_tables`` hands it to the export (default:
             every tensor but an assignment, whose content reaches the export as ``rows``).
+        dense_layer (bool): trained by the dense optimizer (Adam) with the model's layers, not by
+            the fused one (a projection ``P``).
     """
 
     role: str
@@ -68,6 +71,7 @@ class TableTensor:
     held_shape: Optional[Tuple[int, ...]] = None
     is_row_table: bool = False
     handed_over: Optional[bool] = None
+    dense_layer: bool = False
 
     @property
     def exported(self) -> bool:
@@ -145,7 +149,8 @@ class TableStorage:
 
     @property
     def num_rows(self) -> int:
-        """Rows of FBGEMM tables stored (``n`` plain or low-rank, ``m`` for ``U``, ``ceil(n/p) + p`` for ``Q``, ``R``)."""
+        """Rows of FBGEMM tables stored (``n`` plain, low-rank or mixed-dimension, ``m`` for ``U``,
+        ``ceil(n/p) + p`` for ``Q`` and ``R``)."""
         return sum(t.shape[0] for t in self.tensors if t.is_row_table)
 
 

@@ -1,4 +1,4 @@
-"""Quantisation-aware training for the dtype a phone program ships in (``--qat int8|int4``).
+"""Quantisation-aware training for the dtype a phone program ships in (``--qat int8|int4|int4_row``).
 
 FBGEMM's fused TBE reads its tables inside the kernel and updates them inside the backward
 pass, so a fake-quantising module cannot sit between a table and its lookup. The design here
@@ -60,7 +60,7 @@ class QuantizationAwareTraining:
 
     Args:
         model (nn.Module): the sharded training model.
-        dtype (str): ``int8`` or ``int4``, the ``--dtype`` the model will be exported at.
+        dtype (str): ``int8``, ``int4`` or ``int4_row``, the ``--dtype`` the model will be exported at.
     """
 
     def __init__(self, model: nn.Module, dtype: str) -> None:

@@ -142,7 +142,7 @@ def embedding_footprint(tables: List[EmbeddingBagConfig], optimizer: str) -> Dic
     return {
         "embedding_params": params,
         "embedding_bytes": sum(m.param_bytes for m in mems),
-        # stored floats per table, n*d / its ratio (the variants count w's grid and their assignment)
+        # stored floats per table, n*d / its ratio (TableStorage's one basis: trained scalars + assignments)
         "compression_ratio": sum(m.num_embeddings * m.embedding_dim for m in mems)
         / sum(m.num_embeddings * m.embedding_dim / m.compression_ratio for m in mems),
         "table_compression_ratios": {m.table: m.compression_ratio for m in mems},

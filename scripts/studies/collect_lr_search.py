@@ -26,6 +26,7 @@ def row_of(log: str) -> dict:
                                                              f.read())]
     valid = [v for _, v in scores]
     row = dict(method=method, compression_ratio=float(ratio), embedding_lr=float(lr), seed=int(seed), history_len=5,
+               epoch_cap="",
                epochs_run=scores[-1][0] + 1 if scores else 0,
                best_epoch=max(scores, key=lambda s: s[1])[0] if scores else "",
                valid_ndcg=max(valid) if valid else "", test_ndcg="", status="unfinished when collected",
@@ -34,13 +35,14 @@ def row_of(log: str) -> dict:
     if os.path.exists(metrics):
         with open(metrics) as f:
             m = json.load(f)
-        capped = m["epochs_run"] >= EPOCH_CAP
+        cap = int(m["config"].get("epochs", EPOCH_CAP))  # the run's own cap (30 for the first searches, then 50)
+        capped = m["epochs_run"] >= cap
         curve = [e["ndcg"] for e in m["valid_curve"]]  # the whole curve (a resumed run's log starts mid-way)
         row.update(test_ndcg=round(m["test_ndcg"], 6), valid_ndcg=round(m["valid_ndcg"], 6),
                    valid_curve=" ".join(f"{v:.4f}" for v in curve),
-                   best_epoch=m["best_epoch"], epochs_run=m["epochs_run"],
-                   status=f"epoch cap {EPOCH_CAP}, best epoch {m['best_epoch'] + 1}, no gain in its last "
-                          f"{EPOCH_CAP - 1 - m['best_epoch']}" if capped else "early stopping (patience 3)")
+                   best_epoch=m["best_epoch"], epochs_run=m["epochs_run"], epoch_cap=cap,
+                   status=f"epoch cap {cap}, best epoch {m['best_epoch'] + 1}, no gain in its last "
+                          f"{cap - 1 - m['best_epoch']}" if capped else "early stopping (patience 3)")
     return row
 
 

@@ -13,15 +13,16 @@ import csv
 import glob
 import json
 import os
-import re
 import sys
 from typing import List, Tuple
+
+from memcom_torchrec.experiment.grid import parse_run_key
 
 
 def _rewrite(path: str, keep, change=lambda r: r) -> None:  # pyre-ignore[2]
     """Keeps the rows of the CSV at ``path`` for which ``keep(row)``, each passed through ``change``."""
     if not os.path.exists(path):
-        return 0
+        return
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames, list(reader)
@@ -41,9 +42,9 @@ def _with_epochs(args: List[str], epochs: int) -> List[str]:
 
 
 def _cell(run_dir: str) -> Tuple[str, float, int]:
-    """(method, ratio, seed) of a run directory named by ``memcom-experiment`` (``<method>_r<ratio>_s<seed>_lr<lr>``)."""
-    method, ratio, seed = re.match(r"(.+)_r([\d.]+)_s(\d+)_lr[\d.]+$", os.path.basename(run_dir)).groups()
-    return method, float(ratio), int(seed)
+    """(method, ratio, seed) of a run directory named by ``memcom-experiment``."""
+    method, ratio, seed, _ = parse_run_key(os.path.basename(run_dir))
+    return method, ratio, seed
 
 
 def main(out_dir: str, old_cap: int, new_cap: int) -> List[str]:
@@ -64,8 +65,11 @@ def main(out_dir: str, old_cap: int, new_cap: int) -> List[str]:
         if not os.path.exists(metrics):
             continue
         with open(metrics) as f:
-            if json.load(f)["epochs_run"] < old_cap:
-                continue
+            m = json.load(f)
+        patience = int(m["config"].get("patience", 3))
+        early_stopped = m["epochs_run"] - 1 - m["best_epoch"] >= patience
+        if m["epochs_run"] != old_cap or early_stopped:  # stopped early, or already under another cap
+            continue
         os.replace(metrics, os.path.join(run_dir, f"metrics_cap{old_cap}.json"))
         if os.path.exists(run_dir + ".log"):  # the grid writes a fresh log when the run resumes
             os.replace(run_dir + ".log", os.path.join(run_dir, f"train_cap{old_cap}.log"))

@@ -55,6 +55,35 @@ def test_bad_input_raises_on_every_rank_without_hanging() -> None:
     run_multiprocess(_bad_input_body, world_size=2)
 
 
+def _mixed_dim_bad_input_body(rank: int, world_size: int) -> None:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig
+    from memcom_torchrec.modules.mixed_dim_embedding_modules import MixedDimEmbeddingBagCollection
+    from dist_utils import shard_with_planner
+
+    tables = [MixedDimEmbeddingBagConfig(name="item", num_embeddings=40, embedding_dim=8, feature_names=["hist"],
+                                         head_rows=6, tail_dim=4)]
+    module = MixedDimEmbeddingBagCollection(tables, device=torch.device("meta"))
+    sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1})
+    dmp = shard_with_planner(module, [sharder], {"item__head": ShardingType.ROW_WISE.value,
+                                                 "item__tail": ShardingType.ROW_WISE.value})
+    values = torch.tensor([3, 40 if rank == 0 else 5, 7])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["hist"], values=values, lengths=torch.tensor([2, 1]))
+    expected = (r"feature 'hist': id 40 is out of range for table 'item' \(num_embeddings=40\)" if rank == 0
+                else r"bad input on rank 0: feature 'hist': id 40 is out of range")
+    with pytest.raises(ValueError, match=expected):
+        dmp(kjt)
+    good = KeyedJaggedTensor.from_lengths_sync(keys=["hist"], values=torch.tensor([3, 39, 7]),
+                                               lengths=torch.tensor([2, 1]))
+    assert dmp(good).values().shape == (2, 8)  # both ranks still in step
+
+
+def test_mixed_dim_bad_input_raises_on_every_rank_without_hanging() -> None:
+    """A bad id on one rank of a sharded mixed-dimension collection: every rank raises, none waits."""
+    run_multiprocess(_mixed_dim_bad_input_body, world_size=2)
+
+
 # ---------------------------------------------------------- train pipeline
 class MixedModel(nn.Module):
     """A MEmCom collection next to a stock EBC, and a dense head."""
@@ -238,18 +267,29 @@ def test_checkpoint_mismatch_and_partial_save(tmp_path) -> None:
     other[0].__post_init__()
     with pytest.raises(ValueError, match=r"table 'item' differs .*'tensors': \(\{'U': \[\d+, 8\], .*'U': \[11, 8\]"):
         load_checkpoint(root, MEmComEmbeddingBagCollection(other))
-    # A checkpoint from before the signature recorded shapes: its fields that the current signature
-    # also has are compared (here the kind), the rest (num_buckets...) is left to the loader's shape check.
+    # A checkpoint from before the signature recorded shapes: its kind, and its size fields against the
+    # model's shapes (num_buckets = U's rows, train_entity_weights = w is there).
     meta_path = os.path.join(latest_checkpoint(root), "meta.json")
     with open(meta_path) as f:
         meta = json.load(f)
     legacy = {k: v for k, v in meta["tables"]["item"].items() if k != "tensors"}
-    meta["tables"]["item"] = dict(legacy, num_buckets=7, kind="QREmbeddingBagConfig")
+    m = meta["tables"]["item"]["tensors"]["U"][0]
+    meta["tables"]["item"] = dict(legacy, num_buckets=m, train_entity_weights=True, kind="QREmbeddingBagConfig")
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     with pytest.raises(ValueError, match=r"table 'item' differs .*'kind': \('QREmbeddingBagConfig'"):
         load_checkpoint(root, fresh)
-    meta["tables"]["item"] = dict(legacy, num_buckets=7)
+    meta["tables"]["item"] = dict(legacy, num_buckets=m + 1, train_entity_weights=True)  # sized by the older rule
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"'num_buckets': \(\d+, \d+\).*load them with the version that trained them"):
+        load_checkpoint(root, fresh)
+    meta["tables"]["item"] = dict(legacy, num_buckets=m, train_entity_weights=False)  # w missing
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"'train_entity_weights': \(False, True\)"):
+        load_checkpoint(root, fresh)
+    meta["tables"]["item"] = dict(legacy, num_buckets=m, train_entity_weights=True)
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     load_checkpoint(root, fresh)

@@ -50,8 +50,10 @@ def test_bad_input_is_named(collection, config):
 
 def test_mixed_dim_slots_are_a_permutation_by_frequency():
     ebc = MixedDimEmbeddingBagCollection([MixedDimEmbeddingBagConfig(head_rows=5, tail_dim=4, **COMMON)])
-    with pytest.raises(ValueError, match=r"table 'item': slots must be a permutation of \[0, 50\)"):
+    with pytest.raises(ValueError, match=r"table 'item': slots must be a permutation of \[0, 50\) \(some slot is repeated"):
         ebc.set_assignment("item", torch.zeros(50, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"table 'item': slots must be a permutation of \[0, 50\), got shape \(49,\)"):
+        ebc.set_assignment("item", torch.arange(49))
     with pytest.raises(ValueError, match="table 'user' is not a mixed-dimension table"):
         ebc.set_assignment("user", torch.arange(7))
     counts = torch.tensor([3, 9, 9, 0, 5])

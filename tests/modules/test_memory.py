@@ -52,7 +52,7 @@ def test_a_table_config_without_a_storage_description_is_refused() -> None:
 
 
 def test_table_memory_of_a_lowrank_table() -> None:
-    """A (n x k, FBGEMM rows with row-wise state) and P (d x k, fp32 with element-wise state); ratio n*d / (n*k + k*d)."""
+    """A (n x k, FBGEMM rows with row-wise state) and P (d x k, fp32 with Adam's two moments); ratio n*d / (n*k + k*d)."""
     from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
 
     t = LowRankEmbeddingBagConfig(name="t", num_embeddings=3706, embedding_dim=64, feature_names=["f"],
@@ -62,7 +62,7 @@ def test_table_memory_of_a_lowrank_table() -> None:
     mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
     assert mem.num_rows == 3706 and mem.num_parameters == 3706 * k + 64 * k
     assert mem.param_bytes == (3706 * k + 64 * k) * 4
-    assert mem.optimizer_state_bytes == (3706 + 64 * k) * 4
+    assert mem.optimizer_state_bytes == (3706 + 2 * 64 * k) * 4
     assert mem.compression_ratio == pytest.approx(3706 * 64 / (3706 * k + 64 * k))
 
 
@@ -79,5 +79,5 @@ def test_table_memory_of_a_mixed_dim_table() -> None:
     mem = table_memory(t, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
     assert mem.num_rows == n and mem.assignment_bytes == 2 * n
     assert mem.param_bytes == (h * d + (n - h) * w + d * w) * 4 + 2 * n
-    assert mem.optimizer_state_bytes == (n + d * w) * 4
+    assert mem.optimizer_state_bytes == (n + 2 * d * w) * 4
     assert mem.compression_ratio == pytest.approx(n * d / stored)
