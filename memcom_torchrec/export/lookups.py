@@ -205,8 +205,8 @@ class SlimLookup(nn.Module):
             )
 
     def catalogue(self) -> torch.Tensor:
-        """Every entity's vector, ``n x d`` (what ``self(arange(n))`` computes)."""
-        return self(torch.arange(self.info.num_embeddings))
+        """Every entity's vector, ``n x d`` (what ``self(arange(n))`` computes; every id valid: no guard)."""
+        return self.lookup(torch.arange(self.info.num_embeddings))
 
     def catalogue_scores(self, q: torch.Tensor) -> torch.Tensor:
         """``<q_b, e_i>`` for every row ``b`` and entity ``i``: ``B x n``."""
