@@ -35,11 +35,14 @@ import json
 import math
 import os
 import time
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+
+if TYPE_CHECKING:  # the package is imported by pack only: the replica runs without it
+    from memcom_torchrec.modules.storage import TableStorage
 
 HISTORY = 10
 DIM = 64
@@ -48,6 +51,18 @@ RATIOS = [2.0, 4.0, 8.0, 16.0, 40.0]
 
 # ---------------------------------------------------------------------------
 # pack: parquet splits -> tensors, table sizes from the package's own rules
+
+
+def layout_of(storage: "TableStorage") -> Dict:
+    """A table's layout as ``pack`` stores it: its roles and their shapes (assignments are added by ``pack``).
+
+    Args:
+        storage (TableStorage): the table config's storage description.
+
+    Returns:
+        Dict: ``{"roles": [...], "shapes": {role: [sizes]}}``, what ``ItemTable`` builds from.
+    """
+    return {"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()}}
 
 
 def pack(data: str, out: str) -> None:
@@ -111,8 +126,7 @@ def pack(data: str, out: str) -> None:
             if method.unreachable(n_items, DIM, r) is None:
                 config = method.table_config(item, DIM, r)
                 storage = table_storage(config)
-                layouts[f"{name}@{r}"] = {"roles": list(storage.roles),
-                                          "shapes": {k: list(v) for k, v in storage.shapes.items()}}
+                layouts[f"{name}@{r}"] = layout_of(storage)
                 if storage.has("slots"):  # mixed-dimension: slots by training frequency, as the trainer sets them
                     layouts[f"{name}@{r}"]["slots"] = frequency_slots(counts).to(torch.int32)
                 if storage.has("rows"):  # the variants' rows of U per entity: a second hash, or a frequency head

@@ -28,3 +28,4 @@ class CollectionBase(EmbeddingBagCollectionInterface):
     def is_weighted(self) -> bool:
         """Returns: whether input KJTs carry per-id weights."""
         return self._is_weighted
+

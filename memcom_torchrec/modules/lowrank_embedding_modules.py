@@ -13,33 +13,14 @@ dense layer's). So the sharded model is this module with a sharded child: parame
 and the export are the same either way.
 """
 
-import math
 from typing import Dict, List, Optional, Union
 
 import torch
-from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from memcom_torchrec.modules.collection_base import CollectionBase
 from memcom_torchrec.modules.lowrank_configs import LowRankEmbeddingBagConfig
-from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
-
-
-class Projection(nn.Linear):
-    """``P``: ``k -> d`` without bias, initialised so that ``P A[i]`` starts at a plain table's scale.
-
-    With ``A`` uniform in ``+-sqrt(1/n)`` (TorchRec's default) and ``P`` uniform in
-    ``+-sqrt(3/k)`` (variance ``1/k``), each entry of ``P A[i]`` has the variance of a plain
-    table's entry.
-    """
-
-    def __init__(self, rank: int, embedding_dim: int, device: Optional[Union[str, torch.device]] = None) -> None:
-        super().__init__(rank, embedding_dim, bias=False, device=device)
-
-    def reset_parameters(self) -> None:
-        bound = math.sqrt(3.0 / self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
+from memcom_torchrec.modules.projected_collection import ProjectedCollection
 
 
 def inner_table_config(config: EmbeddingBagConfig) -> EmbeddingBagConfig:
@@ -52,7 +33,7 @@ def inner_table_config(config: EmbeddingBagConfig) -> EmbeddingBagConfig:
     )
 
 
-class LowRankEmbeddingBagCollection(CollectionBase):
+class LowRankEmbeddingBagCollection(ProjectedCollection):
     """EmbeddingBagCollection whose tables may be low-rank (``P A[i]``); plain tables behave as in TorchRec.
 
     Parameters: ``_embedding_bag_collection._embedding_bag_collection.embedding_bags.<table>.weight``
@@ -78,30 +59,19 @@ class LowRankEmbeddingBagCollection(CollectionBase):
         is_weighted: bool = False,
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
-        super().__init__(tables, is_weighted)
-        # Named like the other collections' inner module: the checkpoint signature describes the outer tables.
-        self._embedding_bag_collection = MEmComEmbeddingBagCollection(
-            [inner_table_config(t) for t in tables], is_weighted=is_weighted, device=device
+        super().__init__(
+            tables, is_weighted,
+            row_tables=[inner_table_config(t) for t in tables],
+            projections={t.name: (t.rank, t.embedding_dim) for t in tables
+                         if isinstance(t, LowRankEmbeddingBagConfig)},
+            device=device,
         )
-        self._projections = nn.ModuleDict({
-            t.name: Projection(t.rank, t.embedding_dim, device=device)
-            for t in tables if isinstance(t, LowRankEmbeddingBagConfig)
-        })
         table_of = {f: t.name for t in tables for f in t.feature_names}
         rows = self._embedding_bag_collection._embedding_bag_collection  # TorchRec's EBC: the output key order
         self._keys: List[str] = list(rows._embedding_names)
         self._key_tables: List[str] = [table_of[k] for k in self._keys]
         dims = {t.name: t.embedding_dim for t in tables}
         self._dims: List[int] = [dims[table_of[k]] for k in self._keys]
-
-    @property
-    def device(self) -> torch.device:
-        return self._embedding_bag_collection.device
-
-    def reset_parameters(self) -> None:
-        self._embedding_bag_collection.reset_parameters()
-        for p in self._projections.values():
-            p.reset_parameters()
 
     def dense_tables(self, table_name: str) -> Dict[str, torch.Tensor]:
         """Every tensor of one table by role, as an exporter needs them.

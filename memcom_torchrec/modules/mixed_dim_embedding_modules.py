@@ -21,11 +21,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from memcom_torchrec.modules.collection_base import CollectionBase
-from memcom_torchrec.modules.lowrank_embedding_modules import Projection
 from memcom_torchrec.modules.memcom_configs import assignment_dtype
-from memcom_torchrec.modules.memcom_embedding_modules import MEmComEmbeddingBagCollection
 from memcom_torchrec.modules.mixed_dim_configs import MixedDimEmbeddingBagConfig
+from memcom_torchrec.modules.projected_collection import ProjectedCollection
 from memcom_torchrec.modules.validation import InputCheck, raise_on_any_rank
 
 HEAD, TAIL = "__head", "__tail"
@@ -51,7 +49,7 @@ def inner_table_configs(config: EmbeddingBagConfig) -> List[EmbeddingBagConfig]:
     ]
 
 
-class MixedDimEmbeddingBagCollection(CollectionBase):
+class MixedDimEmbeddingBagCollection(ProjectedCollection):
     """EmbeddingBagCollection whose tables may be mixed-dimension; plain tables behave as in TorchRec.
 
     Parameters: ``_embedding_bag_collection._embedding_bag_collection.embedding_bags.<table>__head.weight``,
@@ -73,16 +71,16 @@ class MixedDimEmbeddingBagCollection(CollectionBase):
         is_weighted: bool = False,
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
-        super().__init__(tables, is_weighted)
         if is_weighted:
             raise ValueError("MixedDimEmbeddingBagCollection does not take per-id weights (is_weighted=True)")
-        self._embedding_bag_collection = MEmComEmbeddingBagCollection(
-            [c for t in tables for c in inner_table_configs(t)], device=device
-        )
         mixed = [t for t in tables if isinstance(t, MixedDimEmbeddingBagConfig)]
+        super().__init__(
+            tables, is_weighted,
+            row_tables=[c for t in tables for c in inner_table_configs(t)],
+            projections={t.name: (t.tail_dim, t.embedding_dim) for t in mixed},
+            device=device,
+        )
         self._mixed: Dict[str, MixedDimEmbeddingBagConfig] = {t.name: t for t in mixed}
-        self._projections = nn.ModuleDict({t.name: Projection(t.tail_dim, t.embedding_dim, device=device)
-                                           for t in mixed})
         self._slots = nn.Module()
         for t in mixed:
             self._slots.register_buffer(
@@ -90,15 +88,9 @@ class MixedDimEmbeddingBagCollection(CollectionBase):
         self._table_of: Dict[str, EmbeddingBagConfig] = {f: t for t in tables for f in t.feature_names}
         self._keys: List[str] = [f for t in tables for f in t.feature_names]
 
-    @property
-    def device(self) -> torch.device:
-        return self._embedding_bag_collection.device
-
     def reset_parameters(self) -> None:
         """Fresh tables and projections; every entity's slot is its id until ``set_assignment``."""
-        self._embedding_bag_collection.reset_parameters()
-        for p in self._projections.values():
-            p.reset_parameters()
+        super().reset_parameters()
         with torch.no_grad():
             for name, slots in self._slots.named_buffers():
                 slots.copy_(torch.arange(slots.numel(), device=slots.device).to(slots.dtype))

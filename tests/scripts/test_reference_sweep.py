@@ -43,7 +43,7 @@ def replica_table(method: str, n: int, size: int) -> rs.ItemTable:
     else:
         storage = qr_storage("item", n, D, size, entity_weights=method == "memcom_qr")
     assert list(storage.roles) == ROLES[method]
-    return rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()}}, n)
+    return rs.ItemTable(rs.layout_of(storage), n)
 
 
 def histories(batch: int = 6, seed: int = 0) -> torch.Tensor:
@@ -135,8 +135,7 @@ def test_replica_mixed_dim_table_matches_collection() -> None:
     real.set_assignment("item", torch.randperm(N))
     storage = table_storage(cfg)
     tensors = real.dense_tables("item")
-    table = rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()},
-                          "slots": tensors["slots"]}, N)
+    table = rs.ItemTable({**rs.layout_of(storage), "slots": tensors["slots"]}, N)
     with torch.no_grad():
         table.table.copy_(tensors["head"])
         table.tail.copy_(tensors["tail"])
@@ -158,7 +157,7 @@ def test_replica_lowrank_table_matches_collection() -> None:
     torch.manual_seed(0)
     real = LowRankEmbeddingBagCollection([cfg])
     storage = table_storage(cfg)
-    table = rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()}}, N)
+    table = rs.ItemTable(rs.layout_of(storage), N)
     tensors = real.dense_tables("item")
     with torch.no_grad():
         table.table.copy_(tensors["A"])
@@ -299,8 +298,7 @@ def test_replica_variant_table_matches_collection(options) -> None:
         real._entity_weights["item"].uniform_(0.5, 1.5)
     tensors = real.dense_tables("item")
     storage = table_storage(cfg)
-    table = rs.ItemTable({"roles": list(storage.roles), "shapes": {k: list(v) for k, v in storage.shapes.items()},
-                          "rows": tensors["rows"]}, N)
+    table = rs.ItemTable({**rs.layout_of(storage), "rows": tensors["rows"]}, N)
     with torch.no_grad():
         table.table.copy_(tensors["U"])
         table.w.copy_(tensors["w"].reshape(-1))
