@@ -5,7 +5,10 @@ forward + backward + fused optimizer update on the same pre-generated batches:
 
   memcom      MEmComEmbeddingBagConfig (n, d, compression ratio) in a
               MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
-              (lookup_path "auto": on CPU the gathered w gradient)
+              (lookup_path "auto": on CPU the gathered w gradient), w's gradient and
+              update by the compiled op (memcom::entity_weight_step_) where it is built
+  memcom_aten the same with w's step on the ATen fallback (per-sample-weight gradient
+              of embedding_bag, then a sort-coalesced update)
   memcom_tbe  the same with lookup_path="weighted_tbe": w's gradient from
               FBGEMM's per-sample-weight kernel (the CUDA default)
   plain       a plain EmbeddingBagConfig (n x d) in a MEmComEmbeddingBagCollection,
@@ -32,7 +35,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +56,7 @@ from memcom_torchrec import (  # noqa: E402
     table_memory,
 )
 from memcom_torchrec.distributed.memcom_embeddingbag import WEIGHTED_TBE  # noqa: E402
+from memcom_torchrec.optim import fused_step  # noqa: E402
 from memcom_torchrec.train.rank_stats import local_tensor_bytes  # noqa: E402
 
 try:
@@ -62,7 +66,7 @@ except ImportError:  # pragma: no cover
         return it
 
 log = logging.getLogger("bench_memcom")
-VARIANTS = ["memcom", "memcom_tbe", "plain", "stock"]
+VARIANTS = ["memcom", "memcom_aten", "memcom_tbe", "plain", "stock"]
 FEATURE = "f"
 OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
@@ -116,6 +120,9 @@ def build_variants(args: argparse.Namespace) -> Tuple[Dict[str, DistributedModel
         "memcom": MEmComEmbeddingBagConfig(
             name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE], compression_ratio=args.ratio
         ),
+        "memcom_aten": MEmComEmbeddingBagConfig(
+            name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE], compression_ratio=args.ratio
+        ),
         "memcom_tbe": MEmComEmbeddingBagConfig(
             name="t", num_embeddings=n, embedding_dim=d, feature_names=[FEATURE], compression_ratio=args.ratio
         ),
@@ -137,14 +144,18 @@ def build_variants(args: argparse.Namespace) -> Tuple[Dict[str, DistributedModel
     return models, configs
 
 
-def make_step(dmp: DistributedModelParallel) -> Callable[[KeyedJaggedTensor, torch.Tensor], None]:
+def make_step(dmp: DistributedModelParallel, kernel: Optional[str] = None) -> Callable[[KeyedJaggedTensor, torch.Tensor], None]:
+    """One training step; ``kernel`` chooses w's step implementation for this variant's steps only."""
+
     def step(kjt: KeyedJaggedTensor, proj: torch.Tensor) -> None:
+        fused_step.set_kernel(kernel)
         out = dmp(kjt)
         if hasattr(out, "wait"):
             out = out.wait()
         loss = (out.values() * proj).sum()
         loss.backward()
         dmp.fused_optimizer.step()
+        fused_step.set_kernel(None)
 
     return step
 
@@ -155,7 +166,7 @@ def measured_bytes(dmp: DistributedModelParallel) -> Tuple[int, int]:
 
 
 def run_rounds(args, models, batches) -> Dict[str, List[float]]:
-    steps = {name: make_step(m) for name, m in models.items()}
+    steps = {name: make_step(m, fused_step.ATEN if name == "memcom_aten" else None) for name, m in models.items()}
     log.info("warm-up: %d steps per variant", args.warmup)
     for name, step in steps.items():
         for i in range(args.warmup):
@@ -178,7 +189,7 @@ def run_rounds(args, models, batches) -> Dict[str, List[float]]:
 def profile_memcom(args, dmp, batches, name: str = "memcom") -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    step = make_step(dmp)
+    step = make_step(dmp, fused_step.ATEN if name == "memcom_aten" else None)
     for i in range(2):
         step(*batches[i % len(batches)])
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

@@ -46,4 +46,6 @@ if [ "${EXTRAS:-}" = "export" ]; then
 fi
 pip install --no-deps "torchrec==1.8.0"
 pip install --no-deps -e .
+# The fused w op (C++, OpenMP): silent when built; without a compiler, one line says the ATen fallback runs.
+"$VENV/bin/python" -m memcom_torchrec.optim.build_ops
 "$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow; print('torch', torch.__version__, '| torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0', '| fbgemm ok')"

@@ -1,10 +1,19 @@
 """Plain-PyTorch references of MEmCom pooling and of FBGEMM's fused optimizers."""
 
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig
+
+# The per-entity weight optimizers by family (``RowReference``).
+SGD = [EmbOptimType.EXACT_SGD, EmbOptimType.SGD]
+ADAGRAD = [EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ROWWISE_ADAGRAD]
+ADAM = [EmbOptimType.ADAM, EmbOptimType.PARTIAL_ROWWISE_ADAM]
 
 
 def reference_pool(
@@ -157,3 +166,45 @@ def rank_batches(step: int, world_size: int, keys: List[str], sizes: Dict[str, i
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
         out.append((kjt, torch.randn(batch, width, generator=g)))
     return out
+
+
+class RowReference:
+    """One optimizer over ``N`` scalar rows, one Python float at a time (float64)."""
+
+    def __init__(self, w: torch.Tensor, cfg: EntityWeightOptimizerConfig) -> None:
+        self.w = [float(x) for x in w]
+        self.cfg = cfg
+        self.acc = [0.0] * len(self.w)  # Adagrad's sum of squared gradients
+        self.m1 = [0.0] * len(self.w)  # Adam's moments
+        self.m2 = [0.0] * len(self.w)
+        self.t = 0  # Adam's step, one per table
+
+    def step(self, ids: List[int], grads: List[float], lr: float) -> None:
+        """Sums the gradients of duplicate ids, then updates each touched row once."""
+        c, wd = self.cfg, self.cfg.weight_decay
+        summed: Dict[int, float] = {}
+        for i, g in zip(ids, grads):
+            summed[i] = summed.get(i, 0.0) + g
+        self.t += 1
+        for i, g in summed.items():
+            w = self.w[i]
+            if c.optimizer in SGD:
+                self.w[i] = w - lr * (g + wd * w)
+            elif c.optimizer in ADAGRAD:
+                g = g + wd * w
+                self.acc[i] += g * g
+                self.w[i] = w - lr * g / (math.sqrt(self.acc[i]) + c.eps)
+            else:  # FBGEMM's Adam: decay on the weight, outside the moments
+                self.m1[i] = c.beta1 * self.m1[i] + (1 - c.beta1) * g
+                self.m2[i] = c.beta2 * self.m2[i] + (1 - c.beta2) * g * g
+                m_hat = self.m1[i] / (1 - c.beta1**self.t)
+                v_hat = self.m2[i] / (1 - c.beta2**self.t)
+                self.w[i] = w - lr * (m_hat / (math.sqrt(v_hat) + c.eps) + wd * w)
+
+    def states(self) -> Dict[str, torch.Tensor]:
+        """The reference states under the library's names."""
+        if self.cfg.optimizer in ADAGRAD:
+            return {"momentum1": torch.tensor(self.acc)}
+        if self.cfg.optimizer in ADAM:
+            return {"exp_avg": torch.tensor(self.m1), "exp_avg_sq": torch.tensor(self.m2), "step": torch.tensor(self.t)}
+        return {}

@@ -15,7 +15,7 @@ cheaper on these CPUs, and cheaper than gathering the rows and multiplying):
 2. a forward hook on the TBE wraps its pooled output in an identity autograd
    node; the node's backward runs before the TBE's (it sits after it in the
    graph), so ``U`` still holds its pre-update values. It computes
-   ``grad_w`` and applies ``w``'s optimizer step (``ShardedEntityWeights.update``),
+   ``grad_w`` and applies ``w``'s optimizer step (``ShardedEntityWeights.step``),
    then passes the output gradient on unchanged to FBGEMM's fused update of ``U``.
 
 Only the forward hook and the backward read host values (the TBE's offsets), so
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from memcom_torchrec.distributed.entity_weights import ShardedEntityWeights
+from memcom_torchrec.optim.fused_step import FeatureGradient
 
 
 @dataclass
@@ -126,34 +127,20 @@ class EntityWeightGradient:
             batch = (offsets.numel() - 1) // num_features
             dims = tbe.D_offsets.tolist()  # pyre-ignore[16]
             tables = tbe.split_embedding_weights()  # pyre-ignore[29]
-            grads: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+            per_table: Dict[str, Tuple[torch.Tensor, List[FeatureGradient]]] = {}
             for feature in pending:
                 t = feature.position
                 bag_offsets = offsets[t * batch : (t + 1) * batch + 1]
                 start, end = int(bag_offsets[0]), int(bag_offsets[-1])
-                bags = torch.repeat_interleave(
-                    torch.arange(batch, device=offsets.device), bag_offsets.diff(), output_size=end - start
-                )
                 U = tables[tbe.feature_table_map[t]]  # pyre-ignore[16]
-                # ATen's fused per-sample-weight gradient of embedding_bag (sum mode):
-                # the dot products without materialising the gathered rows.
-                grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    grad_output[:, dims[t] : dims[t + 1]].contiguous(),
-                    U,
-                    indices[start:end].long(),
-                    (bag_offsets[:-1] - start).long(),
-                    bags,
-                    0,  # mode: sum
-                    -1,  # padding_idx: none
-                )
-                grads.setdefault(feature.table, []).append((feature.index, grad_w))
-            for table, parts in grads.items():
-                if len(parts) == 1:
-                    index, grad = parts[0]
-                else:
-                    index, grad = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-                self._entity_weights.update(table, index, grad)
-
+                per_table.setdefault(feature.table, (U, []))[1].append(FeatureGradient(
+                    grad=grad_output[:, dims[t] : dims[t + 1]],
+                    rows=indices[start:end].long(),
+                    bag_offsets=(bag_offsets - start).long(),
+                    positions=feature.index,
+                ))
+            for table, (U, features) in per_table.items():
+                self._entity_weights.step(table, U, features)
 
 def pending_features(
     tbe_features: List[Tuple[nn.Module, List[Tuple[int, int]]]],

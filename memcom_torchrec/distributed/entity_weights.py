@@ -33,12 +33,9 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding, ShardingEnv
 
 from memcom_torchrec.modules.qr_configs import ENTITY_WEIGHTS
-from memcom_torchrec.optim.entity_weight_optimizer import (
-    EntityWeightOptimizerConfig,
-    entity_weight_lookup,
-    sparse_update_,
-)
+from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig, entity_weight_lookup
 from memcom_torchrec.optim.fused import EntityWeightFusedOptimizer
+from memcom_torchrec.optim.fused_step import FeatureGradient, entity_weight_step_
 
 
 @dataclass
@@ -215,7 +212,7 @@ class ShardedEntityWeights:
         """``w`` at each key's positions, as plain values (no autograd).
 
         The caller computes the gradient of these values itself and applies it
-        with ``update`` (``entity_weight_gradient``).
+        with ``step`` (``entity_weight_gradient``).
 
         Args:
             tables (List[Optional[str]]): per key, the table whose ``w`` it reads.
@@ -232,24 +229,17 @@ class ShardedEntityWeights:
                 pieces[k] = piece
         return pieces
 
-    def update(self, table: str, index: torch.Tensor, grad: torch.Tensor) -> None:
-        """One optimizer step of ``table``'s ``w`` at ``index`` (duplicates summed), in place.
+    def step(self, table: str, U: torch.Tensor, features: List[FeatureGradient]) -> None:
+        """``w``'s gradient from its features' pooled gradients and its optimizer step, in one pass.
 
         Args:
             table (str): a table with a slice on this rank.
-            index (torch.Tensor): positions in the flat local ``w``.
-            grad (torch.Tensor): the gradient of each position.
+            U (torch.Tensor): the rows its ids read, before this step's update.
+            features (List[FeatureGradient]): the features that read this ``w``.
         """
         local = self.local[table]
-        with torch.no_grad():
-            sparse_update_(
-                local.weights.view(-1),
-                self._flat_states(local),
-                index,
-                grad,
-                self.optimizer.group_of(table),
-                local.config.optimizer,
-            )
+        entity_weight_step_(local.weights.view(-1), self._flat_states(local), U, features,
+                            self.optimizer.group_of(table), local.config.optimizer)
 
     def _per_table(
         self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]]

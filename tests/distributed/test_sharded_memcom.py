@@ -13,6 +13,8 @@ from torchrec.distributed.types import ShardingType
 from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder, MEmComEmbeddingBagConfig
 from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE
 from memcom_torchrec.distributed.state_dict_utils import load_unsharded_state_dict
+from memcom_torchrec.optim import fused_step
+from memcom_torchrec.optim.fused_step import ATEN, COMPILED
 from dist_utils import assert_sharded_steps_match, run_multiprocess, shard_with_planner
 from reference import rank_batches
 
@@ -72,8 +74,10 @@ def _compare_body(
     steps: int,
     local_world_size: Optional[int] = None,
     lookup_path: str = "auto",
+    kernel: Optional[str] = None,
 ) -> None:
     lr = 0.1
+    fused_step.set_kernel(kernel)  # the gathered path's w step: compiled op or ATen fallback (None: default)
     ref = make_reference()
     if local_world_size is not None:  # TorchRec's TWRW groups ranks into nodes by LOCAL_WORLD_SIZE
         os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
@@ -93,12 +97,31 @@ def test_sharded_matches_unsharded_sgd(sharding_type: str, lookup_path: str) -> 
     )
 
 
-@pytest.mark.parametrize("lookup_path", [GATHERED, WEIGHTED_TBE])
+def require_kernel(kernel: Optional[str]) -> None:
+    """Skips (a failure under MEMCOM_NO_SKIPS, as in CI) where the compiled w op was not built."""
+    if kernel == COMPILED:
+        try:
+            fused_step.set_kernel(COMPILED)
+        except RuntimeError as e:
+            pytest.skip(str(e))
+        finally:
+            fused_step.set_kernel(None)
+
+
+# The gathered path with each implementation of w's step, and FBGEMM's own w gradient.
+PATHS = [(GATHERED, COMPILED), (GATHERED, ATEN), (WEIGHTED_TBE, None)]
+
+
+@pytest.mark.parametrize("lookup_path,kernel", PATHS, ids=["gathered-compiled", "gathered-aten", "weighted_tbe"])
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
-@pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
-def test_sharded_matches_unsharded_several_steps(sharding_type: str, optimizer: str, lookup_path: str) -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_sharded_matches_unsharded_several_steps(
+    sharding_type: str, optimizer: str, lookup_path: str, kernel: Optional[str]
+) -> None:
+    require_kernel(kernel)
     run_multiprocess(
-        _compare_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=3, lookup_path=lookup_path
+        _compare_body, world_size=2, sharding_type=sharding_type, optimizer=optimizer, steps=3,
+        lookup_path=lookup_path, kernel=kernel,
     )
 
 
