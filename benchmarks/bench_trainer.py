@@ -8,7 +8,8 @@ Variants, interleaved in rounds of ``--steps`` steps each (the same batches for 
   trainer     the real training step: ``make_pipeline(...).progress`` over the trainer's own
               DataLoader (Parquet on disk -> KJT batches -> TorchRec pipeline -> FBGEMM fused
               TBE update + Adam), in a 1-process gloo group, as ``python -m memcom_torchrec.train``
-  trainer_mem the same step over batches already in memory (the pipeline without the reader)
+  trainer_mem the same step over batches already in memory (the pipeline without the reader), on a
+              second copy of the model: each pipeline drives a model of its own
   reader      the DataLoader alone (Parquet -> padded KJT batches)
   plain       plain PyTorch: an ``n x d`` (or MEmCom ``U``, ``w``) table as parameters, the same MLP,
               head and bias, dense gradients, row-wise Adagrad for the table (``scripts/reference_sweep.py``'s
@@ -117,7 +118,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="also profile STEPS in-memory trainer steps and print the top operators by self CPU time")
+                   help="also profile STEPS steps of each --profile-variants and print the top operators by self CPU time")
+    p.add_argument("--profile-variants", nargs="+", default=["trainer_mem"], choices=["trainer", "trainer_mem", "plain"])
+    p.add_argument("--profile-shapes", action="store_true", help="group the profile by input shapes")
     args = p.parse_args()
     torch.set_num_threads(1)
     with socket.socket() as s:
@@ -133,11 +136,15 @@ def main() -> None:
         batch_size=args.batch_size, hidden=args.hidden, dropout=0.25, embedding_lr=0.1,
     )
     device = torch.device("cpu")
-    model, tables = build_model(cfg, n_users, n_items, torch.device("meta"))
-    model = shard_model(cfg, model, tables, 1, device)
-    optimizer, _ = build_optimizer(cfg, model)
-    pipeline = make_pipeline(cfg, model, optimizer, device)  # one per batch source: a pipeline holds its next batch
-    pipeline_mem = make_pipeline(cfg, model, optimizer, device)
+
+    def trainer_pipeline():  # its own model and optimizer: a TorchRec pipeline rewrites the model it drives
+        model, tables = build_model(cfg, n_users, n_items, torch.device("meta"))
+        model = shard_model(cfg, model, tables, 1, device)
+        optimizer, _ = build_optimizer(cfg, model)
+        return make_pipeline(cfg, model, optimizer, device), tables
+
+    pipeline, tables = trainer_pipeline()
+    pipeline_mem, _ = trainer_pipeline()
 
     def loader_iter():  # the trainer's batches, epoch after epoch
         for epoch in itertools.count():
@@ -195,10 +202,12 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            timed(variants["trainer_mem"], args.profile)
-        print(f"\ntrainer_mem, {args.profile} steps: top operators by self CPU time")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for name in args.profile_variants:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.profile_shapes) as prof:
+                timed(variants[name], args.profile)
+            print(f"\n{name}, {args.profile} steps: top operators by self CPU time")
+            print(prof.key_averages(group_by_input_shape=args.profile_shapes).table(
+                sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=60))
     dist.destroy_process_group()
 
 
