@@ -35,6 +35,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -379,3 +380,20 @@ def assert_sharded_steps_match(
         got = gather_unsharded_state_dict(dmp, dst=None)
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
+
+
+def require_kernel(kernel: Optional[str]) -> None:
+    """Skips (a failure under MEMCOM_NO_SKIPS, as in CI) where the compiled ``w`` op was not built.
+
+    Args:
+        kernel (Optional[str]): ``"compiled"``, ``"aten"`` or None (the default implementation).
+    """
+    from memcom_torchrec.optim import fused_step
+
+    if kernel == fused_step.COMPILED:
+        try:
+            fused_step.set_kernel(fused_step.COMPILED)
+        except RuntimeError as e:
+            pytest.skip(str(e))
+        finally:
+            fused_step.set_kernel(None)

@@ -208,6 +208,48 @@ class ShardedEntityWeights:
                 pieces[k] = piece
         return pieces
 
+    def scale_rows(
+        self,
+        tables: List[Optional[str]],
+        rows: torch.Tensor,
+        carried: torch.Tensor,
+        offsets: List[int],
+        embeddings: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each looked-up row times its id's ``w`` (1 for keys without one); the backward steps ``w``.
+
+        The gradient of ``w[i_j]`` is ``<row_j, grad_j>``, one bag of one id per row: the backward
+        hands every table's rows and their gradients to ``entity_weight_step_`` (the fused op),
+        with the rows as looked up (``Q`` before FBGEMM's fused update), and passes
+        ``w[i_j] * grad_j`` on to the rows.
+
+        Args:
+            tables (List[Optional[str]]): per key of the KJT, its table (None: no ``w``).
+            rows (torch.Tensor): the ids, as rows of this rank's shard.
+            carried (torch.Tensor): per id, its entity within that row.
+            offsets (List[int]): the KJT's ``offset_per_key()``.
+            embeddings (torch.Tensor): ``ids x d`` looked-up rows, in KJT order.
+
+        Returns:
+            torch.Tensor: the scaled rows, differentiable with respect to ``embeddings``.
+        """
+        scale = torch.ones(rows.shape, dtype=torch.float32, device=rows.device)
+        steps: List[Tuple[str, torch.Tensor, torch.Tensor]] = []  # (table, positions in w, rows of embeddings)
+        keys_of: Dict[str, List[int]] = {}
+        for k, table in enumerate(tables):
+            if table is not None and table in self.local:
+                keys_of.setdefault(table, []).append(k)
+        for table, ks in keys_of.items():
+            local = self.local[table]
+            segments = [torch.arange(offsets[k], offsets[k + 1], device=rows.device) for k in ks]
+            at = segments[0] if len(segments) == 1 else torch.cat(segments)
+            positions = rows.index_select(0, at).long() * local.grid_columns + carried.index_select(0, at).long()
+            scale.index_copy_(0, at, local.weights.view(-1).index_select(0, positions))
+            steps.append((table, positions, at))
+        if not steps:
+            return embeddings
+        return _ScaledRows.apply(embeddings, scale.to(embeddings.dtype), self, steps)
+
     def gather(self, tables: List[Optional[str]], indices: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
         """``w`` at each key's positions, as plain values (no autograd).
 
@@ -359,3 +401,37 @@ def fused_compute_kernels(compute_device_type: str) -> List[str]:
     if compute_device_type == "cuda":
         kernels += [EmbeddingComputeKernel.FUSED_UVM.value, EmbeddingComputeKernel.FUSED_UVM_CACHING.value]
     return kernels
+
+
+class _ScaledRows(torch.autograd.Function):
+    """``embeddings * scale``, whose backward takes ``w``'s optimizer step (``ShardedEntityWeights.scale_rows``)."""
+
+    @staticmethod
+    def forward(  # pyre-ignore[14]
+        ctx: Any,
+        embeddings: torch.Tensor,
+        scale: torch.Tensor,
+        owner: ShardedEntityWeights,
+        steps: List[Tuple[str, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        ctx.owner, ctx.steps = owner, steps
+        ctx.save_for_backward(embeddings, scale)
+        return embeddings * scale.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # pyre-ignore[14]
+        embeddings, scale = ctx.saved_tensors
+        with torch.no_grad():
+            grad = grad.contiguous()
+            for table, positions, at in ctx.steps:
+                if at.numel() == grad.shape[0]:  # every row reads this table's w: no gather
+                    U, g = embeddings, grad
+                else:
+                    U, g = embeddings.index_select(0, at), grad.index_select(0, at)
+                k = positions.numel()
+                feature = FeatureGradient(
+                    grad=g, rows=torch.arange(k, device=g.device), positions=positions,
+                    bag_offsets=torch.arange(k + 1, device=g.device),
+                )
+                ctx.owner.step(table, U, [feature])
+        return grad * scale.unsqueeze(1), None, None, None

@@ -328,19 +328,14 @@ class ShardedQREmbeddingBagCollection(
         return out
 
     def _scale_by_entity_weights(self, features: KeyedJaggedTensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Multiplies the looked-up rows of ``Q`` by ``w`` (fused update in backward)."""
+        """Multiplies the looked-up rows of ``Q`` by ``w`` (``w``'s fused step in backward)."""
         tables = [self._quotient_feature_table.get(k) for k in features.keys()]
         if not any(t in self._entity_weight_shards.local for t in tables):
             return embeddings
-        offsets = features.offset_per_key()
-        values, carried = features.values(), features.weights()
         # values: rows of Q local to this shard (w's slice starts at its first row), carried: i % p.
-        pieces = self._entity_weight_shards.lookup(tables, values, carried, offsets)
-        ones = torch.ones(values.shape, dtype=embeddings.dtype, device=embeddings.device)
-        scale = torch.cat(
-            [piece if piece is not None else ones[offsets[k] : offsets[k + 1]] for k, piece in enumerate(pieces)]
+        return self._entity_weight_shards.scale_rows(
+            tables, features.values(), features.weights(), features.offset_per_key(), embeddings
         )
-        return embeddings * scale.to(embeddings.dtype).unsqueeze(1)
 
     def compute(self, ctx: QREmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         out: List[torch.Tensor] = []

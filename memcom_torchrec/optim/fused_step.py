@@ -132,9 +132,9 @@ def entity_weight_step_(
     if rule == 2:
         states["step"] += 1
         step = float(states["step"])
-    with torch.no_grad():
+    with torch.no_grad():  # the op reads float32 (a half-precision table's rows are widened here)
         torch.ops.memcom.entity_weight_step_(
-            weights, [states[s] for s in _STATES[rule]], [f.grad for f in features], U,
+            weights, [states[s] for s in _STATES[rule]], [f.grad.float() for f in features], U.float(),
             [f.rows for f in features], [f.bag_offsets for f in features], [f.positions for f in features],
             rule, float(group["lr"]), float(group["eps"]), float(group["beta1"]), float(group["beta2"]),
             float(group["weight_decay"]), step,

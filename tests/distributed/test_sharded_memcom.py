@@ -15,7 +15,7 @@ from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_T
 from memcom_torchrec.distributed.state_dict_utils import load_unsharded_state_dict
 from memcom_torchrec.optim import fused_step
 from memcom_torchrec.optim.fused_step import ATEN, COMPILED
-from dist_utils import assert_sharded_steps_match, run_multiprocess, shard_with_planner
+from dist_utils import assert_sharded_steps_match, require_kernel, run_multiprocess, shard_with_planner
 from reference import rank_batches
 
 pytestmark = pytest.mark.slow
@@ -95,17 +95,6 @@ def test_sharded_matches_unsharded_sgd(sharding_type: str, lookup_path: str) -> 
     run_multiprocess(
         _compare_body, world_size=2, sharding_type=sharding_type, optimizer="sgd", steps=1, lookup_path=lookup_path
     )
-
-
-def require_kernel(kernel: Optional[str]) -> None:
-    """Skips (a failure under MEMCOM_NO_SKIPS, as in CI) where the compiled w op was not built."""
-    if kernel == COMPILED:
-        try:
-            fused_step.set_kernel(COMPILED)
-        except RuntimeError as e:
-            pytest.skip(str(e))
-        finally:
-            fused_step.set_kernel(None)
 
 
 # The gathered path with each implementation of w's step, and FBGEMM's own w gradient.

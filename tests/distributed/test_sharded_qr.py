@@ -8,7 +8,7 @@ checkpoints re-sharded from row-wise to table-wise.
 """
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -29,7 +29,9 @@ from torchrec.streamable import Pipelineable
 from memcom_torchrec import QREmbeddingBagCollectionSharder, ShardedQREmbeddingBagCollection
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.modules import QREmbeddingBagCollection, QREmbeddingBagConfig
-from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
+from memcom_torchrec.optim import fused_step
+from memcom_torchrec.optim.fused_step import ATEN, COMPILED
+from dist_utils import require_kernel, run_multiprocess, run_pipeline, shard_with_planner
 from reference import ReferenceOptimizer, make_kjt_inputs, planted_labels, reference_step
 
 pytestmark = pytest.mark.slow
@@ -93,8 +95,9 @@ def batches(step: int, world_size: int, weighted: bool = False, batch: int = 4):
 
 
 def _compare_body(rank: int, world_size: int, method: str, sharding_type: str, optimizer: str, steps: int,
-                  weighted: bool = False) -> None:
+                  weighted: bool = False, kernel: Optional[str] = None) -> None:
     lr = 0.1
+    fused_step.set_kernel(kernel)  # w's step: the compiled op or the ATen fallback (None: the default)
     ref = make_reference(method, weighted)
     start = {k: v.clone() for k, v in ref.state_dict().items()}
     dmp = shard(method, world_size, sharding_type, optimizer, lr, weighted)
@@ -152,17 +155,24 @@ def _compare_body(rank: int, world_size: int, method: str, sharding_type: str, o
         dmp(empty if rank == 0 else batches(0, world_size, weighted)[rank][0]).wait()
 
 
-@pytest.mark.parametrize("method", ["qr", "memcom_qr"])
+@pytest.mark.parametrize("method,kernel", [("qr", None), ("memcom_qr", COMPILED), ("memcom_qr", ATEN)],
+                         ids=["qr", "memcom_qr-compiled", "memcom_qr-aten"])
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
 @pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
-def test_sharded_matches_unsharded_several_steps(method: str, sharding_type: str, optimizer: str) -> None:
-    run_multiprocess(_compare_body, world_size=2, method=method, sharding_type=sharding_type, optimizer=optimizer, steps=3)
+def test_sharded_matches_unsharded_several_steps(method: str, sharding_type: str, optimizer: str,
+                                                 kernel: Optional[str]) -> None:
+    require_kernel(kernel)
+    run_multiprocess(_compare_body, world_size=2, method=method, sharding_type=sharding_type, optimizer=optimizer, steps=3,
+                     kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", [COMPILED, ATEN])
 @pytest.mark.parametrize("sharding_type", [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value])
-def test_sharded_gradients_match_unsharded_sgd(sharding_type: str) -> None:
+def test_sharded_gradients_match_unsharded_sgd(sharding_type: str, kernel: str) -> None:
     # Two SGD steps: each (before - after) / lr is the gradient of Q, R and w.
-    run_multiprocess(_compare_body, world_size=2, method="memcom_qr", sharding_type=sharding_type, optimizer="sgd", steps=2)
+    require_kernel(kernel)
+    run_multiprocess(_compare_body, world_size=2, method="memcom_qr", sharding_type=sharding_type, optimizer="sgd", steps=2,
+                     kernel=kernel)
 
 
 def test_world_of_one_matches_unsharded() -> None:
