@@ -286,19 +286,24 @@ def train(cfg: TrainConfig) -> RunResult:
             if cfg.max_steps and state.step >= cfg.max_steps:
                 stop = True
                 break
-        loop_seconds += time.perf_counter() - loop_start
+        epoch_seconds = time.perf_counter() - loop_start
+        loop_seconds += epoch_seconds
         train_rss = max(train_rss, peak_rss_mb())
         bar.close()
         if isinstance(pipeline, TrainPipelineSparseDist):
             pipeline.detach()
         if stop:
             break
+        valid_start = time.perf_counter()
         with on_grid(qat):
             valid = evaluate(cfg, model, "valid", rank, world, device)
+        valid_seconds = time.perf_counter() - valid_start
         state.valid.append(EpochScore(epoch=epoch, ndcg=valid.mean_ndcg, hr=valid.mean_hr, loss=loss_sum / max(n, 1)))
-        if rank == 0:
-            logger.info("epoch %d: train loss %.4f, valid nDCG@%d %.4f HR@%d %.4f",
-                        epoch, loss_sum / max(n, 1), cfg.k, valid.mean_ndcg, cfg.k, valid.mean_hr)
+        if rank == 0:  # the validation's share of the epoch (whole split, every epoch)
+            logger.info("epoch %d: train loss %.4f, valid nDCG@%d %.4f HR@%d %.4f (training %.0f s, validation %.1f s: "
+                        "%.0f%% of the epoch)", epoch, loss_sum / max(n, 1), cfg.k, valid.mean_ndcg, cfg.k,
+                        valid.mean_hr, epoch_seconds, valid_seconds,
+                        100 * valid_seconds / max(epoch_seconds + valid_seconds, 1e-9))
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         state.epoch_loss_sum, state.epoch_batches = 0.0, 0
         improved = valid.mean_ndcg > state.best_ndcg
