@@ -132,13 +132,19 @@ def entity_weight_step_(
     if rule == 2:
         states["step"] += 1
         step = float(states["step"])
-    with torch.no_grad():  # the op reads float32 (a half-precision table's rows are widened here)
+    with torch.no_grad():
         torch.ops.memcom.entity_weight_step_(
-            weights, [states[s] for s in _STATES[rule]], [f.grad.float() for f in features], U.float(),
+            weights, [states[s] for s in _STATES[rule]], [_rows_contiguous(f.grad) for f in features], _rows_contiguous(U),
             [f.rows for f in features], [f.bag_offsets for f in features], [f.positions for f in features],
             rule, float(group["lr"]), float(group["eps"]), float(group["beta1"]), float(group["beta2"]),
             float(group["weight_decay"]), step,
         )
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 with contiguous rows (the op's layout; a column slice of a wider matrix already is)."""
+    t = t.float()
+    return t if t.stride(1) == 1 else t.contiguous()
 
 
 def _aten_step_(

@@ -136,7 +136,6 @@ def _bad(features: List[FeatureGradient], **change) -> List[FeatureGradient]:
 BAD_INPUTS = {
     "row out of range": (lambda fs, U: _bad(fs, rows=fs[0].rows + M), r"rows\[0\]\[\d+\] = \d+ is outside U's 7 rows"),
     "negative position": (lambda fs, U: _bad(fs, positions=fs[0].positions - N), r"positions\[0\]\[\d+\] = -\d+ is outside w's 40 entries"),
-    "float64 gradient": (lambda fs, U: _bad(fs, grad=fs[0].grad.double()), r"grads\[0\] must be a float32 CPU B x 12 matrix"),
     "wrong width": (lambda fs, U: _bad(fs, grad=fs[0].grad[:, :5]), r"grads\[0\] must be a float32 CPU B x 12 matrix"),
     "int32 rows": (lambda fs, U: _bad(fs, rows=fs[0].rows.int()), r"rows\[0\] must be a contiguous 1-D int64 CPU tensor"),
     "offsets past the ids": (lambda fs, U: _bad(fs, bag_offsets=fs[0].bag_offsets + 1), r"bag_offsets\[0\] must start at 0 and end at"),
@@ -175,6 +174,9 @@ def test_compiled_op_checks_states_and_rule() -> None:
         op(w, [torch.zeros(N - 1)], *args, 1, 0.1, 1e-8, 0.9, 0.999, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="unknown rule 7"):
         op(w, [], *args, 7, 0.1, 1e-8, 0.9, 0.999, 0.0, 0.0)
+    # the op itself reads float32 only (the Python wrapper widens other dtypes first)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a float32 CPU B x 12 matrix"):
+        op(w, [], [args[0][0].double(), args[0][1]], *args[1:], 0, 0.1, 1e-8, 0.9, 0.999, 0.0, 0.0)
     assert torch.equal(w, torch.ones(N))
 
 
