@@ -9,10 +9,19 @@ epoch, the trailing ones possibly smaller or empty, so collectives never hang.
 A rank's rows are cut into windows of `shuffle_buffer` rows (a whole number of
 batches); with `shuffle` each window is permuted before it is batched. Windows are
 independent, so DataLoader workers take every num_workers-th window.
+
+Decoding a row group's history lists is most of the reader's cost, so each row group
+is decoded once per process, cut to `history_len` at once, and kept in a
+process-wide cache up to `MEMCOM_READER_CACHE_MB` (default 256; 0 turns it off):
+the trainer builds a reader per epoch, and every epoch after the first reads a
+split that fits from memory. Row groups beyond the budget are streamed every epoch.
+The cache is keyed by file path, size and modification time, so a replaced file is
+read again.
 """
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -119,6 +128,51 @@ def _list_parts(arr: pa.ChunkedArray, max_len: Optional[int]) -> Tuple[np.ndarra
     return vals[offs[0]:offs[-1]], lengths.astype(np.int32)
 
 
+def _keep_last(table: pa.Table, column: str, max_len: Optional[int]) -> pa.Table:
+    """``table`` with each list of ``column`` cut to its last ``max_len`` items (None: unchanged)."""
+    if max_len is None or table.num_rows == 0:
+        return table
+    vals, lengths = _list_parts(table.column(column), max_len)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vals, type=pa.int64()))
+    return table.set_column(table.schema.get_field_index(column), column, lists)
+
+
+class _RowGroupCache:
+    """Decoded row groups shared by this process's readers, least recently used out first, within a byte budget."""
+
+    def __init__(self) -> None:
+        self._tables: "OrderedDict[Tuple, pa.Table]" = OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def budget() -> int:
+        return int(float(os.environ.get("MEMCOM_READER_CACHE_MB", "256")) * 2**20)
+
+    def get(self, key: Tuple) -> Optional[pa.Table]:
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+        return table
+
+    def put(self, key: Tuple, table: pa.Table) -> None:
+        budget = self.budget()
+        if table.nbytes > budget:
+            return
+        while self._tables and self.nbytes + table.nbytes > budget:
+            self.nbytes -= self._tables.popitem(last=False)[1].nbytes
+        self._tables[key] = table
+        self.nbytes += table.nbytes
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self.nbytes = 0
+
+
+_ROW_GROUPS = _RowGroupCache()
+
+
 def table_to_batch(
     table: pa.Table, history_len: Optional[int] = None, with_exclude: bool = False, with_user: bool = True
 ) -> Batch:
@@ -143,6 +197,8 @@ def table_to_batch(
         lengths = np.concatenate([np.ones(n, dtype=np.int32), hist_lens])
     else:
         keys, values, lengths = [SPARSE_KEYS[1]], hist_vals.astype(np.int64, copy=False), hist_lens
+    if not values.flags.writeable:  # a view of Arrow's buffer (histories already cut): torch wants its own
+        values = values.copy()
     kjt = KeyedJaggedTensor(
         keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths), stride=n
     )
@@ -332,13 +388,24 @@ class InteractionBatchReader(IterableDataset):
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
     def _read_unit(self, fi: int, g: int) -> pa.Table:
+        """Row group ``g`` of file ``fi``, histories cut to ``history_len``: from the process's cache if held."""
         # One-entry cache: consecutive windows often share the row group at their boundary.
         if self._cache is not None and self._cache[0] == (os.getpid(), fi, g):
             return self._cache[1]
+        path = self.files[fi]["path"]
         try:
-            t = self._file(fi).read_row_group(g, columns=self.columns)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{self.files[fi]['path']}: row group {g} unreadable (corrupt or truncated?): {e}") from e
+            st = os.stat(path)
+        except OSError as e:
+            raise DataError(f"{path}: unreadable ({e})") from e
+        key = (os.getpid(), path, st.st_size, st.st_mtime_ns, g, tuple(self.columns), self.history_len)
+        t = _ROW_GROUPS.get(key)
+        if t is None:
+            try:
+                t = self._file(fi).read_row_group(g, columns=self.columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{path}: row group {g} unreadable (corrupt or truncated?): {e}") from e
+            t = _keep_last(t, HISTORY, self.history_len)
+            _ROW_GROUPS.put(key, t)
         self._cache = ((os.getpid(), fi, g), t)
         return t
 

@@ -192,6 +192,62 @@ def test_trailing_empty_batches_are_valid(synth_dir: str) -> None:
     assert b.exclude.keys() == ["exclude"]
 
 
+def _epoch(d: str, epoch: int, history_len) -> list:
+    r = InteractionBatchReader(d, "train", 128, 0, 1, shuffle=True, shuffle_buffer=512, seed=1, epoch=epoch,
+                               history_len=history_len)
+    return [(b.sparse_features.values().tolist(), b.sparse_features.lengths().tolist(), b.labels.tolist()) for b in r]
+
+
+def test_row_group_cache_serves_later_epochs_and_changes_nothing(synth_dir: str, monkeypatch) -> None:
+    """Later epochs read no Parquet while the split fits the budget, and yield exactly what uncached readers yield;
+    with the cache off (budget 0) every epoch decodes every row group again."""
+    from memcom_torchrec.data import reader as reader_module
+
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: reads.append(g) or real(self, g, **kw))
+    row_groups = sum(pq.ParquetFile(os.path.join(synth_dir, f["path"])).num_row_groups
+                     for f in read_manifest(synth_dir)["files"]["train"])
+    for history_len in (None, 3):
+        reader_module._ROW_GROUPS.clear()
+        monkeypatch.setenv("MEMCOM_READER_CACHE_MB", "0")
+        uncached = [_epoch(synth_dir, e, history_len) for e in range(2)]
+        assert len(reads) == 2 * row_groups
+        reads.clear()
+        monkeypatch.setenv("MEMCOM_READER_CACHE_MB", "64")
+        cached = [_epoch(synth_dir, e, history_len) for e in range(2)]
+        assert len(reads) == row_groups  # the first epoch only
+        reads.clear()
+        assert cached == uncached
+        if history_len is not None:
+            assert max(max(lengths) for epoch in cached for _, lengths, _ in epoch) == history_len
+    reader_module._ROW_GROUPS.clear()
+
+
+def test_row_group_cache_rereads_a_replaced_file_and_keeps_its_budget(tmp_path, monkeypatch) -> None:
+    from memcom_torchrec.data import reader as reader_module
+
+    reader_module._ROW_GROUPS.clear()
+    d = str(tmp_path / "s")
+    generate_synthetic(d, SynthConfig(**SMALL), progress=False)
+    before = _epoch(d, 0, 5)
+    f = os.path.join(d, read_manifest(d)["files"]["train"][0]["path"])
+    table = pq.read_table(f)
+    item = table.schema.get_field_index("item")
+    pq.write_table(table.set_column(item, "item", pa.array(np.full(table.num_rows, 999_999, dtype=np.int64))), f,
+                   row_group_size=pq.ParquetFile(f).metadata.row_group(0).num_rows)
+    os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 1_000_000))
+    after = _epoch(d, 0, 5)
+    # the replaced file's rows carry the new labels, not the cached ones
+    assert sum(label == 999_999 for b in before for label in b[2]) == 0
+    assert sum(label == 999_999 for b in after for label in b[2]) == table.num_rows
+    monkeypatch.setenv("MEMCOM_READER_CACHE_MB", "0.001")  # 1 KB: no row group fits
+    reader_module._ROW_GROUPS.clear()
+    _epoch(d, 0, 5)
+    assert reader_module._ROW_GROUPS.nbytes == 0
+    reader_module._ROW_GROUPS.clear()
+
+
 @pytest.mark.slow
 def test_dataloader_workers_cover_rank(synth_dir: str) -> None:
     single = InteractionBatchReader(synth_dir, "train", 128, 1, 2, shuffle=True, shuffle_buffer=512)
