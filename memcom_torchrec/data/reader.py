@@ -148,7 +148,14 @@ class _RowGroupCache:
 
     @staticmethod
     def budget() -> int:
-        return int(float(os.environ.get("MEMCOM_READER_CACHE_MB", "256")) * 2**20)
+        value = os.environ.get("MEMCOM_READER_CACHE_MB", "256")
+        try:
+            mb = float(value)
+        except ValueError:
+            mb = -1.0
+        if not mb >= 0:
+            raise DataError(f"MEMCOM_READER_CACHE_MB={value!r}: give a size in MiB (0 turns the row-group cache off)")
+        return int(mb * 2**20)
 
     def get(self, key: Tuple) -> Optional[pa.Table]:
         table = self._tables.get(key)

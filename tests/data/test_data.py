@@ -245,6 +245,10 @@ def test_row_group_cache_rereads_a_replaced_file_and_keeps_its_budget(tmp_path, 
     reader_module._ROW_GROUPS.clear()
     _epoch(d, 0, 5)
     assert reader_module._ROW_GROUPS.nbytes == 0
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("MEMCOM_READER_CACHE_MB", bad)
+        with pytest.raises(DataError, match=f"MEMCOM_READER_CACHE_MB='{bad}': give a size in MiB"):
+            _epoch(d, 0, 5)
     reader_module._ROW_GROUPS.clear()
 
 
