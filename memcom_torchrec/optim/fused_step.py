@@ -36,6 +36,7 @@ COMPILED, ATEN = "compiled", "aten"
 _RULES = {**{o: 0 for o in _SGD}, **{o: 1 for o in _ADAGRAD}, **{o: 2 for o in _ADAM}}
 _STATES = {0: [], 1: ["momentum1"], 2: ["exp_avg", "exp_avg_sq"]}
 _kernel: Optional[str] = None  # resolved on first use
+_load_error: Optional[str] = None  # why the op did not load (said once per process)
 
 
 @dataclass
@@ -57,21 +58,23 @@ class FeatureGradient:
 
 
 def _load_compiled() -> bool:
-    """Loads the built op library once; False (with one warning line) where it is missing or stale."""
+    """Loads the built op library once; False (with one warning line per process) where it is missing or stale."""
+    global _load_error
     if hasattr(torch.ops.memcom, "entity_weight_step_"):
         return True
+    if _load_error is not None:
+        return False
     if not os.path.exists(LIBRARY):
-        logger.warning("the fused w kernel is not built (python -m memcom_torchrec.optim.build_ops); "
-                       "training w on the ATen fallback")
-        return False
-    try:
-        torch.ops.load_library(LIBRARY)
-    except OSError as e:  # built against another torch
-        logger.warning("the fused w kernel at %s does not load (%s); rebuild it with "
-                       "python -m memcom_torchrec.optim.build_ops; training w on the ATen fallback",
-                       LIBRARY, str(e).splitlines()[0])
-        return False
-    return True
+        _load_error = "the fused w kernel is not built (python -m memcom_torchrec.optim.build_ops)"
+    else:
+        try:
+            torch.ops.load_library(LIBRARY)
+            return True
+        except OSError as e:  # built against another torch
+            _load_error = (f"the fused w kernel at {LIBRARY} does not load ({str(e).splitlines()[0]}); rebuild it "
+                           "with python -m memcom_torchrec.optim.build_ops")
+    logger.warning("%s; training w on the ATen fallback", _load_error)
+    return False
 
 
 def kernel() -> str:
@@ -93,7 +96,7 @@ def set_kernel(name: Optional[str]) -> None:
     """
     global _kernel
     if name == COMPILED and not _load_compiled():
-        raise RuntimeError("the fused w kernel is not built: python -m memcom_torchrec.optim.build_ops")
+        raise RuntimeError(_load_error)
     if name not in (COMPILED, ATEN, None):
         raise ValueError(f"unknown kernel {name!r}: use {COMPILED!r} or {ATEN!r}")
     _kernel = name
@@ -126,7 +129,7 @@ def entity_weight_step_(
     if implementation != COMPILED:
         raise ValueError(f"unknown implementation {implementation!r}: use {COMPILED!r} or {ATEN!r}")
     if not _load_compiled():
-        raise RuntimeError("the fused w kernel is not built: python -m memcom_torchrec.optim.build_ops")
+        raise RuntimeError(_load_error)
     rule = _RULES[optimizer]
     step = 0.0
     if rule == 2:
