@@ -10,7 +10,8 @@ Variants, interleaved in rounds of ``--steps`` steps each (the same batches for 
               TBE update + Adam), in a 1-process gloo group, as ``python -m memcom_torchrec.train``
   trainer_mem the same step over batches already in memory (the pipeline without the reader), on a
               second copy of the model: each pipeline drives a model of its own
-  reader      the DataLoader alone (Parquet -> padded KJT batches)
+  reader      the DataLoader alone (Parquet -> padded KJT batches); by default in the steady state of
+              epochs after the first (row groups decoded once, from the process's cache; ``--cold``: the first)
   plain       plain PyTorch: an ``n x d`` (or MEmCom ``U``, ``w``) table as parameters, the same MLP,
               head and bias, dense gradients, row-wise Adagrad for the table (``scripts/reference_sweep.py``'s
               ``RowwiseAdagrad``) and Adam for the rest, on the same batches as padded tensors
@@ -119,6 +120,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS steps of each --profile-variants and print the top operators by self CPU time")
+    p.add_argument("--cold", action="store_true",
+                   help="time the reader's first epoch (every row group decoded from Parquet) instead of a later one")
     p.add_argument("--profile-variants", nargs="+", default=["trainer_mem"], choices=["trainer", "trainer_mem", "plain"])
     p.add_argument("--profile-shapes", action="store_true", help="group the profile by input shapes")
     args = p.parse_args()
@@ -153,6 +156,10 @@ def main() -> None:
             for b in loader:
                 yield pad_batch(b, cfg.batch_size)
 
+    if not args.cold:  # steady state: every epoch after the first reads its row groups from the process's cache
+        for _ in make_dataloader(cfg.data_dir, "train", cfg.batch_size, 0, 1, shuffle=True, seed=0, epoch=0,
+                                 history_len=cfg.history_len, num_workers=0, with_user=False):
+            pass
     from_disk = loader_iter()
     total = args.steps * args.rounds
     batches = [next(from_disk) for _ in range(total)]
