@@ -139,7 +139,7 @@ def test_checkpoint_with_another_assignment_is_refused(tmp_path) -> None:
     path = save_checkpoint(str(tmp_path / "ckpt"), 1, saved)
     # the same table shape with another assignment kind: the table signatures differ
     other = MEmComEmbeddingBagCollection(make_tables("frequency"))
-    with pytest.raises(ValueError, match="table '(cat|item)' differs.*'assignment': \('clustered', 'frequency'\)"):
+    with pytest.raises(ValueError, match=r"table '(cat|item)' differs.*'assignment': \('clustered', 'frequency'\)"):
         load_checkpoint(path, other)
     # a signature that matches, but an assignment that does not fit its grid
     bad = make_reference("clustered")
