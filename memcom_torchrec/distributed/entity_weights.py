@@ -9,8 +9,9 @@ Each module derives the global layout of ``w`` from the plan of that table
 shared and lives here:
 
 - ``ShardedEntityWeights``: this rank's slice of every table's ``w`` and its
-  optimizer states, looked up per id with the fused update in backward
-  (``entity_weight_lookup``), exposed as ``ShardedTensor``s in the
+  optimizer states, looked up per id with the update in backward (``step``
+  and ``scale_rows``: the fused op of ``optim.fused_step``; ``lookup``:
+  ``entity_weight_lookup``, for FBGEMM's own ``w`` gradient), exposed as ``ShardedTensor``s in the
   ``fused_optimizer`` (``EntityWeightFusedOptimizer``) and in ``state_dict``
   as ``_entity_weights.<table>``, like the unsharded parameter. Every rank has
   every key (an empty view where the table lives on other ranks only);

@@ -17,10 +17,11 @@ and drives their input dist, lookup and output dist itself:
    (exact in float32 below 2**24).
 2. ``compute``: the children's fused FBGEMM lookups. On the rank that owns
    row ``i // p`` of ``Q``, ``w[i]`` is looked up in the local slice of ``w``
-   and multiplies that row, before the output all-to-all. The lookup is
-   ``memcom_torchrec.optim.entity_weight_lookup``: its backward applies the
-   table's optimizer to the touched ``w`` in place, with the gradient
-   ``<Q[i // p], grad>`` (``Q`` as looked up, before FBGEMM's fused update).
+   and multiplies that row, before the output all-to-all
+   (``ShardedEntityWeights.scale_rows``): its backward computes the gradient
+   ``<Q[i // p], grad>`` (``Q`` as looked up, before FBGEMM's fused update) and
+   applies the table's optimizer to the touched ``w`` in place, in one pass of
+   the fused op (``memcom_torchrec.optim.fused_step``).
 3. ``output_dist``: the children's sequence all-to-alls; waiting on the result
    multiplies ``(w Q)`` and ``R`` rows per id and pools the bags
    (``pool_qr_sequences``, shared with the unsharded module).

@@ -1,7 +1,8 @@
 """``EntityWeightFusedOptimizer``: per-entity weights ``w`` in TorchRec's fused optimizer.
 
 Sharded collections train ``w`` inside the backward pass
-(``entity_weight_lookup``, ``sparse_update_``), as FBGEMM trains its tables.
+(``fused_step.entity_weight_step_``; ``entity_weight_lookup`` and ``sparse_update_``
+where FBGEMM computes ``w``'s gradient), as FBGEMM trains its tables.
 This KeyedOptimizer exposes those updates the way TorchRec exposes FBGEMM's:
 ``w`` and its optimizer state as ``ShardedTensor``s under the parameter's name
 (so ``state_dict``, ``load_state_dict`` and ``torch.distributed.checkpoint``
