@@ -208,3 +208,20 @@ class RowReference:
         if self.cfg.optimizer in ADAM:
             return {"exp_avg": torch.tensor(self.m1), "exp_avg_sq": torch.tensor(self.m2), "step": torch.tensor(self.t)}
         return {}
+
+
+def row_reference_setup(
+    optimizer: EmbOptimType, weight_decay: float, n: int
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, float], RowReference]:
+    """Random ``w`` of ``n`` entries, zero states, a param group and the ``RowReference`` over the same ``w``.
+
+    Returns:
+        Tuple: ``(weights, states, group, reference)``; the group's ``lr`` is 0 until a test sets it.
+    """
+    cfg = EntityWeightOptimizerConfig(optimizer=optimizer, eps=1e-3, beta1=0.8, beta2=0.9, weight_decay=weight_decay)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
+    states = {name: torch.zeros(n) for name in cfg.state_names()}
+    if optimizer in ADAM:
+        states["step"] = torch.zeros(())
+    group = {"lr": 0.0, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": weight_decay}
+    return weights, states, group, RowReference(weights, cfg)

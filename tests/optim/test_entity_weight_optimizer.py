@@ -15,7 +15,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from memcom_torchrec.optim import entity_weight_lookup, sparse_update_
 from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig
-from reference import ADAGRAD, ADAM, SGD, RowReference
+from reference import ADAGRAD, ADAM, SGD, RowReference, row_reference_setup
 
 OPTIMIZERS = SGD + ADAGRAD + ADAM
 N = 8
@@ -29,13 +29,7 @@ def setup(
     optimizer: EmbOptimType, weight_decay: float
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, float], RowReference]:
     """Random ``w``, zero states, a param group and the reference over the same ``w``."""
-    cfg = EntityWeightOptimizerConfig(optimizer=optimizer, eps=1e-3, beta1=0.8, beta2=0.9, weight_decay=weight_decay)
-    weights = torch.rand(N, generator=torch.Generator().manual_seed(0)) + 0.5
-    states = {name: torch.zeros(N) for name in cfg.state_names()}
-    if optimizer in ADAM:
-        states["step"] = torch.zeros(())
-    group = {"lr": 0.0, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": weight_decay}
-    return weights, states, group, RowReference(weights, cfg)
+    return row_reference_setup(optimizer, weight_decay, N)
 
 
 def snapshot(weights: torch.Tensor, states: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

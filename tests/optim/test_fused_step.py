@@ -11,7 +11,7 @@ that are column slices of a wider tensor.
 import os
 import subprocess
 import sys
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -20,20 +20,12 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from memcom_torchrec.optim import fused_step
 from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig
 from memcom_torchrec.optim.fused_step import ATEN, COMPILED, FeatureGradient, entity_weight_step_
-from reference import ADAM, RowReference
+from dist_utils import require_kernel
+from reference import ADAM, row_reference_setup
 
 N, M, D = 40, 7, 12  # entities (flat w), rows of U, width
 OPTIMIZERS = [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ADAM]
 TOL = dict(atol=1e-6, rtol=1e-6)
-
-
-def compiled_or_skip() -> None:
-    try:
-        fused_step.set_kernel(COMPILED)
-    except RuntimeError as e:  # CI builds it (MEMCOM_NO_SKIPS turns this skip into a failure)
-        pytest.skip(str(e))
-    finally:
-        fused_step.set_kernel(None)
 
 
 def make_features(g: torch.Generator, grad_width: int = 2 * D + 3) -> Tuple[torch.Tensor, List[FeatureGradient]]:
@@ -66,23 +58,13 @@ def autograd_grad(w: torch.Tensor, U: torch.Tensor, features: List[FeatureGradie
     return w.grad
 
 
-def setup(optimizer: EmbOptimType, weight_decay: float):
-    cfg = EntityWeightOptimizerConfig(optimizer=optimizer, eps=1e-3, beta1=0.8, beta2=0.9, weight_decay=weight_decay)
-    w = torch.rand(N, generator=torch.Generator().manual_seed(0)) + 0.5
-    states: Dict[str, torch.Tensor] = {name: torch.zeros(N) for name in cfg.state_names()}
-    if optimizer in ADAM:
-        states["step"] = torch.zeros(())
-    group = {"lr": 0.0, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": weight_decay}
-    return w, states, group, RowReference(w, cfg)
-
-
 @pytest.mark.parametrize("implementation", [COMPILED, ATEN])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
 def test_step_matches_autograd_reference(optimizer: EmbOptimType, weight_decay: float, implementation: str) -> None:
     if implementation == COMPILED:
-        compiled_or_skip()
-    w, states, group, ref = setup(optimizer, weight_decay)
+        require_kernel(COMPILED)
+    w, states, group, ref = row_reference_setup(optimizer, weight_decay, N)
     g = torch.Generator().manual_seed(1)
     U = torch.randn(M, D, generator=g)
     for lr in (0.1, 0.05, 0.2):  # three steps (Adam's bias correction moves), lr read at each
@@ -102,7 +84,7 @@ def test_step_matches_autograd_reference(optimizer: EmbOptimType, weight_decay: 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
 def test_compiled_equals_aten_at_scale(optimizer: EmbOptimType) -> None:
     """40,000 ids over 2,000 entities (heavy duplication), 64 wide, 3 steps: the two paths agree within 1e-6."""
-    compiled_or_skip()
+    require_kernel(COMPILED)
     g = torch.Generator().manual_seed(2)
     n, m, d, batch = 2000, 97, 64, 512
     U = torch.randn(m, d, generator=g) * 0.1
@@ -147,8 +129,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_compiled_op_checks_its_input_before_writing(case: str) -> None:
     """Each bad input raises a message naming the tensor and the value; ``w`` and the states stay untouched."""
-    compiled_or_skip()
-    w, states, group, _ = setup(EmbOptimType.EXACT_ADAGRAD, 0.0)
+    require_kernel(COMPILED)
+    w, states, group, _ = row_reference_setup(EmbOptimType.EXACT_ADAGRAD, 0.0, N)
     group["lr"] = 0.1
     g = torch.Generator().manual_seed(4)
     U = torch.randn(M, D, generator=g)
@@ -161,7 +143,7 @@ def test_compiled_op_checks_its_input_before_writing(case: str) -> None:
 
 
 def test_compiled_op_checks_states_and_rule() -> None:
-    compiled_or_skip()
+    require_kernel(COMPILED)
     w = torch.ones(N)
     U = torch.randn(M, D)
     _, features = make_features(torch.Generator().manual_seed(5))
