@@ -15,6 +15,11 @@ search() {  # method ratio
       --ratios "$2" --embedding-lrs 0.1 0.05 0.2 --seeds 0 --launcher python -- --epochs 12 --patience 2 --dropout 0.25
 }
 search lowrank 15.7 & search mixed_dim 13.9 & wait
+# mixed_dim's lr-0.05 run peaked at the 12-epoch cap: re-opened and resumed under a cap of 30 (it stopped at 14,
+# the 12th epoch still its best); the early-stopped runs are reused as they are
+.venv/bin/python scripts/studies/raise_epoch_cap.py "${OUT}_lr/mixed_dim" 12 30
+OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "${OUT}_lr/mixed_dim" --methods mixed_dim \
+    --ratios 13.9 --embedding-lrs 0.1 0.05 0.2 --seeds 0 --launcher python -- --epochs 30 --patience 2 --dropout 0.25
 .venv/bin/python - "$OUT" <<'PY'
 import csv, sys
 out = sys.argv[1]
