@@ -15,6 +15,8 @@
 #   STEP=qat METHOD=memcom_qr LRS=0.1 bash scripts/ml1m_phone_recipe.sh  # quantisation-aware, QAT=int4
 #   STEP=qat INIT=runs/ml1m_recipe/lr_a/runs/memcom_qr_r16_s0_lr0.1 METHOD=memcom_qr LRS=0.1 bash ...
 #   (the same, fine-tuning the converged float run INIT instead of training from scratch)
+#   STEP=distill and STEP=qat take RATIOS (one ratio, 16 by default; another ratio adds _r<ratio> to the
+#   out-dir) and INIT; STEP=distill QAT=int4 distils and trains for int4 at once (kd_qat_int4_<method>...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_recipe}
@@ -25,6 +27,7 @@ EPOCHS=${EPOCHS:-50}
 RATIOS=${RATIOS:-16}
 [ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
 TEACHER=${TEACHER:-$OUT/h5/runs/uncompressed_r1_s0_lr0.2}
+SUFFIX=$([ "$RATIOS" = 16 ] || echo "_r$RATIOS")${INIT:+_finetuned}  # distill and qat out-dirs
 grid() {  # out_dir methods ratios lrs history [extra trainer flags]
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$1" --methods $2 \
       --ratios $3 --embedding-lrs $4 --seeds 0 --launcher python -- \
@@ -49,8 +52,9 @@ PY
 )
     IFS='|' read -r methods ratios lrs <<< "$cells"
     grid "$DIR" "$methods" "$ratios" "$lrs" "$HISTORY" ;;
-  distill) grid "$OUT/kd_${METHOD:?set METHOD}" "$METHOD" 16 "$LRS" "$HISTORY" --teacher "$TEACHER" \
-      --distill-alpha "${ALPHA:-0.5}" --distill-temperature "${TEMPERATURE:-2}" ;;
-  qat) grid "$OUT/qat_${QAT:-int4}_${METHOD:?set METHOD}${INIT:+_finetuned}" "$METHOD" 16 "$LRS" "$HISTORY" \
+  distill) grid "$OUT/kd${QAT:+_qat_$QAT}_${METHOD:?set METHOD}$SUFFIX" "$METHOD" "$RATIOS" "$LRS" "$HISTORY" \
+      --teacher "$TEACHER" --distill-alpha "${ALPHA:-0.5}" --distill-temperature "${TEMPERATURE:-2}" \
+      ${QAT:+--qat "$QAT"} ${INIT:+--init-from "$INIT"} ;;
+  qat) grid "$OUT/qat_${QAT:-int4}_${METHOD:?set METHOD}$SUFFIX" "$METHOD" "$RATIOS" "$LRS" "$HISTORY" \
       --qat "${QAT:-int4}" ${INIT:+--init-from "$INIT"} ;;
 esac
