@@ -8,7 +8,7 @@ fixed sample of users (the first ``--eval-users`` of the valid and test splits).
 Prints, per run and rank, what the trainer measured (``RunResult.rank_stats``):
 training interactions/s, peak RSS, embedding parameter and optimizer bytes.
 
-    .venv/bin/python benchmarks/bench_scale.py                          # 20M / 2M, memcom 16x and uncompressed
+    .venv/bin/python benchmarks/bench_scale.py     # 20M / 2M: memcom, uncompressed, qr and hashing (16x)
     .venv/bin/python benchmarks/bench_scale.py --interactions 200000 --users 10000 --items 20000 \\
         --max-steps 20 --eval-users 64                                 # the tiny version CI runs
 
@@ -30,7 +30,7 @@ COLUMNS = [
     "method", "ratio", "steps", "batch_per_rank", "wall_s", "train_s_max", "rows_per_s_rank0", "rows_per_s_rank1",
     "rows_per_s_total", "train_peak_rss_mb_max", "peak_rss_mb_max", "embedding_param_mb_rank0", "embedding_param_mb_rank1",
     "embedding_optimizer_mb_rank0", "embedding_optimizer_mb_rank1", "embedding_param_mb_total", "embedding_mb_total", "eval_users",
-    "test_ndcg@10", "test_hr@10",
+    "test_ndcg@10", "test_ndcg@10_se", "test_hr@10",
 ]
 
 
@@ -41,7 +41,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=2_000_000)
     p.add_argument("--interactions", type=int, default=20_000_000)
-    p.add_argument("--methods", nargs="+", default=["memcom", "uncompressed"])
+    p.add_argument("--methods", nargs="+", default=["memcom", "uncompressed", "qr", "hashing"])
     p.add_argument("--ratio", type=float, default=16.0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: one full epoch)")
     p.add_argument("--batch-size", type=int, default=2048, help="per rank")
@@ -104,6 +104,7 @@ def run_method(args: argparse.Namespace, method: str) -> Dict[str, Any]:
         "embedding_mb_total": round(sum(s["embedding_param_bytes"] + s["embedding_optimizer_bytes"] for s in stats) / mb, 3),
         "eval_users": m["test_users"],
         "test_ndcg@10": round(m["test_ndcg"], 4),
+        "test_ndcg@10_se": round(m.get("test_ndcg_se", 0.0), 4),
         "test_hr@10": round(m["test_hr"], 4),
     }
 

@@ -23,21 +23,24 @@ class RankingTotals:
         ndcg (float): sum of nDCG@k.
         hits (float): sum of HR@k.
         count (int): users.
+        ndcg_sq (float): sum of squared nDCG@k (for ``ndcg_se``).
     """
 
     ndcg: float = 0.0
     hits: float = 0.0
     count: int = 0
+    ndcg_sq: float = 0.0
 
     def add(self, other: "RankingTotals") -> "RankingTotals":
-        return RankingTotals(self.ndcg + other.ndcg, self.hits + other.hits, self.count + other.count)
+        return RankingTotals(self.ndcg + other.ndcg, self.hits + other.hits, self.count + other.count,
+                             self.ndcg_sq + other.ndcg_sq)
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.ndcg, self.hits, float(self.count)], dtype=torch.float64)
+        return torch.tensor([self.ndcg, self.hits, float(self.count), self.ndcg_sq], dtype=torch.float64)
 
     @staticmethod
     def from_tensor(t: torch.Tensor) -> "RankingTotals":
-        return RankingTotals(float(t[0]), float(t[1]), int(round(float(t[2]))))
+        return RankingTotals(float(t[0]), float(t[1]), int(round(float(t[2]))), float(t[3]))
 
     @property
     def mean_ndcg(self) -> float:
@@ -46,6 +49,14 @@ class RankingTotals:
     @property
     def mean_hr(self) -> float:
         return self.hits / self.count if self.count else 0.0
+
+    @property
+    def ndcg_se(self) -> float:
+        """Standard error of ``mean_ndcg`` over users (sample variance / count; 0 below two users)."""
+        if self.count < 2:
+            return 0.0
+        var = max(self.ndcg_sq - self.count * self.mean_ndcg**2, 0.0) / (self.count - 1)
+        return (var / self.count) ** 0.5
 
 
 def target_ranks(
@@ -88,7 +99,7 @@ def ranking_totals(ranks: torch.Tensor, k: int = 10) -> RankingTotals:
     ranks = ranks.double()
     hit = ranks <= k
     ndcg = torch.where(hit, 1.0 / torch.log2(ranks + 1.0), torch.zeros_like(ranks))
-    return RankingTotals(float(ndcg.sum()), float(hit.sum()), int(ranks.numel()))
+    return RankingTotals(float(ndcg.sum()), float(hit.sum()), int(ranks.numel()), float((ndcg * ndcg).sum()))
 
 
 # One batch for ``rank_batches``: scores (``B x n``), targets (``B``), and the excluded items'

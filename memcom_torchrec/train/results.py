@@ -106,6 +106,8 @@ class RunResult:
         rank_stats (List[Dict[str, float]]): per rank, what this process
             measured (``trainer.rank_stats``): training rows/s, peak RSS,
             local embedding parameter and optimizer bytes.
+        test_ndcg_se (float): standard error of ``test_ndcg`` over the test users
+            (0 in files written before it was recorded).
     """
 
     method: str
@@ -130,6 +132,7 @@ class RunResult:
     config: Dict[str, Any]
     best_checkpoint: Optional[str]
     rank_stats: List[Dict[str, float]] = field(default_factory=list)
+    test_ndcg_se: float = 0.0
 
     def save(self, out_dir: str) -> str:
         """Writes ``out_dir/metrics.json``; returns its path."""

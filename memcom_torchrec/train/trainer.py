@@ -341,6 +341,7 @@ def train(cfg: TrainConfig) -> RunResult:
         test_ndcg=test.mean_ndcg,
         test_hr=test.mean_hr,
         test_users=test.count,
+        test_ndcg_se=test.ndcg_se,
         best_epoch=state.best_epoch,
         epochs_run=len(state.valid),
         steps=state.step,

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import json
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ from memcom_torchrec import MEmComEmbeddingBagCollection, MEmComEmbeddingBagColl
 from memcom_torchrec.distributed.memcom_embeddingbag import GATHERED, WEIGHTED_TBE
 from memcom_torchrec.distributed.state_dict_utils import gather_unsharded_state_dict, load_unsharded_state_dict
 from memcom_torchrec.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dist_utils import run_multiprocess, run_pipeline, shard_with_planner
+from memcom_torchrec.optim import fused_step
+from memcom_torchrec.optim.fused_step import ATEN, COMPILED
+from dist_utils import require_kernel, run_multiprocess, run_pipeline, shard_with_planner
 from reference import HostReads, ReferenceOptimizer, in_key_order, planted_labels, reference_step
 from test_sharded_memcom import KEYS, OPT, batches, make_reference, make_tables, shard
 
@@ -187,7 +190,10 @@ def _cat_kjt(kjts):
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
-def _save_body(rank: int, world_size: int, root: str, optimizer: str, lookup_path: str = "auto") -> None:
+def _save_body(
+    rank: int, world_size: int, root: str, optimizer: str, lookup_path: str = "auto", kernel: Optional[str] = None
+) -> None:
+    fused_step.set_kernel(kernel)  # the gathered path's w step (None: the default)
     ref = make_reference()
     dmp = shard(world_size, ShardingType.ROW_WISE.value, optimizer, 0.1, lookup_path=lookup_path)
     load_unsharded_state_dict(dmp, ref.state_dict())
@@ -202,8 +208,10 @@ def _save_body(rank: int, world_size: int, root: str, optimizer: str, lookup_pat
 
 
 def _load_body(
-    rank: int, world_size: int, root: str, sharding_type: str, optimizer: str, lookup_path: str = "auto"
+    rank: int, world_size: int, root: str, sharding_type: str, optimizer: str, lookup_path: str = "auto",
+    kernel: Optional[str] = None,
 ) -> None:
+    fused_step.set_kernel(kernel)
     dmp = shard(world_size, sharding_type, optimizer, 0.1, lookup_path=lookup_path)
     load_checkpoint(root, dmp, {"fused": dmp.fused_optimizer})
     exp = torch.load(os.path.join(root, "expected.pt"))
@@ -218,20 +226,30 @@ def _load_body(
         torch.testing.assert_close(after[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"after step, {name}: {m}")
 
 
-@pytest.mark.parametrize("save_path,load_path", [(GATHERED, WEIGHTED_TBE), (WEIGHTED_TBE, GATHERED)])
-def test_checkpoint_round_trips(tmp_path, save_path: str, load_path: str) -> None:
-    # Saved by one lookup path, resumed by the other: same state, same next step.
+# Saved by one lookup path (or one implementation of the gathered path's w step), resumed by another.
+ROUND_TRIPS = [
+    ((GATHERED, COMPILED), (WEIGHTED_TBE, None)),
+    ((WEIGHTED_TBE, None), (GATHERED, ATEN)),
+    ((GATHERED, ATEN), (GATHERED, COMPILED)),
+]
+
+
+@pytest.mark.parametrize("save,load", ROUND_TRIPS, ids=["compiled-to-tbe", "tbe-to-aten", "aten-to-compiled"])
+def test_checkpoint_round_trips(tmp_path, save: Tuple[str, Optional[str]], load: Tuple[str, Optional[str]]) -> None:
+    # Same state, same next step, whichever path saved and whichever resumes.
+    for kernel in (save[1], load[1]):
+        require_kernel(kernel)
     root = str(tmp_path / "ckpt")
-    run_multiprocess(_save_body, world_size=2, root=root, optimizer="adagrad", lookup_path=save_path)
+    run_multiprocess(_save_body, world_size=2, root=root, optimizer="adagrad", lookup_path=save[0], kernel=save[1])
     # 2 ranks -> 2 ranks, re-sharded from row-wise to table-wise
     run_multiprocess(
         _load_body, world_size=2, root=root, sharding_type=ShardingType.TABLE_WISE.value, optimizer="adagrad",
-        lookup_path=load_path,
+        lookup_path=load[0], kernel=load[1],
     )
     # 2 ranks -> 1 rank
     run_multiprocess(
         _load_body, world_size=1, root=root, sharding_type=ShardingType.ROW_WISE.value, optimizer="adagrad",
-        lookup_path=load_path,
+        lookup_path=load[0], kernel=load[1],
     )
     # 2 ranks -> the unsharded module, in this process
     unsharded = MEmComEmbeddingBagCollection(make_tables())

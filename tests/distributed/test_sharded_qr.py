@@ -286,7 +286,8 @@ def _checkpoint_state(dmp: DistributedModelParallel) -> Dict[str, object]:
     return {"model": dmp.state_dict(), "optim": dmp.fused_optimizer.state_dict()}
 
 
-def _save_body(rank: int, world_size: int, root: str) -> None:
+def _save_body(rank: int, world_size: int, root: str, kernel: Optional[str] = None) -> None:
+    fused_step.set_kernel(kernel)  # w's step (None: the default)
     dmp = shard("memcom_qr", world_size, ShardingType.ROW_WISE.value, "adagrad")
     load_unsharded_state_dict(dmp, make_reference("memcom_qr").state_dict())
     for step in range(2):
@@ -301,7 +302,8 @@ def _save_body(rank: int, world_size: int, root: str) -> None:
         torch.save({"saved": saved, "after": after}, os.path.join(root, "expected.pt"))
 
 
-def _load_body(rank: int, world_size: int, root: str) -> None:
+def _load_body(rank: int, world_size: int, root: str, kernel: Optional[str] = None) -> None:
+    fused_step.set_kernel(kernel)
     dmp = shard("memcom_qr", world_size, ShardingType.TABLE_WISE.value, "adagrad")
     state = _checkpoint_state(dmp)
     dcp.load(state, checkpoint_id=os.path.join(root, "ckpt"))
@@ -317,7 +319,11 @@ def _load_body(rank: int, world_size: int, root: str) -> None:
         torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-6, msg=lambda m: f"after a step, {name}: {m}")
 
 
-def test_checkpoint_reshards_row_wise_to_table_wise(tmp_path) -> None:
+@pytest.mark.parametrize("save_kernel,load_kernel", [(COMPILED, ATEN), (ATEN, COMPILED)])
+def test_checkpoint_reshards_row_wise_to_table_wise(tmp_path, save_kernel: str, load_kernel: str) -> None:
+    # w's state saved by one implementation of its step is resumed by the other.
+    for kernel in (save_kernel, load_kernel):
+        require_kernel(kernel)
     root = str(tmp_path)
-    run_multiprocess(_save_body, world_size=2, root=root)
-    run_multiprocess(_load_body, world_size=2, root=root)
+    run_multiprocess(_save_body, world_size=2, root=root, kernel=save_kernel)
+    run_multiprocess(_load_body, world_size=2, root=root, kernel=load_kernel)

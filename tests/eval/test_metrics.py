@@ -1,6 +1,7 @@
 """Full-ranking metrics against a straightforward reference."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -63,6 +64,17 @@ def test_batch_of_users_and_metric_values() -> None:
     assert totals.hits == sum(r <= 10 for r in expected)
     assert totals.ndcg == pytest.approx(sum(1 / math.log2(r + 1) for r in expected if r <= 10))
     assert RankingTotals.from_tensor(totals.as_tensor()).mean_ndcg == pytest.approx(totals.mean_ndcg)
+
+
+def test_ndcg_standard_error_sums_across_batches() -> None:
+    ranks = [1, 3, 12, 2, 7, 40, 1, 5]
+    per_user = [1 / math.log2(r + 1) if r <= 10 else 0.0 for r in ranks]
+    a = ranking_totals(torch.tensor(ranks[:3]), k=10)
+    b = RankingTotals.from_tensor(ranking_totals(torch.tensor(ranks[3:]), k=10).as_tensor())  # the all-reduce's trip
+    totals = a.add(b)
+    assert totals.mean_ndcg == pytest.approx(statistics.mean(per_user))
+    assert totals.ndcg_se == pytest.approx(statistics.stdev(per_user) / math.sqrt(len(per_user)))
+    assert ranking_totals(torch.tensor([4]), k=10).ndcg_se == 0.0  # one user: no spread to measure
 
 
 def test_empty_batch() -> None:
