@@ -104,7 +104,7 @@ def run_method(args: argparse.Namespace, method: str) -> Dict[str, Any]:
         "embedding_mb_total": round(sum(s["embedding_param_bytes"] + s["embedding_optimizer_bytes"] for s in stats) / mb, 3),
         "eval_users": m["test_users"],
         "test_ndcg@10": round(m["test_ndcg"], 4),
-        "test_ndcg@10_se": round(m.get("test_ndcg_se", 0.0), 4),
+        "test_ndcg@10_se": round(m["test_ndcg_se"], 4),
         "test_hr@10": round(m["test_hr"], 4),
     }
 

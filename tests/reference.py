@@ -220,8 +220,16 @@ def row_reference_setup(
     """
     cfg = EntityWeightOptimizerConfig(optimizer=optimizer, eps=1e-3, beta1=0.8, beta2=0.9, weight_decay=weight_decay)
     weights = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
-    states = {name: torch.zeros(n) for name in cfg.state_names()}
-    if optimizer in ADAM:
-        states["step"] = torch.zeros(())
-    group = {"lr": 0.0, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": weight_decay}
+    states, group = zero_states_and_group(cfg, n)
     return weights, states, group, RowReference(weights, cfg)
+
+
+def zero_states_and_group(
+    cfg: EntityWeightOptimizerConfig, n: int, lr: float = 0.0
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+    """Zero optimizer states for ``n`` entries of ``w`` (and Adam's step count) and ``cfg``'s param group at ``lr``."""
+    states = {name: torch.zeros(n) for name in cfg.state_names()}
+    if cfg.optimizer in ADAM:
+        states["step"] = torch.zeros(())
+    group = {"lr": lr, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": cfg.weight_decay}
+    return states, group

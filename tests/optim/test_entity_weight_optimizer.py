@@ -25,13 +25,6 @@ STEPS: List[Tuple[List[int], float]] = [([1, 3, 1, 5, 1], 0.1), ([], 0.1), ([3, 
 TOL = dict(atol=1e-6, rtol=1e-6)
 
 
-def setup(
-    optimizer: EmbOptimType, weight_decay: float
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, float], RowReference]:
-    """Random ``w``, zero states, a param group and the reference over the same ``w``."""
-    return row_reference_setup(optimizer, weight_decay, N)
-
-
 def snapshot(weights: torch.Tensor, states: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Copies of ``w`` and every state, before a step."""
     return {"w": weights.clone(), **{k: v.clone() for k, v in states.items()}}
@@ -55,7 +48,7 @@ def check(weights: torch.Tensor, states: Dict[str, torch.Tensor], ref: RowRefere
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
 def test_sparse_update_matches_row_reference(optimizer: EmbOptimType, weight_decay: float) -> None:
     """``sparse_update_`` step by step against the reference, the learning rate changing between steps."""
-    weights, states, group, ref = setup(optimizer, weight_decay)
+    weights, states, group, ref = row_reference_setup(optimizer, weight_decay, N)
     g = torch.Generator().manual_seed(1)
     for ids, lr in STEPS:
         grad = torch.randn(len(ids), generator=g)
@@ -70,7 +63,7 @@ def test_sparse_update_matches_row_reference(optimizer: EmbOptimType, weight_dec
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=str)
 def test_lookup_backward_applies_the_update(optimizer: EmbOptimType, weight_decay: float) -> None:
     """The forward returns ``w[ids]``; its backward updates ``w`` in place with the scaled gradient."""
-    weights, states, group, ref = setup(optimizer, weight_decay)
+    weights, states, group, ref = row_reference_setup(optimizer, weight_decay, N)
     anchor = torch.empty(0, requires_grad=True)
     g, scale = torch.Generator().manual_seed(2), 0.5
     for ids, lr in STEPS:
@@ -131,7 +124,7 @@ def test_sparse_update_matches_fbgemm_on_a_plain_table(optimizer: EmbOptimType) 
         SplitTableBatchedEmbeddingBagsCodegen,
     )
 
-    weights, states, group, _ = setup(optimizer, 0.0)
+    weights, states, group, _ = row_reference_setup(optimizer, 0.0, N)
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(N, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)], optimizer=optimizer, learning_rate=0.0, eps=group["eps"],
         pooling_mode=PoolingMode.SUM,

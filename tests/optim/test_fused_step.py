@@ -21,7 +21,7 @@ from memcom_torchrec.optim import fused_step
 from memcom_torchrec.optim.entity_weight_optimizer import EntityWeightOptimizerConfig
 from memcom_torchrec.optim.fused_step import ATEN, COMPILED, FeatureGradient, entity_weight_step_
 from dist_utils import require_kernel
-from reference import ADAM, row_reference_setup
+from reference import row_reference_setup, zero_states_and_group
 
 N, M, D = 40, 7, 12  # entities (flat w), rows of U, width
 OPTIMIZERS = [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ADAM]
@@ -91,11 +91,7 @@ def test_compiled_equals_aten_at_scale(optimizer: EmbOptimType) -> None:
     runs = {}
     for implementation in (COMPILED, ATEN):
         w = torch.ones(n)
-        cfg = EntityWeightOptimizerConfig(optimizer=optimizer, weight_decay=0.01)
-        states = {name: torch.zeros(n) for name in cfg.state_names()}
-        if optimizer in ADAM:
-            states["step"] = torch.zeros(())
-        group = {"lr": 0.05, "eps": cfg.eps, "beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": 0.01}
+        states, group = zero_states_and_group(EntityWeightOptimizerConfig(optimizer=optimizer, weight_decay=0.01), n, 0.05)
         gen = torch.Generator().manual_seed(3)
         for _ in range(3):
             lengths = torch.randint(0, 160, (batch,), generator=gen)
