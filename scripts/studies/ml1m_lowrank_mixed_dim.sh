@@ -21,15 +21,12 @@ search lowrank 15.7 & search mixed_dim 13.9 & wait
 OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "${OUT}_lr/mixed_dim" --methods mixed_dim \
     --ratios 13.9 --embedding-lrs 0.1 0.05 0.2 --seeds 0 --launcher python -- --epochs 30 --patience 2 --dropout 0.25
 .venv/bin/python - "$OUT" <<'PY'
-import csv, sys
+import sys
+from memcom_torchrec.experiment.grid import read_results, rewrite_csv
 out = sys.argv[1]
-rows = list(csv.DictReader(open(f"{out}/results.csv")))
-fields = list(rows[0])
-rows = [r for r in rows if r["method"] not in ("lowrank", "mixed_dim")]
+rows = [r for r in read_results(f"{out}/results.csv") if r["method"] not in ("lowrank", "mixed_dim")]
 for m in ("lowrank", "mixed_dim"):
-    rows += list(csv.DictReader(open(f"{out}_lr/{m}/results.csv")))
-w = csv.DictWriter(open(f"{out}/results.csv", "w", newline=""), fieldnames=fields)
-w.writeheader()
-w.writerows(rows)
+    rows += read_results(f"{out}_lr/{m}/results.csv")
+rewrite_csv(f"{out}/results.csv", rows)
 PY
 bash scripts/update_result_docs.sh "$OUT" ml1m_results "$DATA"
