@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -35,7 +35,8 @@ from memcom_torchrec.experiment.grid import read_results, rewrite_csv
 from memcom_torchrec.export.cli import cli_error
 from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte, run_pte, write_programs
 from memcom_torchrec.export.slim import DTYPES, FP32, INT4, INT8, SlimModel, build_slim_model, kjt_to_inputs
-from memcom_torchrec.models.builder import load_trained_model
+from memcom_torchrec.models.builder import load_trained_model, resolve_checkpoint
+from memcom_torchrec.models.checkpoint import read_meta
 from memcom_torchrec.modules.methods import get_method
 from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 
@@ -44,7 +45,40 @@ logger = logging.getLogger(__name__)
 COLUMNS = [
     "method", "compression_ratio", "item_table_ratio", "dtype", "kind", "seed", "pte_bytes", "table_bytes",
     "linear_bytes", "ndcg@k", "hr@k", "test_users", "valid_ndcg@k", "latency_ms", "parity", "run_dir", "pte",
+    "training",
 ]
+PLAIN = "plain"
+
+
+def training_of(config: Dict[str, Any]) -> str:
+    """How a run was trained, as the Pareto labels it.
+
+    Args:
+        config (Dict[str, Any]): the run's ``TrainConfig`` as its checkpoint records it.
+
+    Returns:
+        str: ``plain``, ``kd``, ``qat int4``, ``kd+qat int4``..., with `` fine-tuned`` when the run
+        started from another run's weights (``--init-from``).
+    """
+    parts = (["kd"] if config.get("teacher") else []) + ([f"qat {config['qat']}"] if config.get("qat") else [])
+    return "+".join(parts or [PLAIN]) + (" fine-tuned" if config.get("init_from") else "")
+
+
+def label_training(points: List[Dict[str, str]]) -> bool:
+    """Fills the ``training`` column of points measured before it existed, from their runs' checkpoints.
+
+    Returns:
+        bool: whether any point changed.
+
+    Raises:
+        ValueError: a point without the column whose run directory is not here.
+    """
+    changed = False
+    for p in points:
+        if not p.get("training"):
+            p["training"] = training_of(read_meta(resolve_checkpoint(p["run_dir"]))["config"])
+            changed = True
+    return changed
 
 
 @torch.no_grad()
@@ -128,7 +162,10 @@ def measure_grid(
     read_manifest(data_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "pareto.csv")
-    done = {(p["run_dir"], p["dtype"]) for p in read_points(path)}
+    points = read_points(path)
+    if label_training(points):  # a pareto.csv from before the training column: upgraded in place
+        rewrite_csv(path, points, COLUMNS)
+    done = {(p["run_dir"], p["dtype"]) for p in points}
     todo = [(r, d) for r in runs for d in dtypes if (r["run_dir"], d) not in done]
     for run, dtype in tqdm(todo, desc="export + evaluate", mininterval=5.0):
         model, meta = load_trained_model(run["run_dir"])
@@ -148,6 +185,7 @@ def measure_grid(
             "test_users": totals.count, "valid_ndcg@k": run.get("valid_ndcg@k", ""),
             "latency_ms": f"{request_latency_ms(pte, slim, int(config['history_len']), repeats):.3f}",
             "parity": f"{res.parity_max_abs_diff:.2e}", "run_dir": run["run_dir"], "pte": pte,
+            "training": training_of(config),
         }
         logger.info("%s %s: %.1f KB, nDCG@k %.4f", run["run_dir"], dtype, res.pte_bytes / 1e3, totals.mean_ndcg)
         _append(path, row)
@@ -165,6 +203,16 @@ def remeasure_latency(out_dir: str, repeats: int = 100) -> List[Dict[str, str]]:
         p["latency_ms"] = f"{request_latency_ms(p['pte'], slim, int(meta['config']['history_len']), repeats):.3f}"
     rewrite_csv(path, points, COLUMNS)
     return points
+
+
+def _training(p: Dict[str, str]) -> str:
+    return p.get("training") or "-"  # "-": a point measured before the column, not upgraded
+
+
+def _name(p: Dict[str, str]) -> str:
+    """``memcom_qr 16x int4``, with the training when it is not plain (``... (qat int4 fine-tuned)``)."""
+    name = f"{p['method']} {float(p['compression_ratio']):g}x {p['dtype']}"
+    return name if _training(p) == PLAIN else f"{name} ({_training(p)})"
 
 
 def frontier(points: List[Dict[str, str]]) -> List[Dict[str, str]]:
@@ -194,9 +242,9 @@ def report(out_dir: str) -> str:
     base = baseline(points)
     b_bytes, b_ndcg = (int(base["pte_bytes"]), float(base["ndcg@k"])) if base else (None, None)
     lines = [
-        "| method | ratio | item-table ratio | dtype | scorer | .pte KB | tables KB | linear KB | nDCG@10 | HR@10 "
-        "| rel. loss | size vs base | latency ms | parity | frontier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | ratio | item-table ratio | dtype | training | scorer | .pte KB | tables KB | linear KB | nDCG@10 "
+        "| HR@10 | rel. loss | size vs base | latency ms | parity | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
@@ -204,7 +252,7 @@ def report(out_dir: str) -> str:
         size = f"1/{b_bytes / int(p['pte_bytes']):.1f}" if b_bytes else "-"
         lines.append(
             f"| {p['method']} | {float(p['compression_ratio']):g} | {p['item_table_ratio']} | {p['dtype']} | "
-            f"{p['kind']} | {int(p['pte_bytes']) / 1e3:.1f} | {int(p['table_bytes']) / 1e3:.1f} | "
+            f"{_training(p)} | {p['kind']} | {int(p['pte_bytes']) / 1e3:.1f} | {int(p['table_bytes']) / 1e3:.1f} | "
             f"{int(p['linear_bytes']) / 1e3:.1f} | {ndcg:.4f} | {float(p['hr@k']):.4f} | {loss} | {size} | "
             f"{float(p['latency_ms']):.2f} | {p['parity']} | {'yes' if (p['run_dir'], p['dtype']) in front else ''} |"
         )
@@ -215,10 +263,8 @@ def report(out_dir: str) -> str:
                f"{0.95 * b_ndcg:.4f} (-5%), on the frontier.\n")
         hits = [p for p in points if get_method(p["method"]).memcom_family and int(p["pte_bytes"]) * 16 <= b_bytes
                 and float(p["ndcg@k"]) >= 0.95 * b_ndcg and (p["run_dir"], p["dtype"]) in front]
-        md += ("Met by: " + ", ".join(f"{p['method']} {float(p['compression_ratio']):g}x {p['dtype']}" for p in hits)
-               if hits else "Not met by any point.") + "\n"
-        owners = [f"{p['method']} {float(p['compression_ratio']):g}x {p['dtype']} ({int(p['pte_bytes']) / 1e3:.0f} KB)"
-                  for p in frontier(points)]
+        md += ("Met by: " + ", ".join(_name(p) for p in hits) if hits else "Not met by any point.") + "\n"
+        owners = [f"{_name(p)} ({int(p['pte_bytes']) / 1e3:.0f} KB)" for p in frontier(points)]
         md += "Frontier, smallest first: " + "; ".join(owners) + ".\n"
     with open(os.path.join(out_dir, "pareto.md"), "w") as f:
         f.write(md)
@@ -232,7 +278,7 @@ def report(out_dir: str) -> str:
 def compact_table(out_dir: str) -> str:
     """One line per program of ``pareto.csv``, largest first: what a phone user weighs.
 
-    Columns: method and ratio, dtype, ``.pte`` KB, the program's own test nDCG@10 and its change
+    Columns: method and ratio (with the training when not plain), dtype, ``.pte`` KB, the program's own test nDCG@10 and its change
     against the uncompressed fp32 program, batch-1 latency, and the ``.pte`` = eager parity.
     """
     points = read_points(os.path.join(out_dir, "pareto.csv"))
@@ -244,7 +290,9 @@ def compact_table(out_dir: str) -> str:
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
         change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base and float(base["ndcg@k"]) > 0 else "-"
-        lines.append(f"| {p['method']} {float(p['compression_ratio']):g}x | {p['dtype']} | "
+        model = f"{p['method']} {float(p['compression_ratio']):g}x"
+        model = model if _training(p) == PLAIN else f"{model} ({_training(p)})"
+        lines.append(f"| {model} | {p['dtype']} | "
                      f"{int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
                      f"{float(p['latency_ms']):.2f} | {float(p['parity']):.1e} |")
     return "\n".join(lines)
@@ -260,10 +308,14 @@ def _plot(points, front, base, path: str) -> None:
     markers = {"fp32": "o", "int8": "s", "int4": "^", "int4_row": "v"}
     methods = sorted({p["method"] for p in points})
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    for p in points:
+    on_front = {(p["run_dir"], p["dtype"]) for p in frontier(points)}
+    for p in points:  # plain training: filled markers; QAT / distillation: hollow, named on the frontier
+        plain = _training(p) == PLAIN or (p["run_dir"], p["dtype"]) not in on_front
         ax.scatter(int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"]), marker=markers.get(p["dtype"], "o"),
-                   color=colours[p["method"]], s=40, alpha=0.85)
-        ax.annotate(f"{float(p['compression_ratio']):g}x", (int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"])),
+                   facecolors=colours[p["method"]] if _training(p) == PLAIN else "none", edgecolors=colours[p["method"]], s=40,
+                   alpha=0.85)
+        tag = "" if plain else " " + _training(p).replace(" fine-tuned", " ft").replace("qat ", "qat-")
+        ax.annotate(f"{float(p['compression_ratio']):g}x{tag}", (int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"])),
                     fontsize=6, xytext=(3, 2), textcoords="offset points")
     f = frontier(points)
     ax.step([int(p["pte_bytes"]) / 1e3 for p in f], [float(p["ndcg@k"]) for p in f], where="post", color="black",
@@ -276,6 +328,8 @@ def _plot(points, front, base, path: str) -> None:
         ax.scatter([], [], color=colours[m], label=m)
     for d, mk in markers.items():
         ax.scatter([], [], color="grey", marker=mk, label=d)
+    if any(_training(p) != PLAIN for p in points):
+        ax.scatter([], [], facecolors="none", edgecolors="grey", label="QAT / distilled (hollow)")
     ax.set_xscale("log")
     ax.set_xlabel(".pte bytes (KB, log)")
     ax.set_ylabel("test nDCG@10 of the .pte")

@@ -3,12 +3,16 @@
 # file per run in docs/ml1m_recipe/ (written by scripts/ml1m_phone_recipe.sh's queues), gathered into
 # docs/ml1m_recipe/frontier/pareto.{csv,md,png} (memcom-pareto --report-only: table, frontier, plot).
 #   bash scripts/studies/recipe_frontier.sh
-# Plain training only (the distilled and QAT runs are compared in docs/RESULTS.md's text).
+# Every training is a point of its own (the table's training column; hollow markers in the plot): plain,
+# QAT int4 fine-tuned from the converged float run, distilled, and both.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC=docs/ml1m_recipe
 OUT=$SRC/frontier
-CHOSEN="history5 qr16 memcom_qr16 qr4 memcom_qr4 lowrank4 lowrank15.7 mixed_dim4_lr0.2 mixed_dim13.9"
+PLAIN="history5 qr16 memcom_qr16 hashing16 qr4 memcom_qr4 lowrank4 lowrank15.7 mixed_dim4_lr0.2 mixed_dim13.9"
+TOOLS="qat_int4_qr16_finetuned qat_int4_memcom_qr16_finetuned qat_int4_qr4_finetuned qat_int4_memcom_qr4_finetuned
+  qat_int4_memcom_qr16 kd_qr16_finetuned kd_memcom_qr16 kd_qat_int4_qr16_finetuned kd_qat_int4_memcom_qr16_finetuned"
+CHOSEN="$PLAIN $TOOLS"
 mkdir -p "$OUT"
 first=1
 for name in $CHOSEN; do

@@ -9,7 +9,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from memcom_torchrec.experiment.pareto import frontier, main, measure_grid, read_points, remeasure_latency, report
+from memcom_torchrec.experiment.pareto import (
+    COLUMNS, frontier, label_training, main, measure_grid, read_points, remeasure_latency, report, training_of,
+)
+from memcom_torchrec.experiment.grid import rewrite_csv
 from memcom_torchrec.models.builder import build_model, load_trained_model
 from memcom_torchrec.models.checkpoint import save_checkpoint
 from memcom_torchrec.train.config import TrainConfig
@@ -26,6 +29,39 @@ def test_frontier_keeps_points_nothing_beats():
            _point("c", "int8", 250, 0.07), _point("d", "int4", 100, 0.05), _point("e", "int4", 100, 0.06)]
     assert [(p["method"], p["dtype"]) for p in frontier(pts)] == [
         ("e", "int4"), ("b", "int8"), ("a", "int8"), ("a", "fp32")]
+
+
+def test_training_is_labelled_and_old_points_upgraded(tmp_path):
+    """QAT / distilled runs are told apart from their plain twins, also in a pareto.csv older than the column."""
+    assert training_of({"teacher": "", "qat": "", "init_from": ""}) == "plain"
+    assert training_of({"teacher": "runs/h5"}) == "kd"
+    assert training_of({"qat": "int4", "init_from": "runs/a"}) == "qat int4 fine-tuned"
+    assert training_of({"teacher": "runs/h5", "qat": "int8"}) == "kd+qat int8"
+    cfg = TrainConfig(method="uncompressed", embedding_dim=8, hidden=[8], use_user_id=False, scorer="tied",
+                      qat="int4", init_from="runs/plain_twin")
+    model, _ = build_model(cfg, 5, 20, torch.device("cpu"), seed=0)
+    run = str(tmp_path / "runs" / "qat")
+    save_checkpoint(os.path.join(run, "best"), 1, model, meta={"config": asdict(cfg)})
+    old_columns = [c for c in COLUMNS if c != "training"]
+    out = tmp_path / "pareto"
+    os.makedirs(out)
+    rows = [{"method": "uncompressed", "compression_ratio": "1", "item_table_ratio": "1.0", "dtype": d,
+             "kind": "next_item/tied", "seed": "0", "pte_bytes": str(b), "table_bytes": "1", "linear_bytes": "1",
+             "ndcg@k": str(n), "hr@k": "0.2", "test_users": "5", "valid_ndcg@k": "0.1", "latency_ms": "1",
+             "parity": "1e-6", "run_dir": run, "pte": "x.pte"} for d, b, n in (("fp32", 4000, 0.15), ("int4", 900, 0.14))]
+    rewrite_csv(str(out / "pareto.csv"), rows, old_columns)
+    points = read_points(str(out / "pareto.csv"))
+    assert "training" not in points[0]
+    assert "| - |" in report(str(out))  # unknown until upgraded, never called plain
+    assert label_training(points) and {p["training"] for p in points} == {"qat int4 fine-tuned"}
+    assert not label_training(points)
+    rewrite_csv(str(out / "pareto.csv"), points, COLUMNS)
+    md = report(str(out))
+    assert "| int4 | qat int4 fine-tuned |" in md
+    assert "Frontier, smallest first: uncompressed 1x int4 (qat int4 fine-tuned) (1 KB)" in md
+    os.rename(os.path.join(run, "best"), os.path.join(run, "gone"))
+    with pytest.raises(ValueError):  # a point without the column whose run is not here
+        label_training([{k: v for k, v in points[0].items() if k != "training"}])
 
 
 def test_bad_input_is_named_before_any_work(tmp_path, capsys):
