@@ -17,6 +17,9 @@
 #   (the same, fine-tuning the converged float run INIT instead of training from scratch)
 #   STEP=distill and STEP=qat take RATIOS (one ratio, 16 by default; another ratio adds _r<ratio> to the
 #   out-dir) and INIT; STEP=distill QAT=int4 distils and trains for int4 at once (kd_qat_int4_<method>...)
+#   HIDDEN="64" (any step) narrows the MLP (default one layer of 256): at 1/16 of the bytes its int4 weights
+#   are a third of the program; use another OUT, e.g. OUT=runs/ml1m_recipe/hidden64, and the same HIDDEN for
+#   a STEP=qat INIT= fine-tune of such a run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_recipe}
@@ -32,7 +35,7 @@ grid() {  # out_dir methods ratios lrs history [extra trainer flags]
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$1" --methods $2 \
       --ratios $3 --embedding-lrs $4 --seeds 0 --launcher python -- \
       --model next_item --scorer tied --use-user-id false --history-len "$5" --batch-size 1024 \
-      --epochs "$EPOCHS" --patience 3 --dropout 0.25 "${@:6}"
+      --epochs "$EPOCHS" --patience 3 --dropout 0.25 ${HIDDEN:+--hidden $HIDDEN} "${@:6}"
   OMP_NUM_THREADS=1 .venv/bin/memcom-pareto --results "$1/results.csv" --data-dir "$DATA" \
       --out-dir "$1/pareto" --repeats 20
 }
