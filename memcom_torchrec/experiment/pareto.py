@@ -37,6 +37,7 @@ from memcom_torchrec.export.lowering import XNNPACK, default_max_batch, load_pte
 from memcom_torchrec.export.slim import DTYPES, FP32, INT4, INT8, SlimModel, build_slim_model, kjt_to_inputs
 from memcom_torchrec.models.builder import load_trained_model, resolve_checkpoint
 from memcom_torchrec.models.checkpoint import read_meta
+from memcom_torchrec.models.config import ModelConfig
 from memcom_torchrec.modules.methods import get_method
 from memcom_torchrec.quiet import add_verbose_flag, configure_cli
 
@@ -45,9 +46,10 @@ logger = logging.getLogger(__name__)
 COLUMNS = [
     "method", "compression_ratio", "item_table_ratio", "dtype", "kind", "seed", "pte_bytes", "table_bytes",
     "linear_bytes", "ndcg@k", "hr@k", "test_users", "valid_ndcg@k", "latency_ms", "parity", "run_dir", "pte",
-    "training",
+    "training", "mlp",
 ]
 PLAIN = "plain"
+DEFAULT_MLP = "-".join(str(h) for h in ModelConfig().hidden)
 
 
 def training_of(config: Dict[str, Any]) -> str:
@@ -64,8 +66,14 @@ def training_of(config: Dict[str, Any]) -> str:
     return "+".join(parts or [PLAIN]) + (" fine-tuned" if config.get("init_from") else "")
 
 
+def mlp_of(config: Dict[str, Any]) -> str:
+    """The run's MLP widths, ``256`` or ``256-64``."""
+    return "-".join(str(h) for h in config.get("hidden", ModelConfig().hidden))
+
+
 def label_training(points: List[Dict[str, str]]) -> bool:
-    """Fills the ``training`` column of points measured before it existed, from their runs' checkpoints.
+    """Fills the ``training`` and ``mlp`` columns of points measured before they existed, from their runs'
+    checkpoints.
 
     Returns:
         bool: whether any point changed.
@@ -75,8 +83,9 @@ def label_training(points: List[Dict[str, str]]) -> bool:
     """
     changed = False
     for p in points:
-        if not p.get("training"):
-            p["training"] = training_of(read_meta(resolve_checkpoint(p["run_dir"]))["config"])
+        if not p.get("training") or not p.get("mlp"):
+            config = read_meta(resolve_checkpoint(p["run_dir"]))["config"]
+            p["training"], p["mlp"] = training_of(config), mlp_of(config)
             changed = True
     return changed
 
@@ -185,7 +194,7 @@ def measure_grid(
             "test_users": totals.count, "valid_ndcg@k": run.get("valid_ndcg@k", ""),
             "latency_ms": f"{request_latency_ms(pte, slim, int(config['history_len']), repeats):.3f}",
             "parity": f"{res.parity_max_abs_diff:.2e}", "run_dir": run["run_dir"], "pte": pte,
-            "training": training_of(config),
+            "training": training_of(config), "mlp": mlp_of(config),
         }
         logger.info("%s %s: %.1f KB, nDCG@k %.4f", run["run_dir"], dtype, res.pte_bytes / 1e3, totals.mean_ndcg)
         _append(path, row)
@@ -209,9 +218,15 @@ def _training(p: Dict[str, str]) -> str:
     return p.get("training") or "-"  # "-": a point measured before the column, not upgraded
 
 
+def _model(p: Dict[str, str]) -> str:
+    """``memcom_qr 16x``, with a narrower or wider MLP than the default (``qr 4x MLP 64``)."""
+    mlp = p.get("mlp") or DEFAULT_MLP
+    return f"{p['method']} {float(p['compression_ratio']):g}x" + ("" if mlp == DEFAULT_MLP else f" MLP {mlp}")
+
+
 def _name(p: Dict[str, str]) -> str:
     """``memcom_qr 16x int4``, with the training when it is not plain (``... (qat int4 fine-tuned)``)."""
-    name = f"{p['method']} {float(p['compression_ratio']):g}x {p['dtype']}"
+    name = f"{_model(p)} {p['dtype']}"
     return name if _training(p) == PLAIN else f"{name} ({_training(p)})"
 
 
@@ -242,9 +257,9 @@ def report(out_dir: str) -> str:
     base = baseline(points)
     b_bytes, b_ndcg = (int(base["pte_bytes"]), float(base["ndcg@k"])) if base else (None, None)
     lines = [
-        "| method | ratio | item-table ratio | dtype | training | scorer | .pte KB | tables KB | linear KB | nDCG@10 "
+        "| method | ratio | item-table ratio | dtype | training | MLP | scorer | .pte KB | tables KB | linear KB | nDCG@10 "
         "| HR@10 | rel. loss | size vs base | latency ms | parity | frontier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
@@ -252,7 +267,7 @@ def report(out_dir: str) -> str:
         size = f"1/{b_bytes / int(p['pte_bytes']):.1f}" if b_bytes else "-"
         lines.append(
             f"| {p['method']} | {float(p['compression_ratio']):g} | {p['item_table_ratio']} | {p['dtype']} | "
-            f"{_training(p)} | {p['kind']} | {int(p['pte_bytes']) / 1e3:.1f} | {int(p['table_bytes']) / 1e3:.1f} | "
+            f"{_training(p)} | {p.get('mlp') or '-'} | {p['kind']} | {int(p['pte_bytes']) / 1e3:.1f} | {int(p['table_bytes']) / 1e3:.1f} | "
             f"{int(p['linear_bytes']) / 1e3:.1f} | {ndcg:.4f} | {float(p['hr@k']):.4f} | {loss} | {size} | "
             f"{float(p['latency_ms']):.2f} | {p['parity']} | {'yes' if (p['run_dir'], p['dtype']) in front else ''} |"
         )
@@ -278,8 +293,8 @@ def report(out_dir: str) -> str:
 def compact_table(out_dir: str) -> str:
     """One line per program of ``pareto.csv``, largest first: what a phone user weighs.
 
-    Columns: method and ratio (with the training when not plain), dtype, ``.pte`` KB, the program's own test nDCG@10 and its change
-    against the uncompressed fp32 program, batch-1 latency, and the ``.pte`` = eager parity.
+    Columns: method and ratio (with the MLP and the training where not the default), dtype, ``.pte`` KB,
+    the program's own test nDCG@10 and its change against the uncompressed fp32 program, batch-1 latency, and the ``.pte`` = eager parity.
     """
     points = read_points(os.path.join(out_dir, "pareto.csv"))
     if not points:
@@ -290,7 +305,7 @@ def compact_table(out_dir: str) -> str:
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
         change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base and float(base["ndcg@k"]) > 0 else "-"
-        model = f"{p['method']} {float(p['compression_ratio']):g}x"
+        model = _model(p)
         model = model if _training(p) == PLAIN else f"{model} ({_training(p)})"
         lines.append(f"| {model} | {p['dtype']} | "
                      f"{int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
@@ -309,14 +324,16 @@ def _plot(points, front, base, path: str) -> None:
     methods = sorted({p["method"] for p in points})
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
     on_front = {(p["run_dir"], p["dtype"]) for p in frontier(points)}
-    for p in points:  # plain training: filled markers; QAT / distillation: hollow, named on the frontier
-        plain = _training(p) == PLAIN or (p["run_dir"], p["dtype"]) not in on_front
-        ax.scatter(int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"]), marker=markers.get(p["dtype"], "o"),
-                   facecolors=colours[p["method"]] if _training(p) == PLAIN else "none", edgecolors=colours[p["method"]], s=40,
-                   alpha=0.85)
-        tag = "" if plain else " " + _training(p).replace(" fine-tuned", " ft").replace("qat ", "qat-")
-        ax.annotate(f"{float(p['compression_ratio']):g}x{tag}", (int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"])),
-                    fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for p in points:  # plain training: filled markers; QAT / distillation: hollow, its tool named on the frontier
+        hollow = _training(p) != PLAIN
+        x, y = int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"])
+        ax.scatter(x, y, marker=markers.get(p["dtype"], "o"), facecolors="none" if hollow else colours[p["method"]],
+                   edgecolors=colours[p["method"]], s=40, alpha=0.85)
+        tag = "" if (p.get("mlp") or DEFAULT_MLP) == DEFAULT_MLP else f" mlp{p['mlp']}"
+        if hollow and (p["run_dir"], p["dtype"]) in on_front:
+            tag += " " + _training(p).replace(" fine-tuned", " ft").replace("qat ", "qat-")
+        ax.annotate(f"{float(p['compression_ratio']):g}x{tag}", (x, y), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
     f = frontier(points)
     ax.step([int(p["pte_bytes"]) / 1e3 for p in f], [float(p["ndcg@k"]) for p in f], where="post", color="black",
             lw=1, ls="--", label="frontier")

@@ -32,17 +32,18 @@ def test_frontier_keeps_points_nothing_beats():
 
 
 def test_training_is_labelled_and_old_points_upgraded(tmp_path):
-    """QAT / distilled runs are told apart from their plain twins, also in a pareto.csv older than the column."""
+    """QAT / distilled runs and other MLP widths are told apart from their plain twins, also in a pareto.csv older
+    than the columns."""
     assert training_of({"teacher": "", "qat": "", "init_from": ""}) == "plain"
     assert training_of({"teacher": "runs/h5"}) == "kd"
     assert training_of({"qat": "int4", "init_from": "runs/a"}) == "qat int4 fine-tuned"
     assert training_of({"teacher": "runs/h5", "qat": "int8"}) == "kd+qat int8"
-    cfg = TrainConfig(method="uncompressed", embedding_dim=8, hidden=[8], use_user_id=False, scorer="tied",
+    cfg = TrainConfig(method="uncompressed", embedding_dim=8, hidden=[16, 8], use_user_id=False, scorer="tied",
                       qat="int4", init_from="runs/plain_twin")
     model, _ = build_model(cfg, 5, 20, torch.device("cpu"), seed=0)
     run = str(tmp_path / "runs" / "qat")
     save_checkpoint(os.path.join(run, "best"), 1, model, meta={"config": asdict(cfg)})
-    old_columns = [c for c in COLUMNS if c != "training"]
+    old_columns = [c for c in COLUMNS if c not in ("training", "mlp")]
     out = tmp_path / "pareto"
     os.makedirs(out)
     rows = [{"method": "uncompressed", "compression_ratio": "1", "item_table_ratio": "1.0", "dtype": d,
@@ -53,12 +54,12 @@ def test_training_is_labelled_and_old_points_upgraded(tmp_path):
     points = read_points(str(out / "pareto.csv"))
     assert "training" not in points[0]
     assert "| - |" in report(str(out))  # unknown until upgraded, never called plain
-    assert label_training(points) and {p["training"] for p in points} == {"qat int4 fine-tuned"}
+    assert label_training(points) and {(p["training"], p["mlp"]) for p in points} == {("qat int4 fine-tuned", "16-8")}
     assert not label_training(points)
     rewrite_csv(str(out / "pareto.csv"), points, COLUMNS)
     md = report(str(out))
-    assert "| int4 | qat int4 fine-tuned |" in md
-    assert "Frontier, smallest first: uncompressed 1x int4 (qat int4 fine-tuned) (1 KB)" in md
+    assert "| int4 | qat int4 fine-tuned | 16-8 |" in md
+    assert "Frontier, smallest first: uncompressed 1x MLP 16-8 int4 (qat int4 fine-tuned) (1 KB)" in md
     os.rename(os.path.join(run, "best"), os.path.join(run, "gone"))
     with pytest.raises(ValueError):  # a point without the column whose run is not here
         label_training([{k: v for k, v in points[0].items() if k != "training"}])
@@ -117,6 +118,7 @@ def test_points_are_the_programs_own_figures(ml100k_dir: str, tmp_path):
     points = read_points(os.path.join(out, "pareto.csv"))
     assert len(points) == 4 and all(int(p["test_users"]) == int(manifest["num_users"]) for p in points)
     assert all(float(p["parity"]) <= 1e-5 and os.path.getsize(p["pte"]) == int(p["pte_bytes"]) for p in points)
+    assert {(p["training"], p["mlp"]) for p in points} == {("plain", "32")}  # from each run's checkpoint
     by = {(p["method"], p["dtype"]): p for p in points}
     assert int(by["memcom", "int8"]["table_bytes"]) < int(by["memcom", "fp32"]["table_bytes"]) / 2  # w: fp16
     # the eager twin of one program, scored here on the same split
