@@ -17,6 +17,8 @@
 #   (the same, fine-tuning the converged float run INIT instead of training from scratch)
 #   STEP=distill and STEP=qat take RATIOS (one ratio, 16 by default; another ratio adds _r<ratio> to the
 #   out-dir) and INIT; STEP=distill QAT=int4 distils and trains for int4 at once (kd_qat_int4_<method>...)
+#   STEP=qat QAT=int4_row ... trains for row-wise int4 (one scale per row) and exports at it as well;
+#   DTYPES="fp32 int8 int4 int4_row" (any step) chooses the exports
 #   HIDDEN="64" (any step) narrows the MLP (default one layer of 256): at 1/16 of the bytes its int4 weights
 #   are a third of the program; use another OUT, e.g. OUT=runs/ml1m_recipe/hidden64, and the same HIDDEN for
 #   a STEP=qat INIT= fine-tune of such a run
@@ -28,6 +30,9 @@ HISTORY=${HISTORY:-5}
 LRS=${LRS:-0.05 0.1 0.2}
 EPOCHS=${EPOCHS:-50}
 RATIOS=${RATIOS:-16}
+DTYPES=${DTYPES:-fp32 int8 int4}  # every run's exports; a QAT run's own grid is added where missing
+qat_dtype=${QAT:-$([ "${STEP:-history}" = qat ] && echo int4 || true)}
+[ -z "$qat_dtype" ] || [[ " $DTYPES " == *" $qat_dtype "* ]] || DTYPES="$DTYPES $qat_dtype"
 [ -f "$DATA/manifest.json" ] || .venv/bin/memcom-data prepare --dataset ml-1m --out "$DATA"
 TEACHER=${TEACHER:-$OUT/h5/runs/uncompressed_r1_s0_lr0.2}
 SUFFIX=$([ "$RATIOS" = 16 ] || echo "_r$RATIOS")${INIT:+_finetuned}  # distill and qat out-dirs
@@ -37,7 +42,7 @@ grid() {  # out_dir methods ratios lrs history [extra trainer flags]
       --model next_item --scorer tied --use-user-id false --history-len "$5" --batch-size 1024 \
       --epochs "$EPOCHS" --patience 3 --dropout 0.25 ${HIDDEN:+--hidden $HIDDEN} "${@:6}"
   OMP_NUM_THREADS=1 .venv/bin/memcom-pareto --results "$1/results.csv" --data-dir "$DATA" \
-      --out-dir "$1/pareto" --repeats 20
+      --out-dir "$1/pareto" --repeats 20 --dtypes $DTYPES
 }
 case "${STEP:-history}" in
   history) for h in 5 10; do grid "$OUT/h$h" uncompressed 1 0.2 "$h"; done ;;
