@@ -344,9 +344,9 @@ def _plot(points, front, base, path: str) -> None:
     for m in methods:
         ax.scatter([], [], color=colours[m], label=m)
     for d, mk in markers.items():
-        ax.scatter([], [], color="grey", marker=mk, label=d)
+        ax.scatter([], [], color="black", marker=mk, label=d)  # black: tab10 gives a method grey
     if any(_training(p) != PLAIN for p in points):
-        ax.scatter([], [], facecolors="none", edgecolors="grey", label="QAT / distilled (hollow)")
+        ax.scatter([], [], facecolors="none", edgecolors="black", label="QAT / distilled (hollow)")
     ax.set_xscale("log")
     ax.set_xlabel(".pte bytes (KB, log)")
     ax.set_ylabel("test nDCG@10 of the .pte")
