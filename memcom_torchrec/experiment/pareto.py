@@ -49,7 +49,6 @@ COLUMNS = [
     "training", "mlp",
 ]
 PLAIN = "plain"
-DEFAULT_MLP = "-".join(str(h) for h in ModelConfig().hidden)
 
 
 def training_of(config: Dict[str, Any]) -> str:
@@ -67,8 +66,11 @@ def training_of(config: Dict[str, Any]) -> str:
 
 
 def mlp_of(config: Dict[str, Any]) -> str:
-    """The run's MLP widths, ``256`` or ``256-64``."""
+    """The run's MLP widths, ``256`` or ``256-64`` (the model's default when the config has none)."""
     return "-".join(str(h) for h in config.get("hidden", ModelConfig().hidden))
+
+
+DEFAULT_MLP = mlp_of({})
 
 
 def label_training(points: List[Dict[str, str]]) -> bool:
@@ -218,15 +220,17 @@ def _training(p: Dict[str, str]) -> str:
     return p.get("training") or "-"  # "-": a point measured before the column, not upgraded
 
 
-def _model(p: Dict[str, str]) -> str:
-    """``memcom_qr 16x``, with a narrower or wider MLP than the default (``qr 4x MLP 64``)."""
+def _other_mlp(p: Dict[str, str]) -> str:
+    """The point's MLP widths where not the default (``64``), else ``""``."""
     mlp = p.get("mlp") or DEFAULT_MLP
-    return f"{p['method']} {float(p['compression_ratio']):g}x" + ("" if mlp == DEFAULT_MLP else f" MLP {mlp}")
+    return "" if mlp == DEFAULT_MLP else mlp
 
 
-def _name(p: Dict[str, str]) -> str:
-    """``memcom_qr 16x int4``, with the training when it is not plain (``... (qat int4 fine-tuned)``)."""
-    name = f"{_model(p)} {p['dtype']}"
+def _name(p: Dict[str, str], with_dtype: bool = True) -> str:
+    """``memcom_qr 16x int4``, with an MLP other than the default and the training when it is not plain
+    (``qr 4x MLP 64 int4 (qat int4 fine-tuned)``)."""
+    name = f"{p['method']} {float(p['compression_ratio']):g}x" + (f" MLP {_other_mlp(p)}" if _other_mlp(p) else "")
+    name += f" {p['dtype']}" if with_dtype else ""
     return name if _training(p) == PLAIN else f"{name} ({_training(p)})"
 
 
@@ -305,9 +309,7 @@ def compact_table(out_dir: str) -> str:
     for p in sorted(points, key=lambda p: int(p["pte_bytes"]), reverse=True):
         ndcg = float(p["ndcg@k"])
         change = f"{(ndcg / float(base['ndcg@k']) - 1) * 100:+.1f}%" if base and float(base["ndcg@k"]) > 0 else "-"
-        model = _model(p)
-        model = model if _training(p) == PLAIN else f"{model} ({_training(p)})"
-        lines.append(f"| {model} | {p['dtype']} | "
+        lines.append(f"| {_name(p, with_dtype=False)} | {p['dtype']} | "
                      f"{int(p['pte_bytes']) / 1e3:.1f} | {ndcg:.4f} | {change} | "
                      f"{float(p['latency_ms']):.2f} | {float(p['parity']):.1e} |")
     return "\n".join(lines)
@@ -329,7 +331,7 @@ def _plot(points, front, base, path: str) -> None:
         x, y = int(p["pte_bytes"]) / 1e3, float(p["ndcg@k"])
         ax.scatter(x, y, marker=markers.get(p["dtype"], "o"), facecolors="none" if hollow else colours[p["method"]],
                    edgecolors=colours[p["method"]], s=40, alpha=0.85)
-        tag = "" if (p.get("mlp") or DEFAULT_MLP) == DEFAULT_MLP else f" mlp{p['mlp']}"
+        tag = f" mlp{_other_mlp(p)}" if _other_mlp(p) else ""
         if hollow and (p["run_dir"], p["dtype"]) in on_front:
             tag += " " + _training(p).replace(" fine-tuned", " ft").replace("qat ", "qat-")
         ax.annotate(f"{float(p['compression_ratio']):g}x{tag}", (x, y), fontsize=6, xytext=(3, 2),
