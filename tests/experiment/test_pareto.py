@@ -61,7 +61,7 @@ def test_training_is_labelled_and_old_points_upgraded(tmp_path):
     assert "| int4 | qat int4 fine-tuned | 16-8 |" in md
     assert "Frontier, smallest first: uncompressed 1x MLP 16-8 int4 (qat int4 fine-tuned) (1 KB)" in md
     os.rename(os.path.join(run, "best"), os.path.join(run, "gone"))
-    with pytest.raises(ValueError):  # a point without the column whose run is not here
+    with pytest.raises(ValueError, match="no checkpoint at .*qat"):  # a point without the column whose run is gone
         label_training([{k: v for k, v in points[0].items() if k != "training"}])
 
 
