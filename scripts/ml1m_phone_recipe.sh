@@ -22,6 +22,9 @@
 #   HIDDEN="64" (any step) narrows the MLP (default one layer of 256): at 1/16 of the bytes its int4 weights
 #   are a third of the program; use another OUT, e.g. OUT=runs/ml1m_recipe/hidden64, and the same HIDDEN for
 #   a STEP=qat INIT= fine-tune of such a run
+#   SEEDS="1" (any step; 0 by default) trains other seeds; give each seed its own OUT (results.csv is per
+#   out-dir), e.g. the headline point's seeds 1 and 2 side by side, one core each:
+#   SEEDS=1 OUT=runs/ml1m_recipe/seed1 HIDDEN=64 STEP=grid METHOD=memcom_qr RATIOS=4 LRS=0.1 bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ml1m_recipe}
@@ -30,6 +33,7 @@ HISTORY=${HISTORY:-5}
 LRS=${LRS:-0.05 0.1 0.2}
 EPOCHS=${EPOCHS:-50}
 RATIOS=${RATIOS:-16}
+SEEDS=${SEEDS:-0}
 DTYPES=${DTYPES:-fp32 int8 int4}  # every run's exports; a QAT run's own grid is added where missing
 qat_dtype=${QAT:-$([ "${STEP:-history}" = qat ] && echo int4 || true)}
 [ -z "$qat_dtype" ] || [[ " $DTYPES " == *" $qat_dtype "* ]] || DTYPES="$DTYPES $qat_dtype"
@@ -38,7 +42,7 @@ TEACHER=${TEACHER:-$OUT/h5/runs/uncompressed_r1_s0_lr0.2}
 SUFFIX=$([ "$RATIOS" = 16 ] || echo "_r$RATIOS")${INIT:+_finetuned}  # distill and qat out-dirs
 grid() {  # out_dir methods ratios lrs history [extra trainer flags]
   OMP_NUM_THREADS=1 .venv/bin/memcom-experiment --data-dir "$DATA" --out-dir "$1" --methods $2 \
-      --ratios $3 --embedding-lrs $4 --seeds 0 --launcher python -- \
+      --ratios $3 --embedding-lrs $4 --seeds $SEEDS --launcher python -- \
       --model next_item --scorer tied --use-user-id false --history-len "$5" --batch-size 1024 \
       --epochs "$EPOCHS" --patience 3 --dropout 0.25 ${HIDDEN:+--hidden $HIDDEN} "${@:6}"
   OMP_NUM_THREADS=1 .venv/bin/memcom-pareto --results "$1/results.csv" --data-dir "$DATA" \
