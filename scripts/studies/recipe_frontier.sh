@@ -11,8 +11,7 @@ cd "$(dirname "$0")/../.."
 SRC=docs/ml1m_recipe
 OUT=${OUT:-docs}
 PLAIN="history5 hashing16 memcom16 memcom_2hash16 qr16 memcom_qr16 hashing4 memcom4 memcom_2hash4 qr4 memcom_qr4
-  memcom_qr8 lowrank4 lowrank15.7 mixed_dim4_lr0.2 mixed_dim13.9 history5_mlp64 memcom_qr4_mlp64 memcom_qr8_mlp64"
-# (qr8 peaked at its 50-epoch cap: resume it with STEP=extend DIR=runs/ml1m_recipe/grid_qr OLD_CAP=50 EPOCHS=80)
+  qr8 memcom_qr8 lowrank4 lowrank15.7 mixed_dim4_lr0.2 mixed_dim13.9 history5_mlp64 memcom_qr4_mlp64 memcom_qr8_mlp64"
 TOOLS="qat_int4_qr16_finetuned qat_int4_memcom_qr16_finetuned qat_int4_qr4_finetuned qat_int4_memcom_qr4_finetuned
   qat_int4_memcom_qr16 kd_qr16_finetuned kd_memcom_qr16 kd_qat_int4_qr16_finetuned kd_qat_int4_memcom_qr16_finetuned
   qat_int4_memcom_qr8_mlp64_finetuned qat_int4_row_memcom_qr4_mlp64_finetuned"
