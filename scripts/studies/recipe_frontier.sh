@@ -2,7 +2,8 @@
 # The ML-1M phone Pareto: the .pte points of every run of the converged phone recipe chosen on validation,
 # one file per run in docs/ml1m_recipe/ (written by scripts/ml1m_phone_recipe.sh's queues), gathered into
 # docs/ml1m_pareto.{csv,md,png} (memcom-pareto --report-only: table, frontier, plot), after checking that
-# no run peaked at its epoch cap (best epoch = last epoch run, from each run's NAME_results.csv).
+# no run peaked at its epoch cap (best epoch = last epoch run, from each run's NAME_results.csv), those
+# of OTHERS (other seeds, the distillation search) included.
 #   bash scripts/studies/recipe_frontier.sh
 # Every training is a point of its own (the table's training column; hollow markers in the plot, named
 # where on the frontier): plain, QAT int4 fine-tuned from the converged float run, distilled, and both.
@@ -16,14 +17,17 @@ TOOLS="qat_int4_qr16_finetuned qat_int4_memcom_qr16_finetuned qat_int4_qr4_finet
   qat_int4_memcom_qr16 kd_qr16_finetuned kd_memcom_qr16 kd_qat_int4_qr16_finetuned kd_qat_int4_memcom_qr16_finetuned
   qat_int4_memcom_qr8_mlp64_finetuned qat_int4_row_memcom_qr4_mlp64_finetuned"
 CHOSEN=${CHOSEN:-$PLAIN $TOOLS}
-for name in $CHOSEN; do
+# checked for the cap but not points of the Pareto (one seed per cell there): the headline point's other seeds
+OTHERS=${OTHERS-history5_s1 history5_s2 memcom_qr4_mlp64_s1 memcom_qr4_mlp64_s2
+  qat_int4_row_memcom_qr4_mlp64_finetuned_s1 qat_int4_row_memcom_qr4_mlp64_finetuned_s2}
+for name in $CHOSEN $OTHERS; do
   for kind in results pareto; do
     [ -f "$SRC/${name}_$kind.csv" ] || { echo "recipe_frontier: $SRC/${name}_$kind.csv is missing (run its queue," \
         "or leave it out: CHOSEN=\"...\")" >&2; exit 1; }
   done
 done
 # best_epoch counts from 0: a run whose best epoch is its last one stopped at its cap while still improving
-.venv/bin/python - $(for n in $CHOSEN; do echo "$SRC/${n}_results.csv"; done) <<'PY'
+.venv/bin/python - $(for n in $CHOSEN $OTHERS; do echo "$SRC/${n}_results.csv"; done) <<'PY'
 import csv, sys
 peaked = [f"{r['method']} {r['compression_ratio']}x ({path})" for path in sys.argv[1:] for r in csv.DictReader(open(path))
           if int(r["best_epoch"]) == int(r["epochs_run"]) - 1]
