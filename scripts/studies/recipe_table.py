@@ -6,7 +6,8 @@
 For each NAME, reads ``docs/ml1m_recipe/NAME_results.csv`` (``memcom-experiment``: the run chosen on
 validation) and ``NAME_pareto.csv`` (``memcom-pareto``: its programs through the ExecuTorch runtime on
 every test user), so the tables in ``docs/RESULTS.md`` are printed from the committed files, not typed.
-Columns: method and ratio as stored, MLP widths and training (``memcom-pareto``'s labels), seed, embedding
+Columns: method and ratio as stored, MLP widths and training (``memcom-pareto``'s labels; a and T of a
+distilled run), seed, embedding
 lr, epochs run and the best one (counted from 1), valid nDCG@10 (on the int4 grid for a QAT run), then
 each program's test nDCG@10 and KB at ``--dtypes`` (fp32 / int8 / int4 by default). ``--mean`` adds a
 row with the mean and sample standard deviation of the rows above (e.g. one setting's seeds).
@@ -14,11 +15,13 @@ row with the mean and sample standard deviation of the rows above (e.g. one sett
 
 import argparse
 import os
+import shlex
 import statistics
 from typing import Dict, List, Sequence, Tuple
 
 from memcom_torchrec.experiment.grid import read_results
 from memcom_torchrec.experiment.pareto import read_points
+from memcom_torchrec.train.cli import parse_config
 
 SRC = "docs/ml1m_recipe"
 DTYPES = ("fp32", "int8", "int4")
@@ -35,6 +38,12 @@ def read_grid(name: str, dtypes: Sequence[str]) -> Tuple[Dict[str, str], Dict[st
     return run, points
 
 
+def training(run: Dict[str, str], label: str) -> str:
+    """``memcom-pareto``'s training label, with the distillation's ``a`` and ``T`` read by the trainer's own parser."""
+    cfg = parse_config(shlex.split(run.get("train_args") or ""))
+    return f"{label} (a {cfg.distill_alpha:g}, T {cfg.distill_temperature:g})" if cfg.teacher else label
+
+
 def table_row(name: str, dtypes: Sequence[str] = DTYPES) -> str:
     """The Markdown row of grid ``name``."""
     run, points = read_grid(name, dtypes)
@@ -42,7 +51,7 @@ def table_row(name: str, dtypes: Sequence[str] = DTYPES) -> str:
     kb = " / ".join(f"{int(points[d]['pte_bytes']) / 1e3:.0f}" for d in dtypes)
     first = points[dtypes[0]]
     return (f"| {run['method']} ({float(run['item_table_ratio'] or run['compression_ratio']):.2f}x) | "
-            f"{first.get('mlp') or '-'} | {first.get('training') or '-'} | {run['seed']} | "
+            f"{first.get('mlp') or '-'} | {training(run, first.get('training') or '-')} | {run['seed']} | "
             f"{float(run['embedding_lr']):g} | {run['epochs_run']} ({int(run['best_epoch']) + 1}) | "
             f"{float(run['valid_ndcg@k']):.4f} | {ndcg} | {kb} |")
 
