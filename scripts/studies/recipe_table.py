@@ -1,7 +1,7 @@
 """One Markdown row per grid of the phone recipe: how it trained and what its ``.pte`` programs score.
 
     .venv/bin/python scripts/studies/recipe_table.py qr16 memcom_qr16 qat_int4_qr16_finetuned ...
-    .venv/bin/python scripts/studies/recipe_table.py --dtypes fp32 int4_row --mean NAME_s0 NAME_s1 NAME_s2
+    .venv/bin/python scripts/studies/recipe_table.py --dtypes fp32,int4_row --mean NAME_s0 NAME_s1 NAME_s2
 
 For each NAME, reads ``docs/ml1m_recipe/NAME_results.csv`` (``memcom-experiment``: the run chosen on
 validation) and ``NAME_pareto.csv`` (``memcom-pareto``: its programs through the ExecuTorch runtime on
@@ -72,7 +72,8 @@ def mean_row(names: Sequence[str], dtypes: Sequence[str]) -> str:
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="+", help="grids: docs/ml1m_recipe/NAME_{results,pareto}.csv")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), help="the programs' columns")
+    parser.add_argument("--dtypes", type=lambda v: v.split(","), default=list(DTYPES),
+                        help="the programs' columns, comma-separated (default fp32,int8,int4)")
     parser.add_argument("--mean", action="store_true", help="add the mean ± sd of the rows")
     args = parser.parse_args(argv)
     cols = " / ".join(args.dtypes)
