@@ -15,11 +15,15 @@ PLAIN="history5 hashing16 memcom16 memcom_2hash16 qr16 memcom_qr16 hashing4 memc
   qr8 memcom_qr8 lowrank4 lowrank15.7 mixed_dim4_lr0.2 mixed_dim13.9 history5_mlp64 memcom_qr4_mlp64 memcom_qr8_mlp64"
 TOOLS="qat_int4_qr16_finetuned qat_int4_memcom_qr16_finetuned qat_int4_qr4_finetuned qat_int4_memcom_qr4_finetuned
   qat_int4_memcom_qr16 kd_qr16_finetuned kd_memcom_qr16 kd_qat_int4_qr16_finetuned kd_qat_int4_memcom_qr16_finetuned
-  qat_int4_memcom_qr8_mlp64_finetuned qat_int4_row_memcom_qr4_mlp64_finetuned"
+  qat_int4_memcom_qr8_mlp64_finetuned qat_int4_row_memcom_qr4_mlp64_finetuned kd_search_a0.1_T1"
 CHOSEN=${CHOSEN:-$PLAIN $TOOLS}
-# checked for the cap but not points of the Pareto (one seed per cell there): the headline point's other seeds
+# checked for the cap but not points of the Pareto (one seed per cell there, and one (a, T)): the headline
+# point's other seeds (_s2_rerun: seed 2 trained again on another machine, see docs/RESULTS.md) and the
+# distillation search's other settings
 OTHERS=${OTHERS-history5_s1 history5_s2 memcom_qr4_mlp64_s1 memcom_qr4_mlp64_s2
-  qat_int4_row_memcom_qr4_mlp64_finetuned_s1 qat_int4_row_memcom_qr4_mlp64_finetuned_s2}
+  qat_int4_row_memcom_qr4_mlp64_finetuned_s1 qat_int4_row_memcom_qr4_mlp64_finetuned_s2
+  kd_search_a0.1_T4 kd_search_a0.5_T2 kd_search_a0.1_T1_s1 memcom_qr4_mlp64_s2_rerun
+  qat_int4_row_memcom_qr4_mlp64_finetuned_s2_rerun kd_search_a0.1_T1_s2_rerun kd_search_a0.3_T1_s2_rerun}
 for name in $CHOSEN $OTHERS; do
   for kind in results pareto; do
     [ -f "$SRC/${name}_$kind.csv" ] || { echo "recipe_frontier: $SRC/${name}_$kind.csv is missing (run its queue," \
